@@ -1,0 +1,23 @@
+# Synthetic CT data factory (MAISI): the workflow's entry point.
+# Run: snakemake --profile profiles/local all
+
+
+configfile: "config/config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/download.smk"
+include: "rules/phantom.smk"
+include: "rules/preprocess.smk"
+include: "rules/regions.smk"
+include: "rules/dataset.smk"
+
+
+report: "report/workflow.rst"
+
+
+rule all:
+    input:
+        rules.dataset.output,
+        rules.dataset_summary.output,
+    default_target: True

@@ -1,0 +1,120 @@
+"""Loading and validating the factory's configuration (``config/schema.yaml``)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from maisi.regions import BODY_REGIONS
+
+__all__ = ["ConfigError", "load_config", "validate_config", "schema_path", "key_path"]
+
+SCHEMA_FILE = Path(__file__).resolve().parent.parent / "config" / "schema.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration error; the message names the offending key."""
+
+
+def schema_path() -> Path:
+    return SCHEMA_FILE
+
+
+def key_path(parts) -> str:
+    return ".".join(str(p) for p in parts) or "<top level>"
+
+
+def _load_schema() -> dict:
+    return yaml.safe_load(SCHEMA_FILE.read_text())
+
+
+def _with_defaults(validator_class):
+    """Extend a jsonschema validator so that ``default`` values are filled in while validating.
+
+    This is the recipe of the jsonschema FAQ, which Snakemake's own ``validate`` also uses; it is
+    repeated here so that ``maisi`` can validate configs without Snakemake.
+    """
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for prop, sub in properties.items():
+                if isinstance(sub, dict) and "default" in sub and prop not in instance:
+                    instance[prop] = copy.deepcopy(sub["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+_Validator = _with_defaults(jsonschema.Draft202012Validator)
+
+
+def validate_config(config: Mapping[str, Any]) -> dict:
+    """Validate ``config`` against the schema, fill defaults and run the semantic checks.
+
+    Returns a new dict; raises :class:`ConfigError` naming the key on the first problem.
+    """
+    cfg = copy.deepcopy(dict(config))
+    validator = _Validator(_load_schema())
+    errors = sorted(validator.iter_errors(cfg), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
+    if errors:
+        err = jsonschema.exceptions.best_match(errors)
+        raise ConfigError(f"config key '{key_path(err.absolute_path)}': {err.message}")
+    _semantic_checks(cfg)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> dict:
+    """Read a YAML config file (plus optional top-level overrides) and validate it."""
+    path = Path(path)
+    try:
+        cfg = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if overrides:
+        cfg.update(overrides)
+    try:
+        return validate_config(cfg)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def _semantic_checks(cfg: dict) -> None:
+    lo, hi = cfg["preprocess"]["hu_range"]
+    if not lo < hi:
+        raise ConfigError(f"config key 'preprocess.hu_range': lower bound {lo} is not below upper bound {hi}")
+    for name, src in cfg["sources"].items():
+        regions = src.setdefault("regions", {})
+        regions.setdefault("backend", "labels")
+        regions.setdefault("overrides", {})
+        regions.setdefault("min_voxels", 1)
+        where = f"sources.{name}.regions"
+        if regions["backend"] == "manual" and not ("top" in regions and "bottom" in regions):
+            raise ConfigError(f"config key '{where}': the manual backend needs both 'top' and 'bottom'")
+        pairs = [(where, regions.get("top"), regions.get("bottom"))]
+        pairs += [(f"{where}.overrides.{case}", o["top"], o["bottom"]) for case, o in regions["overrides"].items()]
+        for key, top, bottom in pairs:
+            if top and bottom and BODY_REGIONS.index(top) > BODY_REGIONS.index(bottom):
+                raise ConfigError(f"config key '{key}': top region '{top}' lies below bottom region '{bottom}'")
+        for key, value in (src.get("label_map") or {}).items():
+            if not str(key).isdigit():
+                raise ConfigError(f"config key 'sources.{name}.label_map.{key}': source label values must be integers")
+        if src["type"] == "phantom":
+            for key in ("spacing_xy", "spacing_z"):
+                if key in src and src[key][0] > src[key][1]:
+                    raise ConfigError(f"config key 'sources.{name}.{key}': range {src[key]} is decreasing")
+        if src["type"] == "local" and "{case}" not in src["images"]:
+            raise ConfigError(f"config key 'sources.{name}.images': pattern must contain '{{case}}'")
+        if src["type"] == "local" and src.get("labels") and "{case}" not in src["labels"]:
+            raise ConfigError(f"config key 'sources.{name}.labels': pattern must contain '{{case}}'")
+
+
+def packaged_default_config() -> Path:
+    """The embedded default configuration shipped with the repository."""
+    return Path(str(resources.files("maisi"))).parent / "config" / "config.yaml"

@@ -1,0 +1,48 @@
+"""Logging set-up shared by the workflow scripts."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+import warnings
+from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def log_to_file(path: str | os.PathLike | None) -> Iterator[None]:
+    """Send logging, warnings, stdout and stderr (progress bars included) to ``path``.
+
+    Snakemake shows a failed job's log with ``--show-failed-logs``; writing everything there keeps
+    the terminal readable when many shard jobs run at once.
+    """
+    if not path:
+        yield
+        return
+    os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
+    with open(path, "w", buffering=1) as fh:
+        handler = logging.StreamHandler(fh)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root = logging.getLogger()
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        logging.captureWarnings(True)
+        warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
+        try:
+            with contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
+                yield
+        except BaseException:
+            logging.getLogger("maisi").exception("job failed")
+            raise
+        finally:
+            root.removeHandler(handler)
+            logging.captureWarnings(False)
+
+
+def from_snakemake(smk) -> contextlib.AbstractContextManager:
+    """``log_to_file`` for a Snakemake ``script:`` object (its first log file)."""
+    return log_to_file(smk.log[0] if len(smk.log) else None)
+
+
+__all__ = ["log_to_file", "from_snakemake"]

@@ -1,0 +1,105 @@
+# Config loading, validation and the input functions that map sources to shards.
+# All logic lives in the `maisi` package; this file only adapts it to Snakemake.
+import json
+
+from snakemake.utils import min_version, validate
+
+from maisi import plan
+from maisi.catalog import load_catalog
+from maisi.config import validate_config
+from maisi.preprocess import PreprocessSettings
+
+min_version("9.0")
+
+
+validate(config, "../config/schema.yaml")
+config.update(validate_config(config))
+CATALOG = load_catalog(config["catalog"]) if any(
+    s["type"] == "dataset" for s in config["sources"].values()
+) else {}
+SOURCES = sorted(config["sources"])
+
+
+wildcard_constraints:
+    source="|".join(SOURCES),
+    shard=r"\d{4}",
+
+
+# Shard counts come from the config per source; empty shards get no job. (Snakemake's
+# `scattergather:` needs one fixed count for every scatter, with no empty parts.)
+def source_cases(source):
+    src = config["sources"][source]
+    if src["type"] == "phantom":
+        return plan.phantom_cases(source, src, config["seed"])
+    if src["type"] == "local":
+        return plan.local_cases(source, src)
+    table = checkpoints.convert_dataset.get(source=source).output.table
+    return plan.table_cases(source, table, src)
+
+
+def source_shards(source):
+    return plan.shards_of(source_cases(source), plan.n_shards(config, source))
+
+
+def shard_cases(source, shard):
+    return source_shards(source).get(shard, [])
+
+
+def cases_json(wildcards):
+    return json.dumps([c.to_json() for c in shard_cases(wildcards.source, wildcards.shard)], sort_keys=True)
+
+
+def stage_tables(pattern):
+    """Every shard table of a stage, over all sources."""
+    return [pattern.format(source=s, shard=k) for s in SOURCES for k in source_shards(s)]
+
+
+PREPROCESS = PreprocessSettings.from_config(config["preprocess"])
+
+
+# --- download.smk ---
+def dataset_entry(source):
+    return CATALOG[config["sources"][source]["dataset"]]
+
+
+def archive_path(source):
+    entry = dataset_entry(source)
+    return f"{plan.RESOURCES}/downloads/{entry.name}/{entry.archive_name}"
+
+
+def dataset_url(wildcards):
+    for name, src in config["sources"].items():
+        if src["type"] == "dataset" and src["dataset"] == wildcards.dataset and src.get("url"):
+            return src["url"]
+    return CATALOG[wildcards.dataset].url
+
+
+# --- phantom.smk ---
+def phantom_specs_json(wildcards):
+    from dataclasses import asdict
+
+    wanted = {c.case_id for c in shard_cases(wildcards.source, wildcards.shard)}
+    specs = plan.phantom_specs(wildcards.source, config["sources"][wildcards.source], config["seed"])
+    return json.dumps([asdict(s) for s in specs if s.case_id in wanted], sort_keys=True)
+
+
+# --- preprocess.smk ---
+def preprocess_inputs(wildcards):
+    src = config["sources"][wildcards.source]
+    if src["type"] == "phantom":
+        return [f"{plan.RESOURCES}/sources/{wildcards.source}/shards/{wildcards.shard}.tsv"]
+    files = []
+    for case in shard_cases(wildcards.source, wildcards.shard):
+        files.append(case.image)
+        if case.label:
+            files.append(case.label)
+    return files
+
+
+# --- regions.smk ---
+def regions_params(wildcards):
+    cfg = dict(config["sources"][wildcards.source]["regions"])
+    ids = {c.case_id for c in shard_cases(wildcards.source, wildcards.shard)}
+    # Only this shard's overrides, so editing one case's override reruns one shard.
+    cfg["overrides"] = {k: v for k, v in cfg.get("overrides", {}).items() if k in ids}
+    return json.dumps(cfg, sort_keys=True)

@@ -1,0 +1,16 @@
+# Top and bottom body regions per case (MAISI's rule on the label map, or manual).
+
+
+rule regions:
+    input:
+        table="results/prepared/{source}/shards/{shard}.tsv",
+    output:
+        table="results/regions/{source}/shards/{shard}.tsv",
+    params:
+        regions=regions_params,
+        on_error=config["on_error"],
+    threads: config["threads"]["regions"]
+    log:
+        "logs/regions/{source}/{shard}.log",
+    script:
+        "../workflow_scripts/regions.py"

@@ -1,0 +1,41 @@
+"""Shared fixtures: small synthetic volumes and the real chest CTs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+REAL_CT = Path(os.environ.get("MAISI_REAL_CT", ROOT.parent / "shared" / "data" / "real-ct"))
+
+
+@pytest.fixture(scope="session")
+def real_ct() -> Path:
+    """The two real chest CTs (pyradiomics test data) beside the checkout."""
+    if not (REAL_CT / "lung1_image.nrrd").exists():
+        pytest.skip(f"real CT folder {REAL_CT} is absent (expected ../shared/data/real-ct beside the checkout)")
+    return REAL_CT
+
+
+def write_nifti(path: Path, array: np.ndarray, spacing=(2.0, 2.0, 3.0), affine=None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if affine is None:
+        affine = np.diag([*spacing, 1.0])
+    nib.save(nib.Nifti1Image(array, affine), str(path))
+    return path
+
+
+def ct_volume(shape=(40, 36, 20), seed=0) -> np.ndarray:
+    """A small CT-like volume: air around a soft-tissue ellipsoid with a bony core."""
+    rng = np.random.default_rng(seed)
+    x, y, z = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    vol = np.full(shape, -1000.0, dtype=np.float32)
+    body = x**2 + y**2 < 0.7
+    vol[body] = 40.0
+    vol[(x**2 + (y + 0.3) ** 2) < 0.04] = 700.0
+    vol += rng.normal(0, 5, shape).astype(np.float32)
+    return vol.astype(np.int16)

@@ -1,0 +1,16 @@
+"""Snakemake script: assemble the MAISI datalist and the case tables (see maisi.dataset)."""
+
+from maisi.dataset import write_dataset
+from maisi.logs import from_snakemake
+
+smk = snakemake  # noqa: F821 (injected by Snakemake)
+with from_snakemake(smk):
+    write_dataset(
+        smk.input.prepared,
+        smk.input.regions,
+        folds=smk.params.folds,
+        datalist_path=smk.output.datalist,
+        cases_path=smk.output.cases,
+        rejected_path=smk.output.rejected,
+        run_name=smk.params.run_name,
+    )

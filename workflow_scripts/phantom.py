@@ -1,0 +1,11 @@
+"""Snakemake script: generate one shard of procedural CT phantom cases (see maisi.phantom)."""
+
+import json
+
+from maisi.logs import from_snakemake
+from maisi.phantom_shard import spec_from_dict, write_phantom_shard
+
+smk = snakemake  # noqa: F821 (injected by Snakemake)
+with from_snakemake(smk):
+    specs = [spec_from_dict(d) for d in json.loads(smk.params.specs)]
+    write_phantom_shard(specs, smk.wildcards.source, smk.output.table, threads=smk.threads)
