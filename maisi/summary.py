@@ -78,6 +78,9 @@ def plot_dims_spacing(cases: pd.DataFrame, dest: str | os.PathLike) -> None:
 
 
 def _overlay(ax, img: np.ndarray, lab: np.ndarray | None, aspect: float) -> None:
+    # Arrays are RAS; flip x so the patient's right is on the viewer's left (radiological convention).
+    img = img[::-1]
+    lab = None if lab is None else lab[::-1]
     ax.imshow(img.T, cmap="gray", vmin=-1000, vmax=1000, origin="lower", aspect=aspect, interpolation="nearest")
     if lab is not None:
         masked = np.ma.masked_where((lab == 0) | (lab == 200), lab).T

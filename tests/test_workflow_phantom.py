@@ -1,0 +1,87 @@
+"""End-to-end run of the real workflow on the embedded default configuration (the CT phantom)."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import ROOT
+from maisi.phantom import PhantomOptions, derive_seed, plan_phantom_cases
+from maisi.regions import BODY_REGIONS, one_hot
+from workflow_runner import make_workdir, planned_jobs, snakemake
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    cfg = yaml.safe_load((ROOT / "config/config.yaml").read_text())
+    cfg["catalog"] = str(ROOT / "config/datasets.yaml")
+    work = make_workdir(tmp_path_factory.mktemp("default") / "work", cfg)
+    snakemake(work, "--profile", str(ROOT / "profiles/local"), "all")
+    return work, cfg
+
+
+def test_default_builds_prepared_phantom_dataset(default_run):
+    work, cfg = default_run
+    datalist = json.loads((work / "results/prepared/datalist.json").read_text())["training"]
+    assert len(datalist) == cfg["sources"]["phantom"]["n_cases"] == 8
+    opts = dict(cfg["sources"]["phantom"])
+    opts = {k: v for k, v in opts.items() if k not in ("type", "regions", "shards")}
+    opts["seed"] = derive_seed(cfg["seed"], "phantom", opts["seed"])
+    planned = {s.case_id: s for s in plan_phantom_cases(PhantomOptions.from_config(opts), source="phantom")}
+    tops, bottoms = set(), set()
+    for e in datalist:
+        spec = planned[e["case_id"]]
+        # MAISI's region rule on the prepared label map finds the regions the phantom was planned with
+        assert e["top_region_index"] == one_hot(spec.top_region), e["case_id"]
+        assert e["bottom_region_index"] == one_hot(spec.bottom_region), e["case_id"]
+        tops.add(spec.top_region)
+        bottoms.add(spec.bottom_region)
+        assert all(d % 128 == 0 for d in e["dim"])
+        img = nib.load(work / "results/prepared" / e["image"])
+        assert list(img.shape) == e["dim"]
+        np.testing.assert_allclose(img.header.get_zooms(), e["spacing"], rtol=1e-4)
+        assert nib.aff2axcodes(img.affine) == ("R", "A", "S")
+        lab = nib.load(work / "results/prepared" / e["label"])
+        assert lab.shape == img.shape and lab.get_data_dtype() == np.uint8
+        assert 0 <= e["fold"] < cfg["dataset"]["folds"]
+    assert tops == bottoms == set(BODY_REGIONS)
+    cases = pd.read_csv(work / "results/prepared/cases.tsv", sep="\t")
+    assert len(cases) == 8 and (cases.region_backend == "labels").all()
+    assert pd.read_csv(work / "results/prepared/rejected.tsv", sep="\t").empty
+    meta = json.loads((work / "results/prepared/phantom/cases/phantom_0000.json").read_text())
+    assert {"dim", "spacing", "source", "outputs", "provenance"} <= set(meta)
+    assert len(meta["outputs"]["image"]["sha256"]) == 64
+    html = (work / "results/prepared/summary/summary.html").read_text()
+    assert html.count("data:image/png;base64") == 2 and "phantom_0007" in html
+    for job_benchmark in (work / "results/benchmarks/preprocess/phantom").glob("*.tsv"):
+        assert "max_rss" in job_benchmark.read_text()
+
+
+def test_nothing_reruns_and_one_more_case_reruns_one_shard(default_run):
+    work, cfg = default_run
+    assert planned_jobs(work, "all") == {}
+    jobs = planned_jobs(work, "all", "--config", "sources={'phantom': {'type': 'phantom', 'n_cases': 9}}")
+    assert jobs == {"phantom": 1, "preprocess": 1, "regions": 1, "dataset": 1, "dataset_summary": 1, "all": 1}
+    jobs = planned_jobs(work, "all", "--config", "preprocess={'divisor': 64}")
+    shards = len(list((work / "results/prepared/phantom/shards").glob("*.tsv")))
+    assert jobs.get("preprocess") == shards and "phantom" not in jobs
+
+
+def test_rerun_is_reproducible(default_run, tmp_path):
+    """The same config gives the same phantom and prepared data, byte for byte in the arrays."""
+    work, cfg = default_run
+    small = dict(cfg)
+    small["sources"] = {"phantom": dict(cfg["sources"]["phantom"], n_cases=1)}
+    other = make_workdir(tmp_path / "again", small)
+    snakemake(other, "all")
+    for sub in ("images", "labels", "images_hu"):
+        a = np.asanyarray(nib.load(work / f"results/prepared/phantom/{sub}/phantom_0000.nii.gz").dataobj)
+        b = np.asanyarray(nib.load(other / f"results/prepared/phantom/{sub}/phantom_0000.nii.gz").dataobj)
+        np.testing.assert_array_equal(a, b)

@@ -1,0 +1,50 @@
+"""Running the real Snakemake workflow on tiny configs, in a temporary working directory."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_workdir(path: Path, config: dict) -> Path:
+    """A working directory holding ``config/config.yaml`` (read by the Snakefile's ``configfile:``)."""
+    (path / "config").mkdir(parents=True, exist_ok=True)
+    config.setdefault("catalog", str(ROOT / "config" / "datasets.yaml"))
+    (path / "config" / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir),
+        "--cores", "2", "--show-failed-logs", *args,
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def planned_jobs(workdir: Path, *args: str) -> dict[str, int]:
+    """Jobs a dry run would execute, by rule (empty when nothing is to be done)."""
+    proc = snakemake(workdir, "--dry-run", *args)
+    text = proc.stdout + proc.stderr
+    jobs: dict[str, int] = {}
+    in_table = False
+    for line in text.splitlines():
+        if line.startswith("job ") and "count" in line:
+            in_table = True
+            continue
+        if in_table:
+            m = re.match(r"^(\w+)\s+(\d+)\s*$", line.strip())
+            if m and m.group(1) != "total":
+                jobs[m.group(1)] = int(m.group(2))
+            elif line.strip().startswith("total"):
+                break
+    return jobs
