@@ -102,7 +102,7 @@ def _semantic_checks(cfg: dict) -> None:
         for key, top, bottom in pairs:
             if top and bottom and BODY_REGIONS.index(top) > BODY_REGIONS.index(bottom):
                 raise ConfigError(f"config key '{key}': top region '{top}' lies below bottom region '{bottom}'")
-        for key, value in (src.get("label_map") or {}).items():
+        for key in src.get("label_map") or {}:
             if not str(key).isdigit():
                 raise ConfigError(f"config key 'sources.{name}.label_map.{key}': source label values must be integers")
         if src["type"] == "phantom":

@@ -41,7 +41,7 @@ def assemble(prepared_tables: Sequence, region_tables: Sequence, folds: int) -> 
         rejected += [{"source": r.source, "case_id": r.case_id, "stage": "regions", "reason": r.reason} for r in bad.itertuples()]
         regs = regs[regs.status == "ok"][["source", "case_id", "top_region", "bottom_region", "region_backend"]]
     cases = prep.merge(regs, on=["source", "case_id"], how="inner") if not prep.empty else pd.DataFrame(columns=CASE_COLUMNS)
-    cases["fold"] = [shard_of(f"{s}/{c}", folds) for s, c in zip(cases.source, cases.case_id)]
+    cases["fold"] = [shard_of(f"{s}/{c}", folds) for s, c in zip(cases.source, cases.case_id, strict=True)]
     cases = cases.sort_values(["source", "case_id"]).reset_index(drop=True)
     return cases.reindex(columns=list(CASE_COLUMNS)), pd.DataFrame(rejected, columns=list(REJECTED_COLUMNS))
 

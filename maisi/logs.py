@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-
 import warnings
 from collections.abc import Iterator
 

@@ -47,8 +47,8 @@ __all__ = [
 #: Field of view of each body region along the body axis, template mm (top, bottom); the vertex is 0.
 REGION_FOV: dict[str, tuple[float, float]] = {
     "head_neck": (10.0, -240.0),
-    "chest": (-280.0, -495.0),
-    "abdomen": (-525.0, -760.0),
+    "chest": (-280.0, -485.0),
+    "abdomen": (-530.0, -760.0),
     "lower_body": (-880.0, -1100.0),
 }
 
@@ -417,15 +417,21 @@ class _Shape:
 
 
 class _Ellipsoid(_Shape):
-    """Ellipsoid with centre ``c``, radii ``r`` along the columns of rotation ``rot`` (default axes)."""
+    """Ellipsoid with centre ``c``, radii ``r`` along the columns of rotation ``rot`` (default axes).
 
-    def __init__(self, c, r, rot: np.ndarray | None = None):
+    ``bend`` curves the ellipsoid along its third axis as a function of the first
+    (``w -> w - bend * u**2``), which turns a flat plate into a shell (iliac wing, scapula).
+    """
+
+    def __init__(self, c, r, rot: np.ndarray | None = None, bend: float = 0.0):
         self.c = np.asarray(c, dtype=float)
         self.r = np.asarray(r, dtype=float)
-        self.rot = None if rot is None else np.asarray(rot, dtype=float)
+        self.rot = None if rot is None and not bend else np.eye(3) if rot is None else np.asarray(rot, dtype=float)
+        self.bend = float(bend)
 
     def bbox(self):
-        half = self.r if self.rot is None else np.abs(self.rot) @ self.r
+        r = self.r + [0.0, 0.0, abs(self.bend) * self.r[0] ** 2]
+        half = r if self.rot is None else np.abs(self.rot) @ r
         return self.c - half, self.c + half
 
     def depth(self, b):
@@ -434,6 +440,8 @@ class _Ellipsoid(_Shape):
         if self.rot is None:
             return _ell_depth((dx, dy, dz), radii)
         comps = [float(self.rot[0, i]) * dx + float(self.rot[1, i]) * dy + float(self.rot[2, i]) * dz for i in range(3)]
+        if self.bend:
+            comps[2] = comps[2] - self.bend * comps[0] * comps[0]
         return _ell_depth(comps, radii)
 
 
@@ -600,6 +608,20 @@ def _half(point, normal) -> _Custom:
     return _Custom(fn)
 
 
+def _chaikin(points: np.ndarray, iterations: int = 2) -> np.ndarray:
+    """Corner-cutting smoothing of a polyline (rows are points; end points are kept)."""
+    p = np.asarray(points, dtype=float)
+    for _ in range(iterations):
+        if len(p) < 3:
+            break
+        q = 0.75 * p[:-1] + 0.25 * p[1:]
+        r = 0.25 * p[:-1] + 0.75 * p[1:]
+        mid = np.empty((2 * len(q), p.shape[1]))
+        mid[0::2], mid[1::2] = q, r
+        p = np.vstack([p[:1], mid[1:-1], p[-1:]])
+    return p
+
+
 def _frame(axis, hint) -> np.ndarray:
     """Rotation whose first column is ``axis`` and second the part of ``hint`` orthogonal to it."""
     u = np.asarray(axis, dtype=float)
@@ -658,9 +680,9 @@ _FAT_KEYS = (
 )
 #: Inside of the rib cage: (z, cx, cy, A, B).
 _CAGE_KEYS = (
-    (-248.0, 0, -22, 42, 38),
-    (-265.0, 0, -18, 70, 55),
-    (-285.0, 0, -14, 98, 70),
+    (-250.0, 0, -22, 36, 32),
+    (-268.0, 0, -18, 64, 50),
+    (-285.0, 0, -14, 96, 68),
     (-320.0, 0, -9, 118, 82),
     (-370.0, 0, -5, 130, 90),
     (-430.0, 0, -3, 134, 93),
@@ -715,20 +737,23 @@ _VERTEBRAE = tuple(label_id(f"vertebrae C{i}") for i in range(1, 8)) + tuple(
     label_id(f"vertebrae T{i}") for i in range(1, 13)
 ) + tuple(label_id(f"vertebrae L{i}") for i in range(1, 6))
 
-#: z bands (template mm) that the region-marker labels never leave, so the region rule applied to
-#: a case's label map returns exactly its planned top and bottom region.
+#: z bands (template mm) that the region-marker labels never leave: each stays out of the field
+#: of view of the regions it does not mark, so MAISI's region rule applied to a case's label map
+#: returns exactly its planned top and bottom region.
+_MARGIN = 3.0
 _MARKER_BANDS: dict[int, tuple[float, float]] = {
-    _ID["brain"]: (-270.0, 100.0),
-    _ID["skull"]: (-270.0, 100.0),
-    **{i: (-519.0, -246.0) for i in _LUNGS},
-    **{_ID[k]: (-869.0, -501.0) for k in ("liver", "spleen", "pancreas", "kidney_r", "kidney_l")},
-    label_id("dummy1"): (-869.0, -501.0),
-    _ID["femur_l"]: (-2000.0, -772.0),
-    _ID["femur_r"]: (-2000.0, -772.0),
+    **{i: (REGION_FOV["chest"][0] + _MARGIN, 100.0) for i in (_ID["brain"], _ID["skull"])},
+    **{i: (REGION_FOV["abdomen"][0] + _MARGIN, REGION_FOV["head_neck"][1] - _MARGIN) for i in _LUNGS},
+    **{
+        _ID[k]: (REGION_FOV["lower_body"][0] + _MARGIN, REGION_FOV["chest"][1] - _MARGIN)
+        for k in ("liver", "spleen", "pancreas", "kidney_r", "kidney_l")
+    },
+    **{i: (-3000.0, REGION_FOV["abdomen"][1] - _MARGIN) for i in (_ID["femur_l"], _ID["femur_r"])},
 }
 
 
 def _side_id(name: str, side: int) -> int:
+    """Label of the right (``side > 0``) or left structure ``name``."""
     return _ID[f"{name}_{'r' if side > 0 else 'l'}"]
 
 
@@ -741,9 +766,9 @@ class _Phantom:
         self.fat = fat
         self.tissue = {
             "fat": -100 + self.j(8),
-            "muscle": 48 + self.j(5),
+            "muscle": 44 + self.j(4),
             "blood": 42 + self.j(4),
-            "liver": 60 + self.j(6),
+            "liver": 62 + self.j(5),
             "spleen": 48 + self.j(4),
             "kidney": 33 + self.j(4),
             "pancreas": 38 + self.j(5),
@@ -764,19 +789,21 @@ class _Phantom:
         return 1.0 + self.j(amp)
 
     def pts(self, points, amp: float = 2.0, shift=None) -> np.ndarray:
+        """Control points jittered by up to ``amp`` mm each, plus an optional common shift."""
         p = np.asarray(points, dtype=float)
         p = p + self.rng.uniform(-amp, amp, size=p.shape)
         return p if shift is None else p + shift
 
     # -- anatomy helpers -------------------------------------------------------------------------
     def spine_y(self, z):
+        """y of the vertebral body centre line at ``z`` (cervical lordosis, thoracic kyphosis...)."""
         return _interp(z, _SPINE_KEYS) + self.spine_dy
 
     def dome(self, x, y, side: int):
         """z of the lung base / diaphragm on one side (right dome higher)."""
         top = self.dome_top[0] if side > 0 else self.dome_top[1]
         q = np.clip(((x - side * 55.0) / 80.0) ** 2 + ((y + 2.0) / 75.0) ** 2, 0.0, 1.0)
-        return top - 28.0 * q
+        return top - 44.0 * q
 
     def diaphragm(self, b: _Box) -> np.ndarray:
         """Depth below the diaphragm (positive under it)."""
@@ -805,7 +832,7 @@ class _Phantom:
     # -- build -----------------------------------------------------------------------------------
     def build(self) -> None:
         self.spine_dy = self.j(3)
-        self.dome_top = (-491.0 + self.j(2), -496.0 + self.j(2))
+        self.dome_top = (-478.0 + self.j(3), -484.0 + self.j(3))
         self.body()
         self.muscles()
         self.neck()
@@ -837,8 +864,6 @@ class _Phantom:
         fz = self.fat * _interp(legs[:, 0], _FAT_KEYS)
         outer_leg[:, 3] += fz
         outer_leg[:, 4] += fz
-        self.trunk_keys = trunk
-        self.leg_keys = legs
         scalp = 3.0
         outer = [
             _Ellipsoid(head_c, self.head_r),
@@ -926,11 +951,10 @@ class _Phantom:
         # heart with epicardial fat
         axis = np.array([-0.62 + self.j(0.08), 0.55 + self.j(0.08), -0.5 + self.j(0.08)])
         rot = _frame(axis, [0.0, 0.0, 1.0])
-        hc = np.array([-16.0, 22.0, -440.0]) + sh
-        hr = np.array([62.0, 47.0, 42.0]) * self.s(0.07)
+        hc = np.array([-20.0, 20.0, -452.0]) + sh
+        hr = np.array([66.0, 45.0, 38.0]) * self.s(0.07)
         floor = _Custom(lambda b: b.z - np.maximum(self.dome(b.x, b.y, 1), self.dome(b.x, b.y, -1)) - 1.0)
         heart = _Inter(_Ellipsoid(hc, hr, rot), floor)
-        self.heart = heart
         # great vessels
         ay = self.spine_y
         zs = np.array([-380.0, -440, -490, -530, -600, -690])
@@ -950,7 +974,6 @@ class _Phantom:
         self.hila = {1: np.array([44.0, -10.0, -368.0]) + sh, -1: np.array([-45.0, -12.0, -362.0]) + sh}
         eso_pts = [(0, 4, -212), (-2, 0, -250), (-4, -14, -300), (-6, -28, -350), (-10, -30, -420), (-14, -16, -470), (-28, -3, -505), (-46, 4, -522)]
         esophagus = _Tube(self.pts(eso_pts, 1.0, sh), 7.0 * self.s(0.1))
-        self.esophagus = esophagus
         # lungs
         self.lungs()
         for shape in (heart, self.aorta, svc, pa, pal, trachea, esophagus, *bronchi):
@@ -966,19 +989,26 @@ class _Phantom:
         cv.paint(pal, BODY, blood)
         cv.paint(svc, _ID["svc"], blood)
         cv.paint(self.aorta, _ID["aorta"], blood)
-        # aortic branches
+        # aortic branches, brachiocephalic and jugular veins, each in a thin sheath of fat
         bt = self.pts([(3, 7, -318), (12, 9, -292), (14, 9, -276)], 1.0, sh)
-        cv.paint(_Tube(bt, 7.0), _ID["brachiocephalic"], blood)
-        cv.paint(_Tube(self.pts([bt[-1], (40, 0, -276), (78, -6, -282)], 1.0, sh * 0), [5.5, 5, 4.5]), _ID["subclavian_r"], blood)
-        cv.paint(_Tube(self.pts([bt[-1], (24, 14, -240), (28, 12, -200), (30, 10, -165)], 1.0, sh * 0), 4.5), _ID["carotid_r"], blood)
-        cv.paint(_Tube(self.pts([(-9, 4, -317), (-20, 12, -262), (-28, 12, -200), (-30, 10, -165)], 1.0, sh), 4.5), _ID["carotid_l"], blood)
-        cv.paint(_Tube(self.pts([(-20, -6, -320), (-32, -4, -284), (-78, -6, -282)], 1.0, sh), [5.5, 5, 4.5]), _ID["subclavian_l"], blood)
-        bcv_l = self.pts([(-52, 6, -282), (-20, 22, -292), (10, 18, -298), (27, 10, -300)], 1.5, sh)
-        cv.paint(_Tube(bcv_l, [6.0, 6.0, 6.5, 7.0]), label_id("left brachiocephalic vein"), blood)
-        bcv_r = self.pts([(48, 4, -278), (36, 6, -288), (28, 8, -298)], 1.5, sh)
-        cv.paint(_Tube(bcv_r, [6.5, 7.0, 8.0]), label_id("right brachiocephalic vein"), blood)
-        for side in (1, -1):  # jugular veins
-            cv.paint(_Tube(self.pts([(side * 40, 10, -170), (side * 38, 12, -240), (side * 24, 10, -290)], 1.5), 6.0), BODY, blood)
+        vessels = [
+            (_Tube(bt, 7.0), _ID["brachiocephalic"]),
+            (_Tube(self.pts([bt[-1], (40, 0, -276), (78, -6, -282)], 1.0), [5.5, 5, 4.5]), _ID["subclavian_r"]),
+            (_Tube(self.pts([bt[-1], (24, 14, -240), (28, 12, -200), (30, 10, -165)], 1.0), 4.5), _ID["carotid_r"]),
+            (_Tube(self.pts([(-9, 4, -317), (-20, 12, -262), (-28, 12, -200), (-30, 10, -165)], 1.0, sh), 4.5), _ID["carotid_l"]),
+            (_Tube(self.pts([(-20, -6, -320), (-32, -4, -284), (-78, -6, -282)], 1.0, sh), [5.5, 5, 4.5]), _ID["subclavian_l"]),
+            (
+                _Tube(self.pts([(-52, 6, -282), (-20, 22, -292), (10, 18, -298), (27, 10, -300)], 1.5, sh), [6.0, 6.0, 6.5, 7.0]),
+                label_id("left brachiocephalic vein"),
+            ),
+            (_Tube(self.pts([(48, 4, -278), (36, 6, -288), (28, 8, -298)], 1.5, sh), [6.5, 7.0, 8.0]), label_id("right brachiocephalic vein")),
+        ]
+        for side in (1, -1):
+            vessels.append((_Tube(self.pts([(side * 40, 10, -170), (side * 38, 12, -240), (side * 24, 10, -290)], 1.5), 6.0), BODY))
+        for tube, _ in vessels:
+            cv.paint(_Grow(tube, 2.5), BODY, self.soft_hu(-80.0, 6.0), only=[BODY])
+        for tube, lid in vessels:
+            cv.paint(tube, lid, blood)
         cv.paint(esophagus, _ID["esophagus"], self.soft_hu(t["muscle"] - 5, 3.0))
         cv.paint(trachea, _ID["trachea"], 30.0)
         cv.paint(_Grow(trachea, -2.0), _ID["trachea"], -1000.0)
@@ -1002,12 +1032,16 @@ class _Phantom:
             d = _ell_depth((b.x - cx, b.y - cy), (a - 7.0, bb - 7.0))
             d = np.minimum(d, b.z - self.dome(b.x, b.y, side))
             d = np.minimum(d, (apex[0 if side > 0 else 1] - b.z) + 0.0 * b.x)
-            med = np.interp(z, [-520.0, -360, -330, -300, -270, -240], [10.0, 16, 24, 27, 18, 8]).astype(np.float32)
-            d = np.minimum(d, side * b.x - med[None, None, :] - np.clip(0.2 * (b.y - 20.0), 0.0, 10.0))
+            med = np.interp(z, [-520.0, -360, -330, -300, -270, -240], [10.0, 14, 20, 22, 16, 8]).astype(np.float32)
+            d = np.minimum(d, side * b.x - med[None, None, :] - np.clip(0.1 * (b.y - 20.0), 0.0, 6.0))
             # keep the paravertebral gutters and the spine out of the lungs
             sy = self.spine_y(z).astype(np.float32)[None, None, :]
             spine = np.minimum(28.0 - np.abs(b.x), (sy + 14.0) - b.y)
             d = np.minimum(d, -spine)
+            # posteriorly the lungs stop in front of the rib necks (transverse process -> rib angle)
+            ax = np.abs(b.x)
+            neck = b.y - (sy - 12.0 - 0.7 * (ax - 30.0))
+            d = np.minimum(d, np.where(ax < 80.0, neck, _BIG))
             return d
 
         lo = np.array([-150.0, -110.0, z_lo])
@@ -1089,7 +1123,7 @@ class _Phantom:
                 perp /= np.linalg.norm(perp) + 1e-9
                 ang = math.radians(self.rng.uniform(25, 50))
                 nd = math.cos(ang) * d + sign * math.sin(ang) * perp
-                stack.append((q, nd / np.linalg.norm(nd), L * self.rng.uniform(0.7, 0.85), r * 0.74, k - 1, gen + 1))
+                stack.append((q, nd / np.linalg.norm(nd), L * self.rng.uniform(0.7, 0.85), r * 0.77, k - 1, gen + 1))
         return segs
 
     # -- neck and head soft tissue --------------------------------------------------------------
@@ -1122,12 +1156,17 @@ class _Phantom:
 
         self.skull_base = base
         brain = _Inter(self.cranial, _Custom(base))
-        grey, white = 37.0 + self.j(3), 28.0 + self.j(2)
-        cv.paint(brain, _ID["brain"], self.soft_hu(grey, 2.0))
+        grey, white = 39.0 + self.j(3), 26.0 + self.j(2)
+
+        def cortex_hu(b: _Box, d: np.ndarray) -> np.ndarray:
+            # a thin rim of CSF over the cortex
+            return np.where(d < 2.0, 10.0, grey) + 2.0 * b.tex("lo")
+
+        cv.paint(brain, _ID["brain"], cortex_hu)
         cv.paint(_Ellipsoid(c + [0, 2, 30], inner_r * [0.68, 0.74, 0.42]), _ID["brain"], self.soft_hu(white, 2.0), only=[_ID["brain"]])
         for side in (1, -1):  # lateral ventricles
             rot = _frame([0.0, 1.0, 0.15], [1.0, 0.0, 0.0])
-            cv.paint(_Ellipsoid(c + [side * 10.0, 4.0, 32.0], [26.0 * self.s(0.1), 6.0 * self.s(0.2), 9.0], rot), _ID["brain"], 6.0, only=[_ID["brain"]])
+            cv.paint(_Ellipsoid(c + [side * 10.0, 4.0, 32.0], [28.0 * self.s(0.1), 7.5 * self.s(0.2), 10.0], rot), _ID["brain"], 6.0, only=[_ID["brain"]])
         cv.paint(_Ellipsoid(c + [0, -58, -32], [46.0, 30.0, 20.0]), _ID["brain"], self.soft_hu(grey + 2, 2.0), only=[_ID["brain"]])
         # face: orbits, nasal cavity, sinuses, pharynx
         for side in (1, -1):
@@ -1205,7 +1244,12 @@ class _Phantom:
             (b.x - 0.0, b.y - np.interp(b.z, cage[:, 0], cage[:, 2]).astype(np.float32)),
             (np.interp(b.z, cage[:, 0], cage[:, 3]).astype(np.float32) + 2.0,
              np.interp(b.z, cage[:, 0], cage[:, 4]).astype(np.float32) + 2.0)))
-        left_lobe = _half(np.array([-14.0 + self.j(6), 30.0, 0.0]) + sh, [0.8, 0.6 + self.j(0.1), 0.0])
+        lobe_p = np.array([-14.0 + self.j(6), 30.0]) + sh[:2]
+        lobe_n = np.array([0.8, 0.6 + self.j(0.1)])
+        lobe_n /= np.linalg.norm(lobe_n)
+        left_lobe = _Custom(
+            lambda b: lobe_n[0] * (b.x - lobe_p[0]) + lobe_n[1] * (b.y - lobe_p[1]) + 0.004 * (b.y - lobe_p[1]) ** 2
+        )
         liver = _Inter(_Loft(liver_keys), cavity, left_lobe, _Grow(below, -3.0))
         cv.paint(liver, _ID["liver"], self.soft_hu(t["liver"], 3.0), inner=True, keep=self.protect)
         ivc_y = self.spine_y
@@ -1229,6 +1273,7 @@ class _Phantom:
             def kidney_hu(b, d, k=t["kidney"]):
                 return np.where(d < 7.0, k + 3.0, k - 5.0) + 2.0 * b.tex("lo")
 
+            cv.paint(_Ellipsoid(c, r + 5.0, rot), BODY, self.soft_hu(-95.0, 6.0), only=[_ID["liver"], _ID["spleen"]])
             cv.paint(kid, _side_id("kidney", side), kidney_hu, inner=True, keep=self.protect)
             cv.paint(_Ellipsoid(med, [r[0] * 0.5, 9.0, 9.0], rot), _side_id("kidney", side), -40.0, only=[_side_id("kidney", side)])
             ad = np.array([side * 40.0, -28.0, -552.0 - (0 if side > 0 else 6)]) + sh
@@ -1309,14 +1354,13 @@ class _Phantom:
         sk[:, 2] += self.spine_y(s_top) + 28.0
         sk[:, 1:3] += sh[:2]
         canal = _Tube([(0, sk[0, 2] - 10, s_top + 5), (0, sk[2, 2] - 7, sk[2, 0]), (0, sk[4, 2] - 4, sk[4, 0])], [8, 6, 3])
-        self.sacrum = (s_top, sk)
         cv.paint(_Diff(_Loft(sk), canal), _ID["sacrum"], self.bone_hu(1.5))
 
     def chest_wall_bones(self) -> None:
         cv, sh = self.cv, self.shift["thorax"]
         cage = self.cage
         bone = self.bone_hu(1.3)
-        drop = [25, 40, 50, 56, 60, 66, 68, 70, 67, 63, 35, 27]
+        drop = [30, 45, 55, 62, 66, 70, 72, 74, 72, 68, 55, 48]
         phi_end = [58, 64, 66, 66, 66, 64, 62, 55, 45, 35, 8, -12]
         stern_z = [-292, -318, -345, -370, -395, -420, -440]
         # sternum
@@ -1331,17 +1375,19 @@ class _Phantom:
                 lv = self.levels[7 + k]
                 zk = lv[1] + 3.0
                 y0 = self.spine_y(lv[1]) - lv[3] - 4
-                phis = np.radians(np.linspace(-62.0, phi_end[k] + self.j(3), 12))
-                f = np.linspace(0, 1, len(phis)) ** 1.3
-                zz = zk - drop[k] * self.s(0.08) * f
+                phis = np.radians(np.linspace(-66.0, phi_end[k] + self.j(3), 12))
+                f = np.linspace(0, 1, len(phis)) ** 0.85
+                zz = zk - 10.0 - drop[k] * self.s(0.08) * f
                 A = _interp(zz, cage, 3) + 1.0
                 B = _interp(zz, cage, 4) + 1.0
                 cy = _interp(zz, cage, 2)
-                pts = [(side * (lv[2] + 14.0), y0, zk + 2.0)]
+                # head beside the vertebral body, tubercle at the transverse process, then the arc
+                pts = [(side * (lv[2] + 2.0), y0 + 0.5 * lv[3], zk + 3.0), (side * (lv[2] + 14.0), y0 - 2.0, zk - 1.0)]
                 pts += [(side * A[i] * math.cos(p), cy[i] + B[i] * math.sin(p), zz[i]) for i, p in enumerate(phis)]
-                r = np.linspace(5.0, 4.0, len(pts)) * (1.15 if k == 0 else 1.0)
+                r = np.linspace(4.6, 3.8, len(pts)) * (1.15 if k == 0 else 1.0)
+                path = _chaikin(np.column_stack([np.asarray(pts, float), r]), 2)
                 rib_id = (62 if side < 0 else 74) + k + 1
-                cv.paint(_Tube(pts, r), rib_id, bone)
+                cv.paint(_Tube(path[:, :3], path[:, 3]), rib_id, bone)
                 end = np.array(pts[-1])
                 if k < 7:
                     zs_ = stern_z[k] + sh[2] * 0.5
@@ -1355,9 +1401,9 @@ class _Phantom:
         for side in (1, -1):
             pts = self.pts([(side * 20, 62, -276), (side * 60, 68, -273), (side * 100, 50, -272), (side * 128, 8, -278)], 2.0, sh)
             cv.paint(_Tube(pts, [7.5, 6.5, 6, 7]), _side_id("clavicle", side), self.bone_hu(2.0))
-            c = np.array([side * 92.0, -74.0, -340.0]) + sh
+            c = np.array([side * 100.0, -72.0, -340.0]) + sh
             rot = _frame([side * 0.9, 0.42, 0.0], [0.0, 0.0, 1.0])
-            blade = _Ellipsoid(c, [50.0, 62.0, 4.0], rot)
+            blade = _Ellipsoid(c, [46.0, 62.0, 3.2], rot, bend=-side * 0.005)
             ridge = _Tube(self.pts([(side * 58, -92, -300), (side * 98, -72, -294), (side * 122, -32, -284), (side * 128, 4, -278)], 1.5, sh), [4.5, 5, 5, 7])
             glen = _Ellipsoid(np.array([side * 124.0, -22.0, -294.0]) + sh, [13.0, 15.0, 17.0])
             cv.paint(_Union(blade, ridge, glen), _side_id("scapula", side), self.bone_hu(1.5), inner=True)
@@ -1367,7 +1413,7 @@ class _Phantom:
         c, r = self.head_c, self.head_r
         outer = _Ellipsoid(c, r - 3.0)
         base = _Custom(self.skull_base)
-        vault = _Diff(_Inter(outer, _Grow(base, 6.0)), _Inter(self.cranial, base))
+        vault = _Diff(_Inter(outer, _Grow(base, 5.0)), _Inter(self.cranial, base))
         magnum = _Tube([c + [0, -30, -20], c + [0, -32, -70]], 15.0)
         bone = self.bone_hu(2.0, cortical=self.tissue["bone"] + 150, inner=520.0)
         skull = _Diff(vault, magnum)
@@ -1399,7 +1445,7 @@ class _Phantom:
             hr = 23.0 * self.s(0.06)
             self.femur_head[side] = (hc, hr)
             u = np.array([side * 0.64, 0.77, 0.0])
-            wing = _Ellipsoid(np.array([side * 80.0, -18.0, -780.0]) + sh, [62.0, 54.0, 6.5], _frame(u, [side * 0.4, 0.1, 1.0]))
+            wing = _Ellipsoid(np.array([side * 82.0, -20.0, -780.0]) + sh, [62.0, 54.0, 6.5], _frame(u, [side * 0.4, 0.1, 1.0]), bend=-side * 0.004)
             crest = _Tube([np.array([side * 48.0, -60.0, -742.0]) + sh, np.array([side * 102.0, -12.0, -728.0]) + sh, np.array([side * 126.0, 28.0, -752.0]) + sh], [8, 7, 8])
             body = _Ellipsoid(hc + [-side * 8.0, 2.0, 4.0], [25.0, 31.0, 34.0])
             ischium = _Tube([hc + [-side * 10, -14, -8], hc + [-side * 16, -34, -42], hc + [-side * 22, -36, -66]], [14, 12, 13])
@@ -1507,7 +1553,7 @@ def generate_phantom(spec: PhantomSpec) -> tuple[np.ndarray, np.ndarray, np.ndar
     w = ndimage.gaussian_filter1d(delta, sigma)
     gain = 1.0 / math.sqrt(float(np.sum(w**2)) ** 3)
     hu = cv.hu
-    noise = float(getattr(spec, "noise_hu", 12.0))
+    noise = float(spec.noise_hu)
     if noise > 0:
         hu += noise_rng.standard_normal(cv.shape, dtype=np.float32) * np.float32(noise * gain)
     hu = ndimage.gaussian_filter(hu, sigma, mode="nearest")

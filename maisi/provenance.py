@@ -47,5 +47,5 @@ def provenance(step: str) -> dict:
         "versions": package_versions(),
         "platform": f"{platform.system()}-{platform.machine()}",
         "argv0": sys.argv[0] if sys.argv else "",
-        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }

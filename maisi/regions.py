@@ -77,7 +77,7 @@ def regions_from_label(label: np.ndarray, min_voxels: int = 1) -> RegionResult:
     region is the first present in head-to-foot order and the bottom region the last.
     """
     ids, counts = np.unique(np.asarray(label), return_counts=True)
-    count = dict(zip(ids.tolist(), counts.tolist()))
+    count = dict(zip(ids.tolist(), counts.tolist(), strict=True))
     present = tuple(
         region
         for region in BODY_REGIONS

@@ -52,7 +52,7 @@ def plot_dims_spacing(cases: pd.DataFrame, dest: str | os.PathLike) -> None:
         ax.set_title(f"spacing {ax_name} (mm)")
     ax = axes[0, 3]
     grid = np.zeros((4, 4), dtype=int)
-    for t, b in zip(cases.get("top_region", []), cases.get("bottom_region", [])):
+    for t, b in zip(cases.get("top_region", []), cases.get("bottom_region", []), strict=True):
         grid[BODY_REGIONS.index(t), BODY_REGIONS.index(b)] += 1
     ax.imshow(grid, cmap="Blues")
     for (r, c), v in np.ndenumerate(grid):
@@ -65,7 +65,7 @@ def plot_dims_spacing(cases: pd.DataFrame, dest: str | os.PathLike) -> None:
     ax.set_title("body regions (cases)")
     ax = axes[1, 3]
     for src, grp in cases.groupby("source") if len(cases) else []:
-        fov = np.array([np.array(json.loads(d)) * np.array(json.loads(s)) for d, s in zip(grp.dim, grp.spacing)])
+        fov = np.array([np.array(json.loads(d)) * np.array(json.loads(s)) for d, s in zip(grp.dim, grp.spacing, strict=True)])
         ax.scatter(fov[:, 0], fov[:, 2], label=src, s=25)
     ax.set_xlabel("field of view x (mm)")
     ax.set_ylabel("field of view z (mm)")

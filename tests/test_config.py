@@ -1,8 +1,8 @@
 import pytest
 import yaml
+from conftest import ROOT
 
 from maisi.config import ConfigError, load_config, validate_config
-from conftest import ROOT
 
 
 def _default():

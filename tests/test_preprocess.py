@@ -3,8 +3,8 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-
 from conftest import ct_volume, write_nifti
+
 from maisi.checks import InputError
 from maisi.preprocess import CaseInput, PreprocessSettings, load_scan, new_dim, preprocess_case, target_shape
 

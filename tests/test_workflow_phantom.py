@@ -9,11 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import ROOT
+from workflow_runner import make_workdir, planned_jobs, snakemake
+
 from maisi.phantom import PhantomOptions, derive_seed, plan_phantom_cases
 from maisi.regions import BODY_REGIONS, one_hot
-from workflow_runner import make_workdir, planned_jobs, snakemake
 
 pytestmark = pytest.mark.e2e
 
@@ -67,11 +67,22 @@ def test_default_builds_prepared_phantom_dataset(default_run):
 def test_nothing_reruns_and_one_more_case_reruns_one_shard(default_run):
     work, cfg = default_run
     assert planned_jobs(work, "all") == {}
-    jobs = planned_jobs(work, "all", "--config", "sources={'phantom': {'type': 'phantom', 'n_cases': 9}}")
-    assert jobs == {"phantom": 1, "preprocess": 1, "regions": 1, "dataset": 1, "dataset_summary": 1, "all": 1}
-    jobs = planned_jobs(work, "all", "--config", "preprocess={'divisor': 64}")
-    shards = len(list((work / "results/prepared/phantom/shards").glob("*.tsv")))
-    assert jobs.get("preprocess") == shards and "phantom" not in jobs
+    config_file = work / "config" / "config.yaml"
+    original = config_file.read_text()
+    try:
+        more = yaml.safe_load(original)
+        more["sources"]["phantom"]["n_cases"] = 9
+        config_file.write_text(yaml.safe_dump(more))
+        jobs = planned_jobs(work, "all")
+        assert jobs == {"phantom": 1, "preprocess": 1, "regions": 1, "dataset": 1, "dataset_summary": 1, "all": 1}
+        coarser = yaml.safe_load(original)
+        coarser["preprocess"]["divisor"] = 64
+        config_file.write_text(yaml.safe_dump(coarser))
+        jobs = planned_jobs(work, "all")
+        shards = len(list((work / "results/prepared/phantom/shards").glob("*.tsv")))
+        assert jobs.get("preprocess") == shards and "phantom" not in jobs
+    finally:
+        config_file.write_text(original)
 
 
 def test_rerun_is_reproducible(default_run, tmp_path):

@@ -9,7 +9,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import yaml
-
 from conftest import ROOT, ct_volume, write_nifti
 from conftest_http import make_tar, serve, write_msd_task
 from workflow_runner import make_workdir, planned_jobs, snakemake

@@ -20,6 +20,6 @@ with from_snakemake(smk):
         on_error=smk.params.on_error,
         desc=f"preprocess {smk.wildcards.source}/{smk.wildcards.shard}",
     )
-    for row, case in zip(rows, cases):
+    for row, case in zip(rows, cases, strict=True):
         row.setdefault("source", case.source)
     write_table(rows, smk.output.table, "preprocess", PREPARED_COLUMNS)
