@@ -3,7 +3,7 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import ct_volume, write_nifti
+from conftest import ct_volume, write_dicom_series, write_nifti
 
 from maisi.checks import InputError
 from maisi.preprocess import CaseInput, PreprocessSettings, load_scan, new_dim, preprocess_case, target_shape
@@ -166,3 +166,16 @@ def test_unsupported_format(tmp_path):
 def test_load_scan_missing(tmp_path):
     with pytest.raises(InputError, match="file not found"):
         load_scan(tmp_path / "nope.nii.gz")
+
+
+def test_dicom_series_matches_nifti(tmp_path):
+    vol = ct_volume((40, 36, 20))
+    series = write_dicom_series(tmp_path / "dicom" / "c1", vol, spacing=(1.5, 1.5, 3.0))
+    # DICOM is LPS: the same voxels as a NIfTI whose x and y axes point left and posterior
+    nifti = write_nifti(tmp_path / "c1.nii.gz", vol, affine=np.diag([-1.5, -1.5, 3.0, 1.0]))
+    settings = PreprocessSettings(divisor=32)
+    a = preprocess_case(CaseInput("dcm", "c1", str(series)), tmp_path / "a", settings)
+    b = preprocess_case(CaseInput("nii", "c1", str(nifti)), tmp_path / "b", settings)
+    assert a["spacing"] == b["spacing"] == json.dumps([1.875, 1.6875, 1.875])
+    np.testing.assert_array_equal(np.asanyarray(nib.load(a["image_hu"]).dataobj), np.asanyarray(nib.load(b["image_hu"]).dataobj))
+    np.testing.assert_allclose(nib.load(a["image"]).affine, nib.load(b["image"]).affine, atol=1e-4)
