@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +113,3 @@ def _semantic_checks(cfg: dict) -> None:
         if src["type"] == "local" and src.get("labels") and "{case}" not in src["labels"]:
             raise ConfigError(f"config key 'sources.{name}.labels': pattern must contain '{{case}}'")
 
-
-def packaged_default_config() -> Path:
-    """The embedded default configuration shipped with the repository."""
-    return Path(str(resources.files("maisi"))).parent / "config" / "config.yaml"

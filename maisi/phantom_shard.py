@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
@@ -27,19 +28,13 @@ def write_phantom_case_once(spec: PhantomSpec, source: str) -> dict:
     image, label = phantom_paths(source, spec.case_id)
     side = sidecar_path(image)
     spec_json = asdict(spec)
+    row = {"image": image, "label": label, "top_region": spec.top_region, "bottom_region": spec.bottom_region, "seed": spec.seed}
     if os.path.exists(image) and os.path.exists(label) and os.path.exists(side):
-        if read_json(side).get("spec") == read_json_roundtrip(spec_json):
-            return {"image": image, "label": label, "top_region": spec.top_region, "bottom_region": spec.bottom_region, "seed": spec.seed}
+        if read_json(side).get("spec") == json.loads(json.dumps(spec_json)):  # tuples read back as lists
+            return row
     meta = write_phantom_case(spec, image, label)
     write_json(side, {"spec": spec_json, "meta": meta, "provenance": provenance("phantom")})
-    return {"image": image, "label": label, "top_region": spec.top_region, "bottom_region": spec.bottom_region, "seed": spec.seed}
-
-
-def read_json_roundtrip(obj):
-    """``obj`` as it reads back from JSON (tuples become lists), for comparison with a sidecar."""
-    import json
-
-    return json.loads(json.dumps(obj))
+    return row
 
 
 def write_phantom_shard(specs: Sequence[PhantomSpec], source: str, table: str, threads: int = 1) -> None:

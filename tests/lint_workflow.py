@@ -14,7 +14,7 @@ ALLOWED = {"Specify a conda environment or container for each rule.:"}
 def main() -> int:
     root = Path(__file__).resolve().parent.parent
     proc = subprocess.run(
-        [sys.executable, "-m", "snakemake", "--lint", "text"], cwd=root, capture_output=True, text=True
+        [sys.executable, "-m", "snakemake", "--lint", "text"], cwd=root, capture_output=True, encoding="utf-8", errors="replace"
     )
     text = proc.stdout + proc.stderr
     findings = [line.strip()[2:] for line in text.splitlines() if line.startswith("    * ")]
