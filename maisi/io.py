@@ -26,6 +26,7 @@ __all__ = [
     "sidecar_path",
     "sha256_file",
     "read_json",
+    "save_nifti",
 ]
 
 
@@ -92,6 +93,23 @@ def write_with_sidecar(
     record = {"file": dest.name, "sha256": sha256_file(dest), **dict(meta), "provenance": provenance(step)}
     write_json(sidecar_path(dest), record)
     return dest
+
+
+def save_nifti(array, affine, dest: str | os.PathLike, dtype) -> Path:
+    """Atomically save a 3-D array as NIfTI with ``dtype``, spacing in mm and the affine as both
+    qform and sform (code 1, scanner), so every reader sees the same geometry."""
+    import nibabel as nib
+    import numpy as np
+
+    affine = np.asarray(affine, dtype=np.float64)
+    img = nib.Nifti1Image(np.asarray(array).astype(dtype, copy=False), affine)
+    img.set_data_dtype(dtype)
+    img.header.set_xyzt_units("mm")
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    with atomic_path(dest) as tmp:
+        nib.save(img, str(tmp))
+    return Path(dest)
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -28,7 +28,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from maisi.io import atomic_path
+from maisi.io import save_nifti
 from maisi.labels import BODY, label_id
 from maisi.regions import BODY_REGIONS
 
@@ -1566,16 +1566,6 @@ def generate_phantom(spec: PhantomSpec) -> tuple[np.ndarray, np.ndarray, np.ndar
     return np.ascontiguousarray(hu), np.ascontiguousarray(label), affine
 
 
-def _save_nifti(array: np.ndarray, affine: np.ndarray, dest: str | os.PathLike, dtype) -> None:
-    img = nib.Nifti1Image(array, affine)
-    img.set_data_dtype(dtype)
-    img.header.set_xyzt_units("mm")
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    with atomic_path(dest) as tmp:
-        nib.save(img, str(tmp))
-
-
 def write_phantom_case(spec: PhantomSpec, image_path: str | os.PathLike, label_path: str | os.PathLike) -> dict:
     """Generate ``spec`` and write its image (int16 HU) and label (uint8) NIfTI files atomically.
 
@@ -1583,8 +1573,8 @@ def write_phantom_case(spec: PhantomSpec, image_path: str | os.PathLike, label_p
     label ids present.
     """
     hu, label, affine = generate_phantom(spec)
-    _save_nifti(hu, affine, image_path, np.int16)
-    _save_nifti(label, affine, label_path, np.uint8)
+    save_nifti(hu, affine, image_path, np.int16)
+    save_nifti(label, affine, label_path, np.uint8)
     return {
         "case_id": spec.case_id,
         "seed": int(spec.seed),

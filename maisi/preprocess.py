@@ -16,14 +16,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import torch
 from monai.data import MetaTensor, NibabelReader, NrrdReader, PydicomReader
 from monai.transforms import LoadImage, Orientation, Resize, ScaleIntensityRange
 
 from maisi.checks import InputError, check_ct_image, check_label_matches, check_nifti_spacing, spacing_from_affine
-from maisi.io import atomic_path, read_json, sha256_file, write_json
+from maisi.io import read_json, save_nifti, sha256_file, write_json
 from maisi.labels import maisi_labels
 from maisi.provenance import provenance
 
@@ -180,12 +179,8 @@ def _input_fingerprint(case: CaseInput, settings: PreprocessSettings) -> str:
 
 
 def _save_nifti(tensor: torch.Tensor, affine, dest: Path, dtype) -> None:
-    array = tensor.detach().cpu().numpy()[0].astype(dtype)
-    img = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64))
-    img.set_qform(img.affine, code=1)
-    img.set_sform(img.affine, code=1)
-    with atomic_path(dest) as tmp:
-        nib.save(img, tmp)
+    """Save a channel-first tensor's single channel (see :func:`maisi.io.save_nifti`)."""
+    save_nifti(tensor.detach().cpu().numpy()[0], affine, dest, dtype)
 
 
 def preprocess_case(case: CaseInput, out_root: str | Path, settings: PreprocessSettings) -> dict[str, Any]:

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
+from conftest import write_nifti as _write_nifti
 
 
 @dataclass
@@ -165,12 +165,8 @@ def serve() -> Iterator[FileServer]:
 
 
 def write_nifti(path, data, affine=None):
-    """Save ``data`` as NIfTI at ``path`` (parents created); returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    affine = np.diag([1.5, 1.5, 2.0, 1.0]) if affine is None else affine
-    nib.save(nib.Nifti1Image(np.asarray(data), affine), path)
-    return path
+    """Save ``data`` as NIfTI at ``path`` (1.5 x 1.5 x 2 mm unless ``affine`` is given)."""
+    return _write_nifti(Path(path), np.asarray(data), spacing=(1.5, 1.5, 2.0), affine=affine)
 
 
 def write_msd_task(root, task="Task09_Spleen", prefix="spleen", n_cases=2, label_values=(1,), n_test=1):

@@ -12,7 +12,7 @@ import yaml
 from conftest import ROOT
 from workflow_runner import make_workdir, planned_jobs, snakemake
 
-from maisi.phantom import PhantomOptions, derive_seed, plan_phantom_cases
+from maisi.plan import phantom_specs
 from maisi.regions import BODY_REGIONS, one_hot
 
 pytestmark = pytest.mark.e2e
@@ -31,10 +31,7 @@ def test_default_builds_prepared_phantom_dataset(default_run):
     work, cfg = default_run
     datalist = json.loads((work / "results/prepared/datalist.json").read_text())["training"]
     assert len(datalist) == cfg["sources"]["phantom"]["n_cases"] == 8
-    opts = dict(cfg["sources"]["phantom"])
-    opts = {k: v for k, v in opts.items() if k not in ("type", "regions", "shards")}
-    opts["seed"] = derive_seed(cfg["seed"], "phantom", opts["seed"])
-    planned = {s.case_id: s for s in plan_phantom_cases(PhantomOptions.from_config(opts), source="phantom")}
+    planned = {s.case_id: s for s in phantom_specs("phantom", cfg["sources"]["phantom"], cfg["seed"])}
     tops, bottoms = set(), set()
     for e in datalist:
         spec = planned[e["case_id"]]
