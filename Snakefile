@@ -9,6 +9,7 @@ include: "rules/common.smk"
 include: "rules/download.smk"
 include: "rules/phantom.smk"
 include: "rules/preprocess.smk"
+include: "rules/totalseg.smk"
 include: "rules/regions.smk"
 include: "rules/dataset.smk"
 

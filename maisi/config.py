@@ -94,6 +94,15 @@ def _semantic_checks(cfg: dict) -> None:
         regions.setdefault("overrides", {})
         regions.setdefault("min_voxels", 1)
         where = f"sources.{name}.regions"
+        if regions["backend"] == "totalsegmentator" and not cfg.get("totalsegmentator", {}).get("weights"):
+            raise ConfigError(
+                f"config key '{where}.backend': the totalsegmentator backend needs 'totalsegmentator.weights', "
+                "a local folder with TotalSegmentator's models (see the README, 'TotalSegmentator weights')"
+            )
+        if regions["backend"] == "totalsegmentator" and not cfg["preprocess"]["keep_hu"]:
+            raise ConfigError(
+                f"config key '{where}.backend': the totalsegmentator backend segments the HU images; set 'preprocess.keep_hu: true'"
+            )
         if regions["backend"] == "manual" and not ("top" in regions and "bottom" in regions):
             raise ConfigError(f"config key '{where}': the manual backend needs both 'top' and 'bottom'")
         pairs = [(where, regions.get("top"), regions.get("bottom"))]

@@ -17,7 +17,7 @@ __all__ = ["assemble", "write_dataset", "CASE_COLUMNS", "REJECTED_COLUMNS"]
 
 CASE_COLUMNS = (
     "source", "case_id", "fold", "image", "image_hu", "label", "dim", "spacing", "orig_dim", "orig_spacing",
-    "top_region", "bottom_region", "region_backend", "labels_present",
+    "top_region", "bottom_region", "region_backend", "label_source", "labels_present",
 )  # fmt: skip
 REJECTED_COLUMNS = ("source", "case_id", "stage", "reason")
 
@@ -39,8 +39,16 @@ def assemble(prepared_tables: Sequence, region_tables: Sequence, folds: int) -> 
     if not regs.empty:
         bad = regs[regs.status != "ok"]
         rejected += [{"source": r.source, "case_id": r.case_id, "stage": "regions", "reason": r.reason} for r in bad.itertuples()]
-        regs = regs[regs.status == "ok"][["source", "case_id", "top_region", "bottom_region", "region_backend"]]
-    cases = prep.merge(regs, on=["source", "case_id"], how="inner") if not prep.empty else pd.DataFrame(columns=CASE_COLUMNS)
+        regs = regs[regs.status == "ok"]
+    if prep.empty or regs.empty:
+        return pd.DataFrame(columns=list(CASE_COLUMNS)), pd.DataFrame(rejected, columns=list(REJECTED_COLUMNS))
+    regs = regs.rename(columns={"label": "region_label", "labels_present": "region_labels_present"})
+    keep = ["source", "case_id", "top_region", "bottom_region", "region_backend", "region_label", "label_source", "region_labels_present"]
+    cases = prep.merge(regs[keep], on=["source", "case_id"], how="inner")
+    # A label made by the regions stage (TotalSegmentator) replaces the prepared one.
+    made = cases.region_label != ""
+    cases.loc[made, "label"] = cases.loc[made, "region_label"]
+    cases.loc[made, "labels_present"] = cases.loc[made, "region_labels_present"]
     cases["fold"] = [shard_of(f"{s}/{c}", folds) for s, c in zip(cases.source, cases.case_id, strict=True)]
     cases = cases.sort_values(["source", "case_id"]).reset_index(drop=True)
     return cases.reindex(columns=list(CASE_COLUMNS)), pd.DataFrame(rejected, columns=list(REJECTED_COLUMNS))

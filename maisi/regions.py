@@ -16,6 +16,8 @@ from maisi.labels import label_id
 __all__ = [
     "BODY_REGIONS",
     "REGION_LABELS",
+    "VERTEBRA_LABELS",
+    "VERTEBRA_MODES",
     "RegionResult",
     "RegionError",
     "one_hot",
@@ -34,6 +36,19 @@ REGION_LABELS: dict[str, tuple[int, ...]] = {
     "abdomen": (1, 2, 3, 4, 5, 14),  # liver, (old) kidney, spleen, pancreas, kidneys
     "lower_body": (label_id("left femur"), label_id("right femur")),
 }
+
+#: Vertebrae (and pelvic bones) by region, for scans whose marker organs are cut off.
+VERTEBRA_LABELS: dict[str, tuple[int, ...]] = {
+    "head_neck": tuple(label_id(f"vertebrae C{i}") for i in range(1, 8)),
+    "chest": tuple(label_id(f"vertebrae T{i}") for i in range(1, 13)),
+    "abdomen": tuple(label_id(f"vertebrae L{i}") for i in range(1, 6)),
+    "lower_body": (label_id("sacrum"), label_id("vertebrae S1"), label_id("left hip"), label_id("right hip")),
+}
+
+#: How the vertebrae take part: ``off`` (MAISI's organ rule only), ``fallback`` (vertebrae only
+#: when no marker organ is present) or ``union`` (a region counts when its organs or its
+#: vertebrae are present, so a region whose organs are cut off at the scan's edge still counts).
+VERTEBRA_MODES: tuple[str, ...] = ("off", "fallback", "union")
 
 
 class RegionError(ValueError):
@@ -70,25 +85,37 @@ def region_from_one_hot(vec) -> str:
     return BODY_REGIONS[vec.index(1)]
 
 
-def regions_from_label(label: np.ndarray, min_voxels: int = 1) -> RegionResult:
+def _present(count: Mapping[int, int], markers: Mapping[str, tuple[int, ...]], min_voxels: int) -> tuple[str, ...]:
+    return tuple(r for r in BODY_REGIONS if sum(count.get(i, 0) for i in markers[r]) >= min_voxels)
+
+
+def regions_from_label(
+    label: np.ndarray, min_voxels: int = 1, vertebrae: str = "fallback", backend: str = "labels"
+) -> RegionResult:
     """Top and bottom region from a MAISI label map with MAISI's rule.
 
-    A region is present when its marker labels cover at least ``min_voxels`` voxels; the top
-    region is the first present in head-to-foot order and the bottom region the last.
+    A region is present when its marker labels (:data:`REGION_LABELS`) cover at least
+    ``min_voxels`` voxels; the top region is the first present in head-to-foot order and the
+    bottom region the last. ``vertebrae`` (one of :data:`VERTEBRA_MODES`) says how the vertebrae
+    of :data:`VERTEBRA_LABELS` add to that.
     """
+    if vertebrae not in VERTEBRA_MODES:
+        raise RegionError(f"unknown vertebrae mode {vertebrae!r}; expected one of {', '.join(VERTEBRA_MODES)}")
     ids, counts = np.unique(np.asarray(label), return_counts=True)
     count = dict(zip(ids.tolist(), counts.tolist(), strict=True))
-    present = tuple(
-        region
-        for region in BODY_REGIONS
-        if sum(count.get(i, 0) for i in REGION_LABELS[region]) >= min_voxels
-    )
+    organs = _present(count, REGION_LABELS, min_voxels)
+    bones = _present(count, VERTEBRA_LABELS, min_voxels) if vertebrae != "off" else ()
+    if vertebrae == "union" or not organs:
+        present = tuple(r for r in BODY_REGIONS if r in organs or r in bones)
+    else:
+        present = organs
     if not present:
         raise RegionError(
-            "no region marker label (brain/skull, lung lobes, liver/spleen/pancreas/kidneys, femurs) "
-            "in the label map; set a manual region for this case"
+            "no region marker label (brain/skull, lung lobes, liver/spleen/pancreas/kidneys, femurs"
+            + (", vertebrae, sacrum/hips" if vertebrae != "off" else "")
+            + ") in the label map; set a manual region for this case"
         )
-    return RegionResult(top=present[0], bottom=present[-1], backend="labels", present=present)
+    return RegionResult(top=present[0], bottom=present[-1], backend=backend, present=present)
 
 
 #: Region backends by name: ``f(label_array | None, options) -> RegionResult``.
@@ -107,7 +134,20 @@ def register_backend(name: str) -> Callable:
 def _labels_backend(label: np.ndarray | None, options: Mapping) -> RegionResult:
     if label is None:
         raise RegionError("the 'labels' region backend needs a label map, and this case has none")
-    return regions_from_label(label, min_voxels=int(options.get("min_voxels", 1)))
+    return regions_from_label(label, min_voxels=int(options.get("min_voxels", 1)), vertebrae=options.get("vertebrae", "fallback"))
+
+
+@register_backend("totalsegmentator")
+def _totalseg_backend(label: np.ndarray | None, options: Mapping) -> RegionResult:
+    """MAISI's rule on the mask TotalSegmentator made (see :mod:`maisi.totalseg`)."""
+    if label is None:
+        raise RegionError("no TotalSegmentator mask for this case")
+    return regions_from_label(
+        label,
+        min_voxels=int(options.get("min_voxels", 1)),
+        vertebrae=options.get("vertebrae", "fallback"),
+        backend="totalsegmentator",
+    )
 
 
 @register_backend("manual")
@@ -144,3 +184,44 @@ def derive_case_regions(case_id: str, label_path: str | None, cfg: Mapping) -> R
         return REGION_BACKENDS[backend](label, cfg)
     except RegionError as exc:
         raise InputError(label_path or f"case {case_id}", str(exc)) from exc
+
+
+REGION_COLUMNS: tuple[str, ...] = (
+    "case_id", "source", "status", "reason", "top_region", "bottom_region", "region_backend", "label", "label_source",
+    "labels_present",
+)  # fmt: skip
+
+
+def shard_regions(prepared, segmented, cfg: Mapping, threads: int = 1, on_error: str = "stop", desc: str = "regions") -> list[dict]:
+    """Region rows of one shard's prepared cases (a :func:`maisi.shards.read_table` frame).
+
+    ``segmented`` is the shard's TotalSegmentator table when the source uses that backend (its
+    masks replace the cases' labels, and its rejected cases stay rejected), else ``None``.
+    """
+    from maisi.checks import InputError
+    from maisi.shards import run_cases
+
+    ok = prepared[prepared.status == "ok"]
+    masks: dict[str, Mapping] = {}
+    if segmented is not None:
+        masks = {r.case_id: r._asdict() for r in segmented.itertuples()}
+
+    def one(row) -> dict:
+        label, label_source, present = row.label or "", "source" if row.label else "", ""
+        if segmented is not None:
+            seg = masks.get(row.case_id)
+            if seg is None:
+                raise InputError(row.image, "no TotalSegmentator result for this case")
+            if seg["status"] != "ok":
+                raise InputError(None, f"totalsegmentator: {seg['reason']}")
+            label, label_source, present = seg["label"], f"totalsegmentator:{seg['ts_mode']}", seg["labels_present"]
+        result = derive_case_regions(row.case_id, label or None, cfg)
+        return {
+            "source": row.source, "top_region": result.top, "bottom_region": result.bottom,
+            "region_backend": result.backend, "label": label, "label_source": label_source, "labels_present": present,
+        }  # fmt: skip
+
+    rows = run_cases(one, list(ok.itertuples()), case_id=lambda r: r.case_id, threads=threads, on_error=on_error, desc=desc)
+    for row, case in zip(rows, ok.itertuples(), strict=True):
+        row.setdefault("source", case.source)
+    return rows

@@ -103,7 +103,8 @@ def plot_montage(cases: pd.DataFrame, dest: str | os.PathLike, max_cases: int = 
         z, y = img.shape[2] // 2, img.shape[1] // 2
         _overlay(axes[0, j], img[:, :, z], None if lab is None else lab[:, :, z], aspect=sy / sx)
         _overlay(axes[1, j], img[:, y, :], None if lab is None else lab[:, y, :], aspect=sz / sx)
-        axes[0, j].set_title(f"{r.case_id}\n{r.top_region}->{r.bottom_region}", fontsize=8)
+        origin = getattr(r, "label_source", "") or "no labels"
+        axes[0, j].set_title(f"{r.case_id}\n{r.top_region}->{r.bottom_region}\n{origin}", fontsize=8)
     for ax in axes.ravel()[2 * len(shown):]:
         ax.set_axis_off()
     fig.suptitle("Mid-slices: axial (top) and coronal (bottom), labels overlaid")
@@ -127,6 +128,9 @@ def write_summary_html(cases: pd.DataFrame, rejected: pd.DataFrame, figures: lis
         f"<h1>Prepared dataset &mdash; run {html.escape(run_name)}</h1>",
         f"<p>{len(cases)} cases prepared, {len(rejected)} rejected. Produced {prov['created_utc']} with {html.escape(versions)}.</p>",
     ]
+    if len(cases) and "label_source" in cases:
+        counts = cases.label_source.replace("", "none").value_counts().sort_index()
+        parts.append("<p>Label maps by origin: " + ", ".join(f"{html.escape(k)}: {v}" for k, v in counts.items()) + ".</p>")
     parts += [_img_tag(f) for f in figures]
     parts += ["<h2>Cases</h2>", cases.drop(columns=["image", "image_hu", "label"], errors="ignore").to_html(index=False)]
     parts += ["<h2>Rejected cases</h2>", rejected.to_html(index=False) if len(rejected) else "<p>None.</p>"]

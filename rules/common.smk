@@ -8,6 +8,7 @@ from maisi import plan
 from maisi.catalog import load_catalog
 from maisi.config import validate_config
 from maisi.preprocess import PreprocessSettings
+from maisi.totalseg import TotalSegSettings, check_weights
 
 min_version("9.0")
 
@@ -18,6 +19,10 @@ CATALOG = load_catalog(config["catalog"]) if any(
     s["type"] == "dataset" for s in config["sources"].values()
 ) else {}
 SOURCES = sorted(config["sources"])
+TOTALSEG_SOURCES = [s for s in SOURCES if config["sources"][s]["regions"]["backend"] == "totalsegmentator"]
+# Missing or wrong TotalSegmentator weights stop the run before any job starts (no download).
+for _mode in sorted({config["sources"][s]["regions"]["mode"] for s in TOTALSEG_SOURCES}):
+    check_weights(config["totalsegmentator"]["weights"], _mode)
 
 
 wildcard_constraints:
@@ -96,9 +101,29 @@ def preprocess_inputs(wildcards):
     return files
 
 
+# --- totalseg.smk ---
+def totalseg_settings(wildcards):
+    src = config["sources"][wildcards.source]
+    block = config["totalsegmentator"]
+    return TotalSegSettings.from_config(block, src["regions"], config["threads"]["totalsegmentator"]).to_json()
+
+
+def totalseg_gpus(wildcards):
+    return 0 if config["totalsegmentator"]["device"] == "cpu" else config["totalsegmentator"]["resources"]["gpu"]
+
+
 # --- regions.smk ---
+def regions_inputs(wildcards):
+    inputs = {"table": f"results/prepared/{wildcards.source}/shards/{wildcards.shard}.tsv"}
+    if wildcards.source in TOTALSEG_SOURCES:
+        inputs["segmented"] = f"results/totalseg/{wildcards.source}/shards/{wildcards.shard}.tsv"
+    return inputs
+
+
 def regions_params(wildcards):
     cfg = dict(config["sources"][wildcards.source]["regions"])
+    if cfg["backend"] != "totalsegmentator":
+        cfg.pop("mode", None)
     ids = {c.case_id for c in shard_cases(wildcards.source, wildcards.shard)}
     # Only this shard's overrides, so editing one case's override reruns one shard.
     cfg["overrides"] = {k: v for k, v in cfg.get("overrides", {}).items() if k in ids}

@@ -1,9 +1,9 @@
-# Top and bottom body regions per case (MAISI's rule on the label map, or manual).
+# Top and bottom body regions per case (MAISI's rule on the label map or TotalSegmentator's mask, or manual).
 
 
 rule regions:
     input:
-        table="results/prepared/{source}/shards/{shard}.tsv",
+        unpack(regions_inputs),
     output:
         table="results/regions/{source}/shards/{shard}.tsv",
     params:

@@ -73,3 +73,38 @@ def test_derive_case_regions(tmp_path):
     nib.save(nib.Nifti1Image(_label(23), np.eye(4)), str(path))
     with pytest.raises(InputError, match=r"l\.nii\.gz: no region marker"):
         derive_case_regions("c", str(path), {"backend": "labels"})
+
+
+@pytest.mark.parametrize(
+    "ids,mode,top,bottom",
+    [
+        ((50, 49), "fallback", "head_neck", "chest"),  # C7 + T1, no organs: vertebrae decide
+        ((45,), "fallback", "chest", "chest"),  # T5 only
+        ((37, 97), "fallback", "abdomen", "lower_body"),  # L1 + sacrum
+        ((95, 96), "fallback", "lower_body", "lower_body"),  # hips
+        ((53, 30), "fallback", "chest", "chest"),  # organs present: MAISI's rule alone
+        ((53, 30), "union", "head_neck", "chest"),  # C4 counts although brain/skull are cut off
+        ((30, 34), "union", "chest", "abdomen"),  # L4 below the lungs, abdominal organs cut off
+    ],
+)
+def test_vertebra_modes(ids, mode, top, bottom):
+    res = regions_from_label(_label(*ids), vertebrae=mode)
+    assert (res.top, res.bottom) == (top, bottom)
+
+
+def test_vertebrae_off_and_unknown_mode():
+    with pytest.raises(RegionError, match="no region marker"):
+        regions_from_label(_label(45), vertebrae="off")
+    with pytest.raises(RegionError, match="unknown vertebrae mode"):
+        regions_from_label(_label(45), vertebrae="sometimes")
+
+
+def test_vertebra_table_covers_the_spine():
+    from maisi.labels import label_name
+    from maisi.regions import VERTEBRA_LABELS
+
+    names = {r: [label_name(i) for i in ids] for r, ids in VERTEBRA_LABELS.items()}
+    assert names["head_neck"] == [f"vertebrae C{i}" for i in range(1, 8)]
+    assert names["chest"] == [f"vertebrae T{i}" for i in range(1, 13)]
+    assert names["abdomen"] == [f"vertebrae L{i}" for i in range(1, 6)]
+    assert {"sacrum", "left hip", "right hip"} <= set(names["lower_body"])
