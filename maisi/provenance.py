@@ -23,6 +23,7 @@ TRACKED_PACKAGES: tuple[str, ...] = (
     "scipy",
     "snakemake",
     "TotalSegmentator",
+    "nnunetv2",
     "pandas",
     "dask",
 )

@@ -167,10 +167,14 @@ def _block_ct(path, shape=(48, 48, 32), spacing=3.0):
     return hu
 
 
-def test_segment_case_with_a_tiny_real_model(tmp_path):
+def test_segment_case_with_a_tiny_real_model(tmp_path, monkeypatch):
+    import requests
     from tiny_totalseg import write_tiny_model
 
     from maisi.totalseg import segment_case
+
+    calls = []  # TotalSegmentator swallows errors of its statistics requests, so record instead of raising
+    monkeypatch.setattr(requests.Session, "request", lambda self, method, url, *a, **k: calls.append(url))
 
     write_tiny_model(tmp_path / "w", 297)
     hu = _block_ct(tmp_path / "ct.nii.gz")
@@ -184,6 +188,8 @@ def test_segment_case_with_a_tiny_real_model(tmp_path):
     assert np.all(mask[9:11, 20:30, 10:20] == label_id("heart")) and np.all(mask[:6] == 0)
     assert json.loads(row["labels_present"]) == sorted({label_id("left lung upper lobe"), label_id("heart"), label_id("vertebrae T6")})
     assert row["ts_mode"] == "fast" and row["ts_device"] == "cpu"
+    assert calls == [], f"network calls: {calls}"
+    assert json.loads((tmp_path / "home" / "config.json").read_text())["send_usage_stats"] is False
     stamp = dest.stat().st_mtime_ns
     assert segment_case("c1", tmp_path / "ct.nii.gz", dest, settings) == row and dest.stat().st_mtime_ns == stamp
 
