@@ -12,6 +12,7 @@ include: "rules/preprocess.smk"
 include: "rules/totalseg.smk"
 include: "rules/regions.smk"
 include: "rules/dataset.smk"
+include: "rules/train.smk"
 
 
 report: "report/workflow.rst"
@@ -21,4 +22,5 @@ rule all:
     input:
         rules.dataset.output,
         rules.dataset_summary.output,
+        training_targets(),
     default_target: True

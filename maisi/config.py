@@ -85,6 +85,9 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
 
 
 def _semantic_checks(cfg: dict) -> None:
+    for key, path in cfg.get("pretrained", {}).items():
+        if path and not Path(path).is_file():
+            raise ConfigError(f"config key 'pretrained.{key}': checkpoint file {path} does not exist")
     lo, hi = cfg["preprocess"]["hu_range"]
     if not lo < hi:
         raise ConfigError(f"config key 'preprocess.hu_range': lower bound {lo} is not below upper bound {hi}")

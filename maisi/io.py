@@ -30,6 +30,12 @@ __all__ = [
 ]
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(dest: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``dest``; rename it onto ``dest`` if the block succeeds.
@@ -49,6 +55,8 @@ def atomic_path(dest: str | os.PathLike, suffix: str | None = None) -> Iterator[
         yield tmp_path
         if not tmp_path.exists():
             raise FileNotFoundError(f"writer produced no file for {dest}")
+        if tmp_path.is_file():  # mkstemp creates 0600; give the file the usual umask-based mode
+            os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, dest)
     except BaseException:
         tmp_path.unlink(missing_ok=True)

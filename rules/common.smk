@@ -112,6 +112,42 @@ def totalseg_gpus(wildcards):
     return 0 if config["totalsegmentator"]["device"] == "cpu" else config["totalsegmentator"]["resources"]["gpu"]
 
 
+# --- train.smk ---
+# A released checkpoint in 'pretrained' replaces the output of its training rule.
+MODELS = "results/models"
+AUTOENCODER = config["pretrained"]["autoencoder"] or f"{MODELS}/autoencoder.pt"
+DIFFUSION = config["pretrained"]["diffusion"] or f"{MODELS}/diffusion_unet.pt"
+CONTROLNET = config["pretrained"]["controlnet"] or f"{MODELS}/controlnet.pt"
+
+
+def model_gpus(wildcards):
+    return 0 if config["model"]["device"] == "cpu" else config["model"]["resources"]["gpu"]
+
+
+def stage_settings(stage):
+    """The stage's settings as stable JSON (a Snakemake param: a change reruns that stage only)."""
+    from maisi.latents import LatentSettings
+    from maisi.train_controlnet import ControlNetSettings
+    from maisi.train_diffusion import DiffusionSettings
+    from maisi.train_vae import VaeSettings
+
+    kinds = {"train_vae": VaeSettings, "cache_latents": LatentSettings, "train_diffusion": DiffusionSettings,
+             "train_controlnet": ControlNetSettings}  # fmt: skip
+    block = dict(config[stage])
+    if stage == "train_controlnet":  # for diffusion checkpoints that do not record their scheduler
+        block["scheduler"] = config["train_diffusion"]["scheduler"]
+    return kinds[stage].from_config(block, config["model"]).to_json()
+
+
+def training_targets():
+    """The checkpoints and loss curves `all` asks for (trained ones only; pretrained ones are inputs)."""
+    targets = [CONTROLNET]
+    for key, name in (("autoencoder", "autoencoder"), ("diffusion", "diffusion_unet"), ("controlnet", "controlnet")):
+        if not config["pretrained"][key]:
+            targets.append(f"{MODELS}/{name}_loss.png")
+    return targets
+
+
 # --- regions.smk ---
 def regions_inputs(wildcards):
     inputs = {"table": f"results/prepared/{wildcards.source}/shards/{wildcards.shard}.tsv"}

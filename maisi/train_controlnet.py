@@ -1,0 +1,204 @@
+"""ControlNet training (MAISI's third stage) on the frozen latent diffusion UNet.
+
+The ControlNet is initialised from the UNet (MAISI's way) and learns to steer it with the case's
+label map, given as 8 bit-channels at image resolution (4x the latent size per axis). The UNet is
+frozen; only the ControlNet is optimised. The L1 loss weighs latent voxels whose 4x4x4 label block
+holds a tumour label ``tumour_weight`` times (MAISI: 100). Sampling, noising, the loop, resume
+states and checkpoints are those of :mod:`maisi.train_diffusion`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from maisi.io import sha256_file
+from maisi.models import DOWNSAMPLE, build_controlnet, build_scheduler, label_to_bits, load_diffusion, select_device
+from maisi.train_diffusion import (
+    Batch,
+    LatentCase,
+    Patch,
+    SettingsIO,
+    TrainLoop,
+    check_patch,
+    check_settings,
+    conditions,
+    cpu_state,
+    l1_loss,
+    loss_metrics,
+    noise_inputs,
+    read_cases,
+    sample_batch,
+)
+from maisi.training import ResumeState, files_fingerprint, fingerprint, plot_losses, save_checkpoint, seed_everything
+
+__all__ = ["ControlNetSettings", "train_controlnet", "LabelCache", "tumour_weights"]
+
+log = logging.getLogger(__name__)
+
+STAGE = "train_controlnet"
+
+
+@dataclass(frozen=True)
+class ControlNetSettings(SettingsIO):
+    """The ``train_controlnet`` config block (plus ``model.preset`` and ``model.device``)."""
+
+    preset: str = "tiny"
+    device: str = "auto"
+    steps: int = 40
+    batch_size: int = 2
+    latent_patch: Patch | None = (16, 16, 16)  # None = whole latents
+    lr: float = 1e-4
+    lr_power: float = 2.0
+    amp: bool = True  # mixed precision, CUDA only
+    tumour_weight: float = 100.0
+    tumour_labels: tuple[int, ...] = (23, 24, 26, 27, 128, 129)
+    checkpoint_every: int = 20
+    seed: int = 0
+    #: The diffusion model's scheduler, used when its checkpoint does not record one (NVIDIA's
+    #: released files do not): the workflow fills it from ``train_diffusion.scheduler``.
+    scheduler: str = "rflow"
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+        if self.scheduler not in ("rflow", "ddpm"):
+            raise ValueError(f"scheduler must be 'rflow' or 'ddpm', got {self.scheduler!r}")
+        if self.tumour_weight < 0:
+            raise ValueError(f"tumour_weight must be >= 0, got {self.tumour_weight}")
+        if any(not 0 < int(v) < 256 for v in self.tumour_labels):
+            raise ValueError(f"tumour_labels must be MAISI ids 1-255, got {self.tumour_labels}")
+
+
+class LabelCache:
+    """The cases' uint8 label maps (loaded once, on first use); shapes are checked up front from the headers.
+
+    A label map must cover ``4 x`` the latent size per axis; one up to 3 voxels short per axis
+    (an image size that is not a multiple of 4) is zero-padded at the far end.
+    """
+
+    def __init__(self, cases: Sequence[LatentCase]):
+        self._arrays: dict[str, np.ndarray] = {}
+        self._cases = {c.case_id: c for c in cases}
+        for case in cases:
+            path = case.label
+            if path is None or not Path(path).is_file():
+                raise ValueError(f"case {case.case_id}: label map {path} not found")
+            try:
+                shape = tuple(int(n) for n in nib.load(str(path)).shape)
+            except Exception as exc:  # noqa: BLE001 - any read failure is a bad label file
+                raise ValueError(f"case {case.case_id}: {path}: not a readable NIfTI label map ({exc})") from None
+            want = tuple(DOWNSAMPLE * n for n in case.shape)
+            if len(shape) != 3 or any(not w - DOWNSAMPLE < s <= w for s, w in zip(shape, want, strict=True)):
+                raise ValueError(
+                    f"case {case.case_id}: label map {path} has shape {shape}; expected {want} "
+                    f"({DOWNSAMPLE}x the latent size {case.shape} of {case.path.name})"
+                )
+
+    def get(self, case: LatentCase) -> np.ndarray:
+        """The case's label map as uint8, padded to 4x its latent size."""
+        if case.case_id not in self._arrays:
+            path = case.label
+            data = np.asanyarray(nib.load(str(path)).dataobj)
+            if data.min() < 0 or data.max() > 255 or (data.dtype.kind == "f" and not np.array_equal(data, np.round(data))):
+                raise ValueError(f"case {case.case_id}: {path} is not a label map of integer ids 0-255")
+            want = [DOWNSAMPLE * n for n in case.shape]
+            data = np.pad(data.astype(np.uint8), [(0, w - s) for s, w in zip(data.shape, want, strict=True)])
+            self._arrays[case.case_id] = data
+        return self._arrays[case.case_id]
+
+    def crops(self, batch: Batch) -> torch.Tensor:
+        """The label crops (B, 1, 4x, 4y, 4z) matching a batch's latent crops (zero-padded alike)."""
+        out = []
+        size = [DOWNSAMPLE * n for n in batch.shape]
+        for case, start in zip(batch.cases, batch.starts, strict=True):
+            label = self.get(case)
+            sl = tuple(slice(DOWNSAMPLE * s, DOWNSAMPLE * s + n) for s, n in zip(start, size, strict=True))
+            crop = label[sl]
+            crop = np.pad(crop, [(0, n - c) for c, n in zip(crop.shape, size, strict=True)])
+            out.append(torch.from_numpy(np.ascontiguousarray(crop)))
+        return torch.stack(out)[:, None]
+
+
+def tumour_weights(labels: torch.Tensor, tumour_labels: Sequence[int], weight: float) -> torch.Tensor | None:
+    """Per-latent-voxel loss weights (B, 1, x, y, z): ``weight`` where the 4x4x4 label block holds a
+    tumour label, else 1. ``None`` when the weight is 1 (a plain mean)."""
+    if weight == 1.0:
+        return None
+    ids = torch.as_tensor(list(tumour_labels), dtype=labels.dtype, device=labels.device)
+    hit = F.max_pool3d(torch.isin(labels, ids).float(), kernel_size=DOWNSAMPLE, stride=DOWNSAMPLE)
+    return 1.0 + (float(weight) - 1.0) * hit
+
+
+def _scheduler_kind(path: str | os.PathLike, default: str = "rflow") -> str:
+    """The scheduler a diffusion checkpoint was trained with (``default`` when it does not say, as in MAISI's release)."""
+    try:
+        data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # not a zip checkpoint: mmap is unsupported
+        data = torch.load(str(path), map_location="cpu", weights_only=True)
+    return str(data.get("scheduler", default)) if isinstance(data, Mapping) else default
+
+
+def train_controlnet(
+    records: pd.DataFrame | Iterable[Mapping[str, Any]],
+    diffusion_checkpoint: str | os.PathLike,
+    settings: ControlNetSettings,
+    checkpoint: str | os.PathLike,
+    curve_png: str | os.PathLike,
+    resume_path: str | os.PathLike,
+) -> dict[str, Any]:
+    """Train the ControlNet on the frozen UNet of ``diffusion_checkpoint``; write the checkpoint
+    (+ JSON sidecar) and the loss curve. Returns the sidecar's metadata plus the loss history."""
+    cases = read_cases(records, need_label=True)
+    labels = LabelCache(cases)
+    divisor = check_patch(settings, cases)
+    data_fp = files_fingerprint([c.path for c in cases] + [c.label for c in cases if c.label is not None])
+    diffusion_sha = sha256_file(diffusion_checkpoint)
+    device = select_device(settings.device)
+    resume = ResumeState(resume_path, fingerprint({
+        "stage": STAGE, "settings": settings.run_fingerprint(), "data": data_fp, "diffusion": diffusion_sha,
+    }))  # fmt: skip
+
+    unet, scale, num_train_timesteps = load_diffusion(diffusion_checkpoint, settings.preset)
+    kind = _scheduler_kind(diffusion_checkpoint, settings.scheduler)
+    unet = unet.to(device).eval().requires_grad_(False)
+    seed_everything(settings.seed)
+    controlnet = build_controlnet(settings.preset, unet).to(device)
+    scheduler = build_scheduler(kind, num_train_timesteps)
+    scale_t = torch.tensor(scale, dtype=torch.float32)
+    loop = TrainLoop(STAGE, controlnet, settings, device, resume)
+    log.info("%s: %d cases, preset %s, %s scheduler (%d timesteps), scale factor %.5f, device %s, steps %d (from %d)", STAGE,
+             len(cases), settings.preset, kind, num_train_timesteps, scale, device, settings.steps, loop.start)  # fmt: skip
+
+    def loss_fn(step: int, gen: torch.Generator) -> torch.Tensor:
+        batch = sample_batch(cases, gen, settings.batch_size, settings.latent_patch, divisor, scale_t)
+        noisy, timesteps, target = noise_inputs(scheduler, kind, batch.z, gen, device)
+        label = labels.crops(batch).to(device)
+        down, mid = controlnet(x=noisy, timesteps=timesteps, controlnet_cond=label_to_bits(label))
+        prediction = unet(
+            x=noisy, timesteps=timesteps, down_block_additional_residuals=down, mid_block_additional_residual=mid,
+            **conditions(batch, device),
+        )  # fmt: skip
+        return l1_loss(prediction, target, tumour_weights(label, settings.tumour_labels, settings.tumour_weight))
+
+    history = loop.run(loss_fn)
+    metrics = loss_metrics(history)
+    meta = {
+        "stage": STAGE, "settings": asdict(settings), "data_fingerprint": data_fp, "diffusion_checkpoint": str(diffusion_checkpoint),
+        "diffusion_sha256": diffusion_sha, "scheduler": kind, "scale_factor": float(scale), "metrics": metrics,
+        "cases": [c.case_id for c in cases], "resumed_from": loop.start, "device": str(device),
+    }  # fmt: skip
+    payload = {"controlnet_state_dict": cpu_state(controlnet), "preset": settings.preset, "steps": int(settings.steps)}
+    save_checkpoint(checkpoint, payload, meta, STAGE)
+    plot_losses({"weighted L1": history}, curve_png, f"ControlNet ({kind}, {settings.preset})")
+    resume.clear()
+    return {**meta, "history": history}

@@ -1,0 +1,17 @@
+"""Snakemake script: train the autoencoder (see maisi.train_vae)."""
+
+import torch
+
+from maisi.logs import from_snakemake
+from maisi.train_vae import VaeSettings, train_vae
+
+smk = snakemake  # noqa: F821 (injected by Snakemake)
+with from_snakemake(smk):
+    torch.set_num_threads(smk.threads)  # torch's default ignores the job's share of the cores
+    train_vae(
+        smk.input.datalist,
+        VaeSettings.from_json(smk.params.settings),
+        checkpoint=smk.output.checkpoint,
+        curve_png=smk.output.curve,
+        resume_path=smk.params.resume,
+    )
