@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 from conftest import ROOT
-from workflow_runner import make_workdir, planned_jobs, snakemake
+from workflow_runner import PREPARED, make_workdir, planned_jobs, snakemake
 
 from maisi.plan import phantom_specs
 from maisi.regions import BODY_REGIONS, one_hot
@@ -61,6 +61,16 @@ def test_default_builds_prepared_phantom_dataset(default_run):
         assert "max_rss" in job_benchmark.read_text()
 
 
+def test_default_trains_every_model(default_run):
+    """`all` on the embedded default goes through the three training stages and latent caching."""
+    work, _ = default_run
+    models = work / "results/models"
+    for name in ("autoencoder", "diffusion_unet", "controlnet"):
+        assert (models / f"{name}.pt").is_file() and (models / f"{name}_loss.png").is_file()
+        assert json.loads((models / f"{name}.pt.json").read_text())["settings"]["preset"] == "tiny"
+    assert len(list((work / "results/latents/phantom").glob("*.npz"))) == 8
+
+
 def test_nothing_reruns_and_one_more_case_reruns_one_shard(default_run):
     work, cfg = default_run
     assert planned_jobs(work, "all") == {}
@@ -71,7 +81,11 @@ def test_nothing_reruns_and_one_more_case_reruns_one_shard(default_run):
         more["sources"]["phantom"]["n_cases"] = 9
         config_file.write_text(yaml.safe_dump(more))
         jobs = planned_jobs(work, "all")
-        assert jobs == {"phantom": 1, "preprocess": 1, "regions": 1, "dataset": 1, "dataset_summary": 1, "all": 1}
+        # one shard of each data stage; the autoencoder is trained again on the larger dataset, so every
+        # shard's latents are encoded again, and the diffusion UNet and ControlNet trained again
+        latent_shards = len(list((work / "results/latents/phantom/shards").glob("*.tsv")))
+        assert jobs == {"phantom": 1, "preprocess": 1, "regions": 1, "dataset": 1, "dataset_summary": 1, "train_vae": 1,
+                        "cache_latents": latent_shards, "train_diffusion": 1, "train_controlnet": 1, "all": 1}  # fmt: skip
         coarser = yaml.safe_load(original)
         coarser["preprocess"]["divisor"] = 64
         config_file.write_text(yaml.safe_dump(coarser))
@@ -88,7 +102,7 @@ def test_rerun_is_reproducible(default_run, tmp_path):
     small = dict(cfg)
     small["sources"] = {"phantom": dict(cfg["sources"]["phantom"], n_cases=1)}
     other = make_workdir(tmp_path / "again", small)
-    snakemake(other, "all")
+    snakemake(other, *PREPARED)
     for sub in ("images", "labels", "images_hu"):
         a = np.asanyarray(nib.load(work / f"results/prepared/phantom/{sub}/phantom_0000.nii.gz").dataobj)
         b = np.asanyarray(nib.load(other / f"results/prepared/phantom/{sub}/phantom_0000.nii.gz").dataobj)

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from conftest import ROOT, ct_volume, write_nifti
 from conftest_http import make_tar, serve, write_msd_task
-from workflow_runner import make_workdir, planned_jobs, snakemake
+from workflow_runner import PREPARED, make_workdir, planned_jobs, snakemake
 
 pytestmark = pytest.mark.e2e
 
@@ -45,7 +45,7 @@ def test_local_real_ct_and_bad_cases(real_ct, tmp_path):
         },
     }
     work = make_workdir(tmp_path / "work", cfg)
-    snakemake(work, "all")
+    snakemake(work, *PREPARED)
     datalist = json.loads((work / "results/prepared/datalist.json").read_text())["training"]
     by_case = {e["case_id"]: e for e in datalist}
     assert set(by_case) == {"lung1", "lung2", "good"}
@@ -63,13 +63,13 @@ def test_local_real_ct_and_bad_cases(real_ct, tmp_path):
     assert "mr_like.nii.gz: minimum intensity 300 is not below -500" in rejected
     for name in ("dims_spacing.png", "montage.png", "summary.html"):
         assert (work / "results/prepared/summary" / name).stat().st_size > 1000
-    assert planned_jobs(work, "all") == {}, "a second run has nothing to do"
+    assert planned_jobs(work, *PREPARED) == {}, "a second run has nothing to do"
 
     # one more case in a local folder reruns only its shard (and the dataset-level rules)
     write_nifti(bad / "images" / "good2.nii.gz", ct_volume((40, 36, 20), seed=3))
-    jobs = planned_jobs(work, "all")
+    jobs = planned_jobs(work, *PREPARED)
     assert jobs.get("preprocess") == 1 and jobs.get("regions") == 1, jobs
-    assert set(jobs) == {"preprocess", "regions", "dataset", "dataset_summary", "all"}
+    assert set(jobs) == {"preprocess", "regions", "dataset", "dataset_summary"}
 
 
 def test_stop_on_bad_input_names_the_file(tmp_path):
@@ -77,7 +77,7 @@ def test_stop_on_bad_input_names_the_file(tmp_path):
     write_nifti(scans / "images" / "nan.nii.gz", np.full((20, 20, 20), np.nan, np.float32))
     cfg = {"sources": {"s": {"type": "local", "path": str(scans), "labels": None, "regions": {"backend": "manual", "top": "chest", "bottom": "chest"}}}}
     work = make_workdir(tmp_path / "work", cfg)
-    proc = snakemake(work, "all", check=False)
+    proc = snakemake(work, *PREPARED, check=False)
     assert proc.returncode != 0
     assert "nan.nii.gz: 8000 voxel(s) are NaN or infinite" in proc.stdout + proc.stderr
     assert not (work / "results/prepared/s/shards").exists() or not list((work / "results/prepared/s/shards").glob("*.tsv"))
@@ -85,7 +85,7 @@ def test_stop_on_bad_input_names_the_file(tmp_path):
 
 def test_config_error_stops_before_any_job(tmp_path):
     work = make_workdir(tmp_path / "work", {"sources": {"p": {"type": "phantom", "n_cases": 2, "spacing_z": [5, 1]}}})
-    proc = snakemake(work, "all", check=False)
+    proc = snakemake(work, *PREPARED, check=False)
     assert proc.returncode != 0
     assert "sources.p.spacing_z" in proc.stdout + proc.stderr
     assert not (work / "results").exists()
@@ -109,7 +109,7 @@ def test_catalog_dataset_over_http(tmp_path):
             "preprocess": {"divisor": 32},
         }
         work = make_workdir(tmp_path / "work", cfg)
-        snakemake(work, "all")
+        snakemake(work, *PREPARED)
     assert (work / "resources/downloads/msd_task09_spleen/Task09_Spleen.tar").exists()
     datalist = json.loads((work / "results/prepared/datalist.json").read_text())["training"]
     assert sorted(e["case_id"] for e in datalist) == ["spleen_1", "spleen_2"]

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from conftest import write_nifti
 from tiny_totalseg import write_tiny_model
-from workflow_runner import make_workdir, snakemake
+from workflow_runner import PREPARED, make_workdir, snakemake
 
 from maisi.labels import BODY, label_id
 
@@ -66,7 +66,7 @@ def totalseg_run(real_ct, tmp_path_factory):
     write_tiny_model(weights, 297)
     thin = _thin_scan(real_ct, tmp / "thin")
     work = make_workdir(tmp / "work", _config(real_ct, thin, weights))
-    proc = snakemake(work, "all", timeout=1500)
+    proc = snakemake(work, *PREPARED, timeout=1500)
     return work, weights, proc
 
 
@@ -114,7 +114,7 @@ def test_case_table_rejections_and_summary(totalseg_run):
 
 def test_second_run_does_nothing(totalseg_run):
     work, _, _ = totalseg_run
-    proc = snakemake(work, "all", "--dry-run")
+    proc = snakemake(work, *PREPARED, "--dry-run")
     assert "Nothing to be done" in proc.stdout + proc.stderr
 
 

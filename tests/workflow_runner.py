@@ -11,6 +11,8 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+#: Targets of the data-preparation stages only (tests of sources and labels need no training).
+PREPARED = ("results/prepared/datalist.json", "results/prepared/summary/summary.html")
 
 
 def make_workdir(path: Path, config: dict) -> Path:
