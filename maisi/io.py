@@ -24,6 +24,7 @@ __all__ = [
     "write_text",
     "write_with_sidecar",
     "sidecar_path",
+    "current_sidecar",
     "sha256_file",
     "read_json",
     "save_nifti",
@@ -84,6 +85,22 @@ def sidecar_path(path: str | os.PathLike) -> Path:
     """``images/case.nii.gz`` -> ``images/case.nii.gz.json``."""
     path = Path(path)
     return path.with_name(path.name + ".json")
+
+
+def current_sidecar(dest: str | os.PathLike, fingerprint: Any) -> dict[str, Any] | None:
+    """The sidecar record of ``dest`` when ``dest`` is still what ``fingerprint`` describes (the sidecar
+    holds the same ``fingerprint`` and the file's sha256 matches), else ``None``: the output must be made."""
+    dest = Path(dest)
+    sidecar = sidecar_path(dest)
+    if not (dest.is_file() and sidecar.is_file()):
+        return None
+    try:
+        record = json.loads(sidecar.read_text())
+    except ValueError:
+        return None
+    if record.get("fingerprint") != fingerprint or record.get("sha256") != sha256_file(dest):
+        return None
+    return record
 
 
 def write_with_sidecar(

@@ -41,7 +41,7 @@ import pandas as pd
 import torch
 
 from maisi.checks import InputError, spacing_from_affine
-from maisi.io import sha256_file, sidecar_path, write_with_sidecar
+from maisi.io import current_sidecar, sha256_file, write_with_sidecar
 from maisi.models import DOWNSAMPLE, LATENT_CHANNELS, load_autoencoder, select_device
 from maisi.regions import RegionError, one_hot
 from maisi.shards import read_table, run_cases
@@ -58,6 +58,7 @@ __all__ = [
     "cache_case",
     "cache_shard",
     "read_latent",
+    "LATENT_KEYS",
 ]
 
 log = logging.getLogger(__name__)
@@ -294,15 +295,10 @@ def cache_case(
         "regions": [top, bottom],
         "settings": settings.fingerprint(),
     }
-    sidecar = sidecar_path(dest)
-    if dest.is_file() and sidecar.is_file():
-        try:
-            old = json.loads(sidecar.read_text())
-        except ValueError:
-            old = {}
-        if old.get("fingerprint") == fingerprint and old.get("sha256") == sha256_file(dest):
-            log.info("%s: latent %s is up to date", case["case_id"], dest)
-            return _row(dest, old["latent_shape"], old["scale_hint"])
+    old = current_sidecar(dest, fingerprint)
+    if old is not None:
+        log.info("%s: latent %s is up to date", case["case_id"], dest)
+        return _row(dest, old["latent_shape"], old["scale_hint"])
 
     image, affine = _load_image(image_path)
     table_dim = _json_value(case.get("dim", ""))
@@ -412,7 +408,32 @@ def cache_shard(
     return out
 
 
-def read_latent(path: str | os.PathLike) -> dict[str, Any]:
-    """The arrays of a latent file (see the module docstring), loaded without pickle."""
-    with np.load(str(path), allow_pickle=False) as data:
-        return {key: data[key] for key in data.files}
+#: Arrays every latent file holds.
+LATENT_KEYS = ("mu", "sigma", "affine", "dim", "spacing", "top_region_index", "bottom_region_index")
+
+
+def read_latent(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The arrays of a latent file (see the module docstring), loaded without pickle; a missing,
+    unreadable or incomplete file is a ``ValueError`` that names it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: latent file not found")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            data = {k: np.asarray(npz[k]) for k in npz.files}
+    except Exception as exc:  # noqa: BLE001 - any read failure is a bad latent file
+        raise ValueError(f"{path}: not a readable latent .npz ({type(exc).__name__}: {exc})") from None
+    missing = [k for k in LATENT_KEYS if k not in data]
+    if missing:
+        raise ValueError(f"{path}: latent file lacks {', '.join(missing)}")
+    mu, sigma = data["mu"], data["sigma"]
+    if mu.ndim != 4 or mu.shape != sigma.shape:
+        raise ValueError(f"{path}: expected mu and sigma of one shape (C, x, y, z), got {mu.shape} and {sigma.shape}")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError(f"{path}: latent holds non-finite values")
+    for key, n in (("spacing", 3), ("top_region_index", 4), ("bottom_region_index", 4)):
+        if data[key].size != n:
+            raise ValueError(f"{path}: '{key}' has {data[key].size} values, expected {n}")
+    data["mu"] = mu.astype(np.float32, copy=False)
+    data["sigma"] = sigma.astype(np.float32, copy=False)
+    return data

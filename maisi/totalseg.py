@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from maisi.checks import InputError, spacing_from_affine
-from maisi.io import save_nifti, sha256_file, write_json, write_with_sidecar
+from maisi.io import current_sidecar, save_nifti, sha256_file, write_json, write_with_sidecar
 from maisi.labels import BODY
 
 __all__ = [
@@ -401,12 +401,10 @@ def segment_case(
     dest = Path(dest)
     inputs = {"image_hu": sha256_file(hu_path), "label": sha256_file(label_path) if label_path else ""}
     fingerprint = {"inputs": inputs, "settings": {k: v for k, v in asdict(settings).items() if k not in ("home", "threads")}}
-    sidecar = dest.with_name(dest.name + ".json")
-    if dest.is_file() and sidecar.is_file():
-        old = json.loads(sidecar.read_text())
-        if old.get("fingerprint") == fingerprint and old.get("sha256") == sha256_file(dest):
-            return {"label": str(dest), "ts_mode": settings.mode, "ts_device": old.get("device", ""),
-                    "labels_present": json.dumps(old.get("labels_present", []))}  # fmt: skip
+    old = current_sidecar(dest, fingerprint)
+    if old is not None:
+        return {"label": str(dest), "ts_mode": settings.mode, "ts_device": old.get("device", ""),
+                "labels_present": json.dumps(old.get("labels_present", []))}  # fmt: skip
 
     try:
         models = check_weights(settings.weights, settings.mode)

@@ -33,6 +33,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from maisi.latents import read_latent
 from maisi.models import build_diffusion_unet, build_scheduler, condition_tensors, preset, select_device
 from maisi.shards import read_table
 from maisi.training import (
@@ -51,7 +52,6 @@ __all__ = [
     "DiffusionSettings",
     "train_diffusion",
     "latent_records",
-    "load_latent",
     "LatentCase",
     "read_cases",
     "scale_factor_of",
@@ -65,7 +65,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 STAGE = "train_diffusion"
-LATENT_KEYS = ("mu", "sigma", "affine", "dim", "spacing", "top_region_index", "bottom_region_index")
 #: How many cases (sorted by case id) the scale factor is computed from (MAISI: the first batch).
 SCALE_FACTOR_CASES = 8
 Patch = tuple[int, int, int]
@@ -149,33 +148,6 @@ class DiffusionSettings(SettingsIO):
 # --------------------------------------------------------------------------- latent records
 
 
-def load_latent(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """One cached latent ``.npz`` as a dict of arrays; a missing, unreadable or incomplete file is a
-    ``ValueError`` that names it."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: latent file not found")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            data = {k: np.asarray(npz[k]) for k in npz.files}
-    except Exception as exc:  # noqa: BLE001 - any read failure is a bad latent file
-        raise ValueError(f"{path}: not a readable latent .npz ({type(exc).__name__}: {exc})") from None
-    missing = [k for k in LATENT_KEYS if k not in data]
-    if missing:
-        raise ValueError(f"{path}: latent file lacks {', '.join(missing)}")
-    mu, sigma = data["mu"], data["sigma"]
-    if mu.ndim != 4 or mu.shape != sigma.shape:
-        raise ValueError(f"{path}: expected mu and sigma of one shape (C, x, y, z), got {mu.shape} and {sigma.shape}")
-    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise ValueError(f"{path}: latent holds non-finite values")
-    for key, n in (("spacing", 3), ("top_region_index", 4), ("bottom_region_index", 4)):
-        if data[key].size != n:
-            raise ValueError(f"{path}: '{key}' has {data[key].size} values, expected {n}")
-    data["mu"] = mu.astype(np.float32, copy=False)
-    data["sigma"] = sigma.astype(np.float32, copy=False)
-    return data
-
-
 @dataclass
 class LatentCase:
     """One training case: its latent posterior, conditioning inputs and (for the ControlNet) label file."""
@@ -227,7 +199,7 @@ def read_cases(records: pd.DataFrame | Iterable[Mapping[str, Any]], need_label: 
             if _blank(row.get("label")):
                 raise ValueError(f"case {case_id}: no label map (the ControlNet needs one per case)")
             label = Path(str(row["label"]))
-        data = load_latent(row["latent"])
+        data = read_latent(row["latent"])
         cases.append(
             LatentCase(
                 case_id=case_id, path=Path(str(row["latent"])), mu=torch.from_numpy(data["mu"]), sigma=torch.from_numpy(data["sigma"]),

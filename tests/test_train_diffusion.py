@@ -14,9 +14,10 @@ import torch
 import maisi.train_controlnet as tc
 import maisi.train_diffusion as td
 from maisi.io import sha256_file
+from maisi.latents import read_latent
 from maisi.models import load_controlnet, load_diffusion
 from maisi.train_controlnet import ControlNetSettings, train_controlnet, tumour_weights
-from maisi.train_diffusion import DiffusionSettings, latent_records, load_latent, train_diffusion
+from maisi.train_diffusion import DiffusionSettings, latent_records, train_diffusion
 from maisi.training import files_fingerprint, step_generator
 
 LATENT = (4, 12, 10, 8)
@@ -86,7 +87,7 @@ def _expected_scale(records) -> float:
     gen = step_generator(0, "train_diffusion", 0)
     zs = []
     for rec in sorted(records, key=lambda r: r["case_id"]):
-        lat = load_latent(rec["latent"])
+        lat = read_latent(rec["latent"])
         mu, sigma = torch.from_numpy(lat["mu"]), torch.from_numpy(lat["sigma"])
         zs.append((mu + sigma * torch.randn(mu.shape, generator=gen)).reshape(-1))
     return float(1.0 / torch.cat(zs).std())
