@@ -1,0 +1,655 @@
+"""Tensor-splitting-parallel (TSP) decoding of MAISI latents: exact, slab-streamed, memory-lean.
+
+MAISI decodes 512x512x768 volumes by splitting the autoencoder's feature maps into overlapping
+segments. MONAI's implementation (``num_splits``/``dim_split`` in ``MaisiConvolution``) splits
+every convolution's input, runs the pieces and concatenates them again, and its group norms work
+on the whole map; on a CPU it saves almost no memory, because every layer still materialises its
+full input and output (and the concatenation copies them once more).
+
+:class:`TSPDecoder` runs the same decoder (it reads the weights of an ``AutoencoderKlMaisi``) as a
+stream of slabs along one spatial axis:
+
+- every feature map is stored *slab-major*: a list of contiguous slabs, one per segment;
+- a convolution computes output slab ``i`` from input slabs ``i-1, i, i+1`` (an exact halo of
+  ``kernel // 2`` voxels, zeros only at the volume's own borders) and, since the slabs are
+  processed in order, frees input slab ``i-1`` as soon as slab ``i`` is done: a layer's output
+  takes the memory its input no longer needs, so two full-size maps never coexist;
+- group-norm statistics are gathered over the whole volume while each map is produced
+  (per-channel mean and sum of squared deviations, merged slab by slab in float64 with Chan's
+  formula), and the normalisation, SiLU and the following convolution are fused per slab;
+- a residual block runs in two streamed passes (``conv1`` with the 1x1 shortcut, then ``conv2``
+  accumulated in place into the shortcut's slabs);
+- upsampling (trilinear x2 + convolution) is computed per slab from a one-voxel low-resolution
+  halo, which reproduces ``F.interpolate`` exactly;
+- the last convolution writes each slab straight into the preallocated output volume.
+
+Slabs can be spread over several devices (one worker thread per device), and the full-size maps
+can live in host memory (optionally as float16/bfloat16) while slabs stream through the GPUs.
+With float32 storage the result equals MONAI's unsplit decode up to float32 rounding.
+
+MONAI's own decode (unsplit or with ``num_splits``) and MONAI's sliding-window inference stay
+available through :func:`decode_latent` for comparison.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "DecodeSettings",
+    "TSPDecoder",
+    "decode_latent",
+    "monai_decode",
+    "sliding_window_decode",
+    "split_bounds",
+    "prompt_host_release",
+    "DECODE_METHODS",
+]
+
+DECODE_METHODS = ("tsp", "monai", "sliding_window")
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """How latents are decoded (the ``generate.decoder`` config block).
+
+    ``method``: ``tsp`` (this module), ``monai`` (MONAI's decode, split ``num_splits`` ways along
+    ``dim_split``) or ``sliding_window`` (MONAI's sliding-window inference over latent windows of
+    ``roi`` voxels with ``overlap``). For ``tsp``: ``axis`` is the spatial axis the slabs run along,
+    ``slab`` their thickness in latent voxels (0 = automatic), ``devices`` the compute devices
+    (``auto`` = every visible GPU, else the CPU), ``storage`` where full-size maps live (``device``
+    = the first compute device, ``cpu`` = host memory), ``storage_dtype`` their precision.
+    """
+
+    method: str = "tsp"
+    axis: int = 0
+    slab: int = 0
+    devices: tuple[str, ...] = ("auto",)
+    storage: str = "device"
+    storage_dtype: str = "float32"
+    num_splits: int = 4
+    dim_split: int = 1
+    roi: tuple[int, int, int] = (32, 32, 32)
+    overlap: float = 0.25
+
+    def __post_init__(self) -> None:
+        if self.method not in DECODE_METHODS:
+            raise ValueError(f"decoder.method must be one of {', '.join(DECODE_METHODS)}, got {self.method!r}")
+        if self.axis not in (0, 1, 2) or self.dim_split not in (0, 1, 2):
+            raise ValueError("decoder.axis and decoder.dim_split must be 0, 1 or 2")
+        if self.slab < 0 or self.num_splits < 1:
+            raise ValueError("decoder.slab must be >= 0 and decoder.num_splits >= 1")
+        if self.storage not in ("device", "cpu"):
+            raise ValueError(f"decoder.storage must be 'device' or 'cpu', got {self.storage!r}")
+        if self.storage_dtype not in _DTYPES:
+            raise ValueError(f"decoder.storage_dtype must be one of {', '.join(_DTYPES)}, got {self.storage_dtype!r}")
+        if not self.devices:
+            raise ValueError("decoder.devices must name at least one device")
+        if len(self.roi) != 3 or min(self.roi) < 1 or not 0 <= self.overlap < 1:
+            raise ValueError("decoder.roi must be three positive sizes and decoder.overlap in [0, 1)")
+
+    @classmethod
+    def from_config(cls, block: dict[str, Any] | None) -> DecodeSettings:
+        block = dict(block or {})
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(block) - names)
+        if unknown:
+            raise ValueError(f"decoder: unknown settings {', '.join(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in block.items()})
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    def compute_devices(self) -> list[torch.device]:
+        """The devices slabs are computed on (``auto``: every visible GPU, else the CPU)."""
+        out: list[torch.device] = []
+        for name in self.devices:
+            if name == "auto":
+                n = torch.cuda.device_count()
+                out += [torch.device("cuda", i) for i in range(n)] if n else [torch.device("cpu")]
+            else:
+                dev = torch.device(name)
+                if dev.type == "cuda" and not torch.cuda.is_available():
+                    raise RuntimeError(f"decoder device {name!r} requested but CUDA is not available")
+                out.append(dev)
+        return list(dict.fromkeys(out))
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def prompt_host_release(threshold: int = 1 << 20) -> bool:
+    """Serve allocations above ``threshold`` bytes with mmap from now on, in this process (glibc only).
+
+    glibc raises its mmap threshold each time a large block is freed (up to 32 MiB), after which
+    slab-sized blocks come from the heap, where freed ones stay resident. Streaming decodes free a
+    slab for every slab they store; a fixed threshold returns each freed slab to the system at
+    once, so the resident size follows what the decoder holds. Returns whether the call took effect
+    (``False`` off glibc).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+    except (OSError, AttributeError):
+        return False
+
+
+def split_bounds(length: int, thickness: int) -> list[tuple[int, int]]:
+    """``[(start, stop), ...]`` covering ``range(length)`` in slabs of ``thickness`` (the last may be thinner)."""
+    if length < 1 or thickness < 1:
+        raise ValueError(f"cannot split length {length} into slabs of {thickness}")
+    return [(a, min(a + thickness, length)) for a in range(0, length, thickness)]
+
+
+# --------------------------------------------------------------------------- slab-major maps
+
+
+class _Stats:
+    """Per-channel count, mean and sum of squared deviations of a map, merged slab by slab.
+
+    Slab statistics come from ``torch.var_mean`` in float32; they are merged in slab order in
+    float64 with Chan et al.'s pairwise formula, so the result does not depend on how many devices
+    produced the slabs.
+    """
+
+    def __init__(self, n_slabs: int):
+        self.parts: list[tuple[int, torch.Tensor, torch.Tensor] | None] = [None] * n_slabs
+
+    def add(self, index: int, slab: torch.Tensor) -> None:
+        flat = slab.reshape(slab.shape[0], -1)
+        var, mean = torch.var_mean(flat.float(), dim=1, correction=0)
+        n = flat.shape[1]
+        self.parts[index] = (n, mean.double().cpu(), (var.double() * n).cpu())
+
+    def merged(self) -> tuple[int, torch.Tensor, torch.Tensor]:
+        count, mean, m2 = 0, None, None
+        for part in self.parts:
+            if part is None:
+                raise RuntimeError("statistics are missing for a slab")
+            n, m, s = part
+            if mean is None:
+                count, mean, m2 = n, m.clone(), s.clone()
+                continue
+            total = count + n
+            delta = m - mean
+            mean += delta * (n / total)
+            m2 += s + delta.square() * (count * n / total)
+            count = total
+        return count, mean, m2  # type: ignore[return-value]
+
+    def group_affine(self, norm: nn.GroupNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel ``(scale, shift)`` such that ``norm(x) == x * scale + shift`` over the whole map."""
+        count, mean, m2 = self.merged()
+        groups = norm.num_groups
+        channels = mean.numel()
+        per = channels // groups
+        mean_c, m2_c = mean.view(groups, per), m2.view(groups, per)
+        mean_g = mean_c.mean(1, keepdim=True)
+        m2_g = m2_c.sum(1, keepdim=True) + count * (mean_c - mean_g).square().sum(1, keepdim=True)
+        var_g = m2_g / (count * per)
+        inv = (var_g + norm.eps).rsqrt().expand(groups, per).reshape(channels)
+        mean_g = mean_g.expand(groups, per).reshape(channels)
+        weight = norm.weight.detach().double().cpu() if norm.affine else torch.ones(channels, dtype=torch.float64)
+        bias = norm.bias.detach().double().cpu() if norm.affine else torch.zeros(channels, dtype=torch.float64)
+        scale = weight * inv
+        return scale.float(), (bias - mean_g * scale).float()
+
+
+class _Ledger:
+    """Bytes held by stored slabs (current and peak), so tests can check the memory bound exactly."""
+
+    def __init__(self) -> None:
+        self.current = 0
+        self.peak = 0
+        self._lock = threading.Lock()
+
+    def change(self, delta: int) -> None:
+        with self._lock:
+            self.current += delta
+            self.peak = max(self.peak, self.current)
+
+
+class _Map:
+    """A ``(C, X, Y, Z)`` feature map held as contiguous slabs along one spatial axis."""
+
+    def __init__(self, channels: int, shape: Sequence[int], axis: int, bounds: list[tuple[int, int]], ledger: _Ledger):
+        self.channels = int(channels)
+        self.shape = tuple(int(n) for n in shape)
+        self.axis = axis
+        self.bounds = bounds
+        self.ledger = ledger
+        self.slabs: list[torch.Tensor | None] = [None] * len(bounds)
+        self.stats: _Stats | None = None
+
+    def put(self, index: int, slab: torch.Tensor | None) -> None:
+        old = self.slabs[index]
+        self.slabs[index] = slab
+        new_bytes = slab.numel() * slab.element_size() if slab is not None else 0
+        old_bytes = old.numel() * old.element_size() if old is not None else 0
+        self.ledger.change(new_bytes - old_bytes)
+
+    @property
+    def length(self) -> int:
+        return self.shape[self.axis]
+
+    def gather(self, lo: int, hi: int, device: torch.device) -> torch.Tensor:
+        """Slices ``[lo, hi)`` along the axis as one float32 tensor on ``device`` (a view when possible)."""
+        dim = self.axis + 1
+        pieces = []
+        for (a, b), slab in zip(self.bounds, self.slabs, strict=True):
+            if b <= lo or a >= hi:
+                continue
+            if slab is None:
+                raise RuntimeError(f"slab [{a}, {b}) was already released")
+            start, stop = max(lo, a), min(hi, b)
+            pieces.append(slab.narrow(dim, start - a, stop - start))
+        pieces = [p.to(device=device, dtype=torch.float32, non_blocking=True) for p in pieces]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
+
+    def fill(self, out: torch.Tensor, lo: int, affine: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        """Write slices ``[lo, lo + out.shape[axis])`` into ``out`` (float32, on its device), as
+        ``x * scale + shift`` when ``affine`` is given, without an intermediate copy."""
+        dim = self.axis + 1
+        hi = lo + out.shape[dim]
+        for (a, b), slab in zip(self.bounds, self.slabs, strict=True):
+            if b <= lo or a >= hi:
+                continue
+            if slab is None:
+                raise RuntimeError(f"slab [{a}, {b}) was already released")
+            start, stop = max(lo, a), min(hi, b)
+            piece = slab.narrow(dim, start - a, stop - start).to(device=out.device, dtype=torch.float32, non_blocking=True)
+            view = out.narrow(dim, start - lo, stop - start)
+            if affine is None:
+                view.copy_(piece)
+            else:
+                torch.addcmul(affine[1], piece, affine[0], out=view)
+
+    def release_before(self, index: int) -> None:
+        for i in range(min(index, len(self.slabs))):
+            if self.slabs[i] is not None:
+                self.put(i, None)
+
+
+def _conv3d(module: nn.Module) -> nn.Conv3d:
+    """The ``nn.Conv3d`` inside a MONAI convolution wrapper; only stride-1, odd, cubic kernels stream."""
+    conv = module if isinstance(module, nn.Conv3d) else next((m for m in module.modules() if isinstance(m, nn.Conv3d)), None)
+    if conv is None:
+        raise TypeError(f"{type(module).__name__} holds no Conv3d (transposed convolutions are not supported)")
+    k = conv.kernel_size
+    if conv.stride != (1, 1, 1) or conv.dilation != (1, 1, 1) or conv.groups != 1 or len(set(k)) != 1 or k[0] % 2 == 0:
+        raise TypeError(f"unsupported convolution for slab streaming: {conv}")
+    if conv.padding != (k[0] // 2,) * 3:
+        raise TypeError(f"expected 'same' padding in {conv}")
+    return conv
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+class TSPDecoder:
+    """Slab-streamed decoding with the weights of a MONAI ``AutoencoderKlMaisi`` (see the module doc).
+
+    Args:
+        autoencoder: the trained autoencoder (its ``post_quant_conv`` and ``decoder`` are used).
+        devices: compute devices; slab ``i`` runs on ``devices[i % len(devices)]``.
+        axis: spatial axis (0, 1, 2) the slabs run along.
+        slab: slab thickness in latent voxels (0: 1 on the CPU, 4 on GPUs).
+        storage: device that holds the full-size maps (default: the first compute device).
+        storage_dtype: precision of the stored maps (float32 keeps the decode exact).
+        progress: show a tqdm bar over the streamed passes.
+        prompt_release: on the CPU, ask glibc to serve large blocks with mmap at a fixed threshold
+            (see :func:`prompt_host_release`), so freed slabs go back to the system at once.
+    """
+
+    def __init__(
+        self,
+        autoencoder: nn.Module,
+        devices: Sequence[torch.device | str] = ("cpu",),
+        axis: int = 0,
+        slab: int = 0,
+        storage: torch.device | str | None = None,
+        storage_dtype: torch.dtype = torch.float32,
+        progress: bool = False,
+        prompt_release: bool = True,
+    ):
+        if axis not in (0, 1, 2):
+            raise ValueError(f"axis must be 0, 1 or 2, got {axis}")
+        self.devices = [torch.device(d) for d in devices] or [torch.device("cpu")]
+        self.axis = axis
+        self.slab = int(slab) or (4 if self.devices[0].type == "cuda" else 1)
+        self.storage = torch.device(storage) if storage is not None else self.devices[0]
+        self.storage_dtype = storage_dtype
+        self.progress = progress
+        if prompt_release and self.storage.type == "cpu":
+            prompt_host_release()
+        self.plan = self._plan(autoencoder)
+        self._weights: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.ledger = _Ledger()  # bytes of stored feature maps during the last decode (``ledger.peak``)
+
+    # ---- the decoder as a list of streamable steps
+
+    @staticmethod
+    def _plan(autoencoder: nn.Module) -> list[tuple[str, Any]]:
+        from monai.apps.generation.maisi.networks.autoencoderkl_maisi import (
+            MaisiConvolution,
+            MaisiGroupNorm3D,
+            MaisiResBlock,
+            MaisiUpsample,
+        )
+
+        steps: list[tuple[str, Any]] = [("conv", (_conv3d(autoencoder.post_quant_conv), None))]
+        pending: nn.GroupNorm | None = None
+        for block in autoencoder.decoder.blocks:
+            if isinstance(block, MaisiGroupNorm3D):
+                if pending is not None:
+                    raise TypeError("two group norms in a row are not supported")
+                pending = block
+            elif isinstance(block, MaisiConvolution):
+                steps.append(("conv", (_conv3d(block), pending)))
+                pending = None
+            elif isinstance(block, MaisiResBlock) and pending is None:
+                shortcut = None if isinstance(block.nin_shortcut, nn.Identity) else _conv3d(block.nin_shortcut)
+                steps.append(("res", (block.norm1, _conv3d(block.conv1), block.norm2, _conv3d(block.conv2), shortcut)))
+            elif isinstance(block, MaisiUpsample) and pending is None and not block.use_convtranspose:
+                steps.append(("up", _conv3d(block.conv)))
+            else:
+                raise TypeError(
+                    f"the TSP decoder cannot stream {type(block).__name__} (attention blocks and transposed "
+                    "convolutions need the whole map; use decoder.method 'monai' or 'sliding_window')"
+                )
+        if pending is not None:
+            raise TypeError("the decoder ends with a group norm")
+        return steps
+
+    def _weight(self, conv: nn.Conv3d, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        key = (id(conv), device)
+        if key not in self._weights:
+            w = conv.weight.detach().to(device=device, dtype=torch.float32)
+            b = conv.bias.detach().to(device=device, dtype=torch.float32) if conv.bias is not None else None
+            self._weights[key] = (w, b)
+        return self._weights[key]
+
+    # ---- streamed passes
+
+    def _store(self, y: torch.Tensor) -> torch.Tensor:
+        return y.to(device=self.storage, dtype=self.storage_dtype)
+
+    def _run(self, n: int, job: Callable[[int, torch.device], None], src: _Map | None, keep_src: bool, bar) -> None:
+        """Run ``job(i, device)`` for every slab in order, in waves of one slab per device, and release
+        the input slabs no later slab needs (the halo reaches one slab back)."""
+        ndev = len(self.devices)
+        pool = ThreadPoolExecutor(ndev) if ndev > 1 else None
+        try:
+            for start in range(0, n, ndev):
+                idx = range(start, min(start + ndev, n))
+                if pool is None:
+                    job(start, self.devices[0])
+                else:
+                    list(pool.map(lambda i: job(i, self.devices[i % ndev]), idx))
+                if src is not None and not keep_src:
+                    src.release_before(idx[-1])
+                if bar is not None:
+                    bar.update(len(idx))
+        finally:
+            if pool is not None:
+                pool.shutdown()
+        if src is not None and not keep_src:
+            src.release_before(n)
+
+    def _slab_shape(self, src: _Map, thickness: int, channels: int | None = None) -> tuple[int, ...]:
+        shape = [src.channels if channels is None else channels, *src.shape]
+        shape[self.axis + 1] = thickness
+        return tuple(shape)
+
+    def _pointwise(self, conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+        """A 1x1x1 convolution as one matrix product (no im2col copy of the input)."""
+        w, bias = self._weight(conv, x.device)
+        flat = x.reshape(x.shape[0], -1)
+        y = torch.mm(w.view(w.shape[0], w.shape[1]), flat)
+        if bias is not None:
+            y += bias[:, None]
+        return y.view(w.shape[0], *x.shape[1:])
+
+    def _conv_padding(self, conv: nn.Conv3d) -> tuple[int, int, int]:
+        h = conv.kernel_size[0] // 2
+        return tuple(0 if d == self.axis else h for d in range(3))  # type: ignore[return-value]
+
+    def _conv_pass(
+        self,
+        src: _Map,
+        conv: nn.Conv3d,
+        norm: nn.GroupNorm | None,
+        silu: bool,
+        bar,
+        into: _Map | None = None,
+        out: torch.Tensor | None = None,
+        shortcut: nn.Conv3d | None = None,
+        keep_src: bool = False,
+        stats: bool = True,
+    ) -> tuple[_Map, _Map | None]:
+        """``conv(silu(norm(src)))`` slab by slab, added to ``into``'s slabs or written into ``out``;
+        with ``shortcut`` also the 1x1 ``shortcut(src)`` as a second map."""
+        h = conv.kernel_size[0] // 2
+        n = len(src.bounds)
+        dst = into or _Map(conv.out_channels, src.shape, self.axis, src.bounds, self.ledger)
+        if stats:
+            dst.stats = _Stats(n)
+        side = _Map(shortcut.out_channels, src.shape, self.axis, src.bounds, self.ledger) if shortcut is not None else None
+        affine = src.stats.group_affine(norm) if norm is not None else None  # type: ignore[union-attr]
+        early = len(self.devices) == 1 and not keep_src
+        shape = (-1,) + (1,) * 3
+
+        def job(i: int, device: torch.device) -> None:
+            a, b = src.bounds[i]
+            if h == 0:  # a 1x1 convolution needs no halo and no padding
+                x = src.gather(a, b, device)
+                if affine is not None:
+                    x = torch.addcmul(*(t.to(device).view(shape) for t in reversed(affine)), x)
+                    if silu:
+                        F.silu(x, inplace=True)
+                elif silu:
+                    x = F.silu(x)
+                y = self._pointwise(conv, x)
+            else:
+                # One buffer holds the (normalised, activated) input with its halo and the zeros at the volume's borders.
+                lo, hi = max(a - h, 0), min(b + h, src.length)
+                buf = torch.empty(self._slab_shape(src, (b + h) - (a - h)), device=device)
+                dim = self.axis + 1
+                if lo > a - h:
+                    buf.narrow(dim, 0, lo - (a - h)).zero_()
+                if hi < b + h:
+                    buf.narrow(dim, hi - (a - h), (b + h) - hi).zero_()
+                src.fill(buf.narrow(dim, lo - (a - h), hi - lo), lo, None if affine is None else tuple(t.to(device).view(shape) for t in affine))
+                if early:
+                    src.release_before(i)  # the halo is in the buffer: the previous slab is no longer needed
+                if side is not None:  # the 1x1 shortcut of the block's input slab
+                    side.put(i, self._store(self._pointwise(shortcut, src.gather(a, b, device))))  # type: ignore[arg-type]
+                if silu:
+                    F.silu(buf, inplace=True)  # silu(0) = 0: the zero padding stays zero
+                w, bias = self._weight(conv, device)
+                y = F.conv3d(buf[None], w, bias, padding=self._conv_padding(conv))[0]
+                del buf
+            if into is not None:
+                y += into.slabs[i].to(device=device, dtype=torch.float32)  # type: ignore[union-attr]
+            if stats:
+                dst.stats.add(i, y)  # type: ignore[union-attr]
+            if out is not None:
+                out.narrow(self.axis + 1, a, b - a).copy_(y)
+            else:
+                dst.put(i, self._store(y))
+
+        self._run(n, job, src, keep_src, bar)
+        return dst, side
+
+    def _up_pass(self, src: _Map, conv: nn.Conv3d, bar) -> _Map:
+        """MONAI's upsampling (trilinear x2, then a convolution), slab by slab: a one-voxel halo of the
+        low-resolution map makes the interpolation exact at the slab borders."""
+        h = conv.kernel_size[0] // 2
+        n, length = len(src.bounds), src.length
+        shape = tuple(2 * s for s in src.shape)
+        dst = _Map(conv.out_channels, shape, self.axis, [(2 * a, 2 * b) for a, b in src.bounds], self.ledger)
+        dst.stats = _Stats(n)
+        dim = self.axis + 1
+        early = len(self.devices) == 1
+
+        def job(i: int, device: torch.device) -> None:
+            a, b = src.bounds[i]
+            lo, hi = max(a - 1, 0), min(b + 1, length)
+            x = src.gather(lo, hi, device)
+            if early:
+                src.release_before(i)
+            x = F.interpolate(x[None], scale_factor=2.0, mode="trilinear")[0]
+            olo, ohi = max(2 * a - h, 0), min(2 * b + h, 2 * length)
+            buf = torch.empty(self._slab_shape(dst, (2 * b + h) - (2 * a - h), src.channels), device=device)
+            if olo > 2 * a - h:
+                buf.narrow(dim, 0, olo - (2 * a - h)).zero_()
+            if ohi < 2 * b + h:
+                buf.narrow(dim, ohi - (2 * a - h), (2 * b + h) - ohi).zero_()
+            buf.narrow(dim, olo - (2 * a - h), ohi - olo).copy_(x.narrow(dim, olo - 2 * lo, ohi - olo))
+            del x
+            w, bias = self._weight(conv, device)
+            y = F.conv3d(buf[None], w, bias, padding=self._conv_padding(conv))[0]
+            del buf
+            dst.stats.add(i, y)  # type: ignore[union-attr]
+            dst.put(i, self._store(y))
+
+        self._run(n, job, src, False, bar)
+        return dst
+
+    # ---- public
+
+    def n_passes(self) -> int:
+        return sum(2 if kind == "res" else 1 for kind, _ in self.plan)
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Decode a ``(1, C, x, y, z)`` latent (already divided by the scale factor) to a ``(1, 1, 4x, 4y, 4z)``
+        float32 volume on the storage device (or into ``out``, preallocated with that shape)."""
+        if z.ndim != 5 or z.shape[0] != 1:
+            raise ValueError(f"expected a (1, C, x, y, z) latent, got shape {tuple(z.shape)}")
+        shape = tuple(int(s) for s in z.shape[2:])
+        bounds = split_bounds(shape[self.axis], self.slab)
+        self.ledger = _Ledger()
+        src = _Map(int(z.shape[1]), shape, self.axis, bounds, self.ledger)
+        for i, (a, b) in enumerate(bounds):
+            src.put(i, self._store(z[0].narrow(self.axis + 1, a, b - a).contiguous()))
+        out_ch = self.plan[-1][1][0].out_channels
+        up = 2 ** sum(kind == "up" for kind, _ in self.plan)
+        out_shape = (1, out_ch, *(up * s for s in shape))
+        if out is None:
+            out = torch.empty(out_shape, dtype=torch.float32, device=self.storage)
+        elif tuple(out.shape) != out_shape:
+            raise ValueError(f"out has shape {tuple(out.shape)}, expected {out_shape}")
+        bar = _bar(self.progress, self.n_passes() * len(bounds))
+        try:
+            x = src
+            last = len(self.plan) - 1
+            for k, (kind, spec) in enumerate(self.plan):
+                if kind == "conv":
+                    conv, norm = spec
+                    x, _ = self._conv_pass(x, conv, norm, False, bar, out=out[0] if k == last else None, stats=k != last)
+                elif kind == "up":
+                    x = self._up_pass(x, spec, bar)
+                else:
+                    norm1, conv1, norm2, conv2, shortcut = spec
+                    h1, side = self._conv_pass(x, conv1, norm1, True, bar, shortcut=shortcut, keep_src=shortcut is None)
+                    x, _ = self._conv_pass(h1, conv2, norm2, True, bar, into=side if side is not None else x)
+        finally:
+            if bar is not None:
+                bar.close()
+        return out
+
+
+def _bar(enabled: bool, total: int):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="TSP decode", unit="slab", mininterval=1.0, leave=False)
+
+
+# --------------------------------------------------------------------------- MONAI's decoders
+
+
+@contextlib.contextmanager
+def _monai_splits(autoencoder: nn.Module, num_splits: int, dim_split: int) -> Iterator[None]:
+    """Set MONAI's ``num_splits``/``dim_split`` on every ``MaisiConvolution`` for the duration."""
+    from monai.apps.generation.maisi.networks.autoencoderkl_maisi import MaisiConvolution
+
+    convs = [m for m in autoencoder.modules() if isinstance(m, MaisiConvolution)]
+    saved = [(m.num_splits, m.dim_split) for m in convs]
+    for m in convs:
+        m.num_splits, m.dim_split = num_splits, dim_split
+    try:
+        yield
+    finally:
+        for m, (n, d) in zip(convs, saved, strict=True):
+            m.num_splits, m.dim_split = n, d
+
+
+def _autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _norms(autoencoder: nn.Module, device: torch.device):
+    from maisi.latents import float32_norms
+
+    return contextlib.nullcontext() if device.type == "cuda" else float32_norms(autoencoder)
+
+
+@torch.no_grad()
+def monai_decode(autoencoder: nn.Module, z: torch.Tensor, num_splits: int = 1, dim_split: int = 1) -> torch.Tensor:
+    """MONAI's ``decode_stage_2_outputs`` with ``num_splits`` segments along ``dim_split`` (1 = unsplit);
+    float16 autocast on CUDA (as MAISI runs it), float32 on the CPU."""
+    with _monai_splits(autoencoder, num_splits, dim_split), _autocast(z.device), _norms(autoencoder, z.device):
+        return autoencoder.decode_stage_2_outputs(z).float()
+
+
+@torch.no_grad()
+def sliding_window_decode(
+    autoencoder: nn.Module, z: torch.Tensor, roi: Sequence[int], overlap: float = 0.25, device: torch.device | None = None
+) -> torch.Tensor:
+    """MONAI's sliding-window inference over latent windows of ``roi`` (Gaussian blending). Faster than
+    nothing when memory is short, but not exact: each window has its own group-norm statistics."""
+    from monai.inferers import sliding_window_inference
+
+    device = device or z.device
+    roi = [min(int(r), int(n)) for r, n in zip(roi, z.shape[2:], strict=True)]
+    with _monai_splits(autoencoder, 1, 1), _autocast(device), _norms(autoencoder, device):
+        out = sliding_window_inference(
+            z, roi, 1, lambda w: autoencoder.decode_stage_2_outputs(w).float(), overlap=overlap, mode="gaussian",
+            sw_device=device, device=z.device,
+        )  # fmt: skip
+    return torch.as_tensor(out).float()
+
+
+def decode_latent(autoencoder: nn.Module, z: torch.Tensor, settings: DecodeSettings, progress: bool = False) -> torch.Tensor:
+    """Decode ``z`` (``(1, C, x, y, z)``, already divided by the scale factor) as ``settings`` says;
+    returns a float32 ``(1, 1, X, Y, Z)`` tensor on the CPU."""
+    devices = settings.compute_devices()
+    if settings.method == "tsp":
+        storage = devices[0] if settings.storage == "device" else torch.device("cpu")
+        engine = TSPDecoder(
+            autoencoder, devices, axis=settings.axis, slab=settings.slab, storage=storage,
+            storage_dtype=_DTYPES[settings.storage_dtype], progress=progress,
+        )  # fmt: skip
+        return engine.decode(z).cpu()
+    autoencoder = autoencoder.to(devices[0])
+    z = z.to(devices[0])
+    if settings.method == "monai":
+        return monai_decode(autoencoder, z, settings.num_splits, settings.dim_split).cpu()
+    return sliding_window_decode(autoencoder, z, settings.roi, settings.overlap, devices[0]).cpu()
+
