@@ -13,6 +13,7 @@ include: "rules/totalseg.smk"
 include: "rules/regions.smk"
 include: "rules/dataset.smk"
 include: "rules/train.smk"
+include: "rules/generate.smk"
 
 
 report: "report/workflow.rst"
@@ -23,4 +24,5 @@ rule all:
         rules.dataset.output,
         rules.dataset_summary.output,
         training_targets(),
+        rules.generated.output,
     default_target: True

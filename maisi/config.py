@@ -85,6 +85,7 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
 
 
 def _semantic_checks(cfg: dict) -> None:
+    _check_requests(cfg)
     for key, path in cfg.get("pretrained", {}).items():
         if path and not Path(path).is_file():
             raise ConfigError(f"config key 'pretrained.{key}': checkpoint file {path} does not exist")
@@ -125,3 +126,15 @@ def _semantic_checks(cfg: dict) -> None:
         if src["type"] == "local" and src.get("labels") and "{case}" not in src["labels"]:
             raise ConfigError(f"config key 'sources.{name}.labels': pattern must contain '{{case}}'")
 
+
+
+def _check_requests(cfg: dict) -> None:
+    """Impossible generation requests stop the run before any job starts."""
+    from maisi.generation_plan import RequestError, parse_requests
+
+    trained = None if cfg.get("pretrained", {}).get("diffusion") else cfg.get("train_diffusion", {}).get("scheduler", "rflow")
+    try:
+        parse_requests(cfg.get("generate", {}), cfg.get("model", {}).get("preset", "tiny"), trained)
+    except RequestError as exc:
+        key, _, reason = str(exc).partition(": ")
+        raise ConfigError(f"config key '{key}': {reason}") from None

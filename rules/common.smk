@@ -6,6 +6,8 @@ from snakemake.utils import min_version, validate
 
 from maisi import plan
 from maisi.catalog import load_catalog
+from maisi.generate import GenerateSettings
+from maisi.generation_plan import parse_requests
 from maisi.config import validate_config
 from maisi.preprocess import PreprocessSettings
 from maisi.totalseg import TotalSegSettings, check_weights
@@ -28,6 +30,7 @@ for _mode in sorted({config["sources"][s]["regions"]["mode"] for s in TOTALSEG_S
 wildcard_constraints:
     source="|".join(SOURCES),
     shard=r"\d{4}",
+    request="|".join(sorted(config["generate"]["requests"])) or "(?!)",
 
 
 # Shard counts come from the config per source; empty shards get no job. (Snakemake's
@@ -146,6 +149,37 @@ def training_targets():
         if not config["pretrained"][key]:
             targets.append(f"{MODELS}/{name}_loss.png")
     return targets
+
+
+# --- generate.smk ---
+# Requests were checked with the config (maisi.config); impossible ones never reach a job.
+REQUESTS = {
+    r.name: r
+    for r in parse_requests(
+        config["generate"],
+        config["model"]["preset"],
+        None if config["pretrained"]["diffusion"] else config["train_diffusion"]["scheduler"],
+    )
+}
+GENERATED = "results/generated"
+
+
+def generate_inputs(wildcards):
+    inputs = {"autoencoder": AUTOENCODER, "diffusion": DIFFUSION}
+    if REQUESTS[wildcards.request].masks:
+        inputs.update(controlnet=CONTROLNET, masks="results/masks/database.json")
+    return inputs
+
+
+def generate_cases_json(wildcards):
+    from dataclasses import asdict
+
+    cases = REQUESTS[wildcards.request].shards().get(wildcards.shard, [])
+    return json.dumps([asdict(c) for c in cases], sort_keys=True)
+
+
+def generation_tables():
+    return [f"{GENERATED}/{n}/shards/{k}.tsv" for n, r in sorted(REQUESTS.items()) for k in r.shards()]
 
 
 # --- regions.smk ---

@@ -71,6 +71,23 @@ def test_default_trains_every_model(default_run):
     assert len(list((work / "results/latents/phantom").glob("*.npz"))) == 8
 
 
+def test_default_generates_with_and_without_masks(default_run):
+    """The default requests end in generated cases, mask-conditioned (liver required) and unconditioned."""
+    work, cfg = default_run
+    cases = pd.read_csv(work / "results/generated/cases.tsv", sep="\t", keep_default_na=False)
+    requests = cfg["generate"]["requests"]
+    assert len(cases) == sum(r["n_cases"] for r in requests.values()) and (cases.status == "ok").all()
+    for r in cases.itertuples():
+        image = nib.load(work / r.image)
+        assert list(image.shape) == requests[r.request]["size"]
+        labels = np.asanyarray(nib.load(work / r.label).dataobj)
+        if requests[r.request]["masks"]:
+            assert r.mask_source and (labels == 1).any()
+        else:
+            assert set(np.unique(labels)) <= {0, 200}
+    assert (work / "results/generated/montage.png").is_file()
+
+
 def test_nothing_reruns_and_one_more_case_reruns_one_shard(default_run):
     work, cfg = default_run
     assert planned_jobs(work, "all") == {}
@@ -84,8 +101,10 @@ def test_nothing_reruns_and_one_more_case_reruns_one_shard(default_run):
         # one shard of each data stage; the autoencoder is trained again on the larger dataset, so every
         # shard's latents are encoded again, and the diffusion UNet and ControlNet trained again
         latent_shards = len(list((work / "results/latents/phantom/shards").glob("*.tsv")))
+        # and the generated cases again with the new models (and the mask database of the larger dataset)
         assert jobs == {"phantom": 1, "preprocess": 1, "regions": 1, "dataset": 1, "dataset_summary": 1, "train_vae": 1,
-                        "cache_latents": latent_shards, "train_diffusion": 1, "train_controlnet": 1, "all": 1}  # fmt: skip
+                        "cache_latents": latent_shards, "train_diffusion": 1, "train_controlnet": 1, "mask_database": 1,
+                        "generate": 2, "generated": 1, "all": 1}  # fmt: skip
         coarser = yaml.safe_load(original)
         coarser["preprocess"]["divisor"] = 64
         config_file.write_text(yaml.safe_dump(coarser))

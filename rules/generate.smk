@@ -1,0 +1,48 @@
+# Generation: the mask database, sharded generation per request (TSP decoding), the generated set.
+
+
+rule mask_database:
+    input:
+        cases="results/prepared/cases.tsv",
+    output:
+        database="results/masks/database.json",
+    log:
+        "logs/generate/mask_database.log",
+    script:
+        "../workflow_scripts/mask_database.py"
+
+
+rule generate:
+    input:
+        unpack(generate_inputs),
+    output:
+        table=f"{GENERATED}/{{request}}/shards/{{shard}}.tsv",
+    params:
+        request=lambda w: json.dumps(REQUESTS[w.request].to_json(), sort_keys=True),
+        cases=generate_cases_json,
+        settings=GenerateSettings.from_config(config["generate"], config["model"], config["on_error"]).to_json(),
+    threads: config["threads"]["generate"]
+    resources:
+        mem_mb=config["generate"]["resources"]["mem_mb"],
+        runtime=config["generate"]["resources"]["runtime"],
+        gpu=model_gpus,
+    log:
+        "logs/generate/{request}/{shard}.log",
+    benchmark:
+        "results/benchmarks/generate/{request}/{shard}.tsv"
+    script:
+        "../workflow_scripts/generate.py"
+
+
+rule generated:
+    input:
+        tables=generation_tables(),
+    output:
+        cases=f"{GENERATED}/cases.tsv",
+        montage=report(f"{GENERATED}/montage.png", caption="../report/generated_montage.rst", category="Generation"),
+    params:
+        requests=json.dumps({n: r.describe() for n, r in sorted(REQUESTS.items())}, sort_keys=True),
+    log:
+        "logs/generate/generated.log",
+    script:
+        "../workflow_scripts/generated.py"
