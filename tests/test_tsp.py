@@ -34,9 +34,10 @@ def test_split_bounds_cover_the_axis():
         split_bounds(0, 1)
 
 
-@pytest.mark.parametrize("axis,slab", [(0, 1), (1, 5), (2, 3), (0, 8)])
-def test_tsp_matches_monai_unsplit(tiny, latent, reference, axis, slab):
-    engine = TSPDecoder(tiny, ["cpu"], axis=axis, slab=slab)
+@pytest.mark.parametrize("axis,slab,min_mb", [(0, 1, 0), (1, 5, 0), (2, 3, 0), (0, 8, 0), (1, 1, 0.05), (2, 1, 16)])
+def test_tsp_matches_monai_unsplit(tiny, latent, reference, axis, slab, min_mb):
+    """Slabs of every thickness, also different per resolution level (``min_slab_mb``), are exact."""
+    engine = TSPDecoder(tiny, ["cpu"], axis=axis, slab=slab, min_slab_mb=min_mb)
     out = engine.decode(latent)
     assert out.shape == reference.shape == (1, 1, 32, 48, 40)
     assert float((out - reference).abs().max()) <= TOL
@@ -44,7 +45,7 @@ def test_tsp_matches_monai_unsplit(tiny, latent, reference, axis, slab):
 
 def test_no_seams_at_slab_borders(tiny, latent, reference):
     """The error on the planes next to every slab border is as small as anywhere (no seam)."""
-    out = TSPDecoder(tiny, ["cpu"], axis=1, slab=2).decode(latent)
+    out = TSPDecoder(tiny, ["cpu"], axis=1, slab=2, min_slab_mb=0).decode(latent)
     diff = (out - reference).abs()[0, 0]
     borders = [4 * b + d for b in range(2, 12, 2) for d in (-1, 0)]  # latent borders x4, both sides
     assert float(diff[:, borders, :].max()) <= TOL
@@ -59,7 +60,7 @@ def test_released_architecture_matches(latent):
     ae = build_autoencoder("maisi").eval()
     z = latent[:, :, :6, :6, :4]
     ref = monai_decode(ae, z)
-    out = TSPDecoder(ae, ["cpu"], axis=2, slab=1).decode(z)
+    out = TSPDecoder(ae, ["cpu"], axis=2, slab=1, min_slab_mb=0).decode(z)
     assert out.shape == (1, 1, 24, 24, 16)
     assert float((out - ref).abs().max()) <= TOL
 
@@ -69,22 +70,22 @@ def test_monai_split_matches_unsplit(tiny, latent, reference):
 
 
 def test_several_devices_give_the_same_result(tiny, latent, reference):
-    out = TSPDecoder(tiny, ["cpu", "cpu", "cpu"], axis=0, slab=1).decode(latent)
+    out = TSPDecoder(tiny, ["cpu", "cpu", "cpu"], axis=0, slab=1, min_slab_mb=0).decode(latent)
     assert float((out - reference).abs().max()) <= TOL
 
 
 def test_output_written_into_preallocated_tensor(tiny, latent, reference):
     out = torch.full(reference.shape, float("nan"))
-    result = TSPDecoder(tiny, ["cpu"], slab=2).decode(latent, out=out)
+    result = TSPDecoder(tiny, ["cpu"], slab=2, min_slab_mb=0).decode(latent, out=out)
     assert result.data_ptr() == out.data_ptr()
     assert not torch.isnan(out).any()
     with pytest.raises(ValueError, match="expected"):
-        TSPDecoder(tiny, ["cpu"]).decode(latent, out=torch.empty(1, 1, 4, 4, 4))
+        TSPDecoder(tiny, ["cpu"], min_slab_mb=0).decode(latent, out=torch.empty(1, 1, 4, 4, 4))
 
 
 def test_never_holds_two_full_maps(tiny, latent):
     """Stored feature maps never exceed the largest single map by more than a few slabs."""
-    engine = TSPDecoder(tiny, ["cpu"], axis=0, slab=1)
+    engine = TSPDecoder(tiny, ["cpu"], axis=0, slab=1, min_slab_mb=0)
     engine.decode(latent)
     x, y, z = (4 * s for s in latent.shape[2:])
     largest = 16 * x * y * z * 4  # the widest full-resolution map of the tiny decoder: 16 channels, float32
@@ -93,7 +94,7 @@ def test_never_holds_two_full_maps(tiny, latent):
 
 
 def test_float16_storage_is_close_not_exact(tiny, latent, reference):
-    out = TSPDecoder(tiny, ["cpu"], storage_dtype=torch.float16).decode(latent)
+    out = TSPDecoder(tiny, ["cpu"], storage_dtype=torch.float16, min_slab_mb=0).decode(latent)
     diff = float((out - reference).abs().max())
     assert diff < 2e-2
 
