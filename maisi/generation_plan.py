@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from maisi.labels import label_name, resolve_label
@@ -95,7 +95,6 @@ class GenerationRequest:
     seed: int = 0
     cases_per_shard: int = 2
     allow_tumour: bool = False
-    extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:

@@ -247,32 +247,29 @@ class _Map:
     def length(self) -> int:
         return self.shape[self.axis]
 
-    def gather(self, lo: int, hi: int, device: torch.device) -> torch.Tensor:
-        """Slices ``[lo, hi)`` along the axis as one float32 tensor on ``device`` (a view when possible)."""
+    def pieces(self, lo: int, hi: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(start, view)`` of the stored slices in ``[lo, hi)``, slab by slab."""
         dim = self.axis + 1
-        pieces = []
         for (a, b), slab in zip(self.bounds, self.slabs, strict=True):
             if b <= lo or a >= hi:
                 continue
             if slab is None:
                 raise RuntimeError(f"slab [{a}, {b}) was already released")
             start, stop = max(lo, a), min(hi, b)
-            pieces.append(slab.narrow(dim, start - a, stop - start))
-        pieces = [p.to(device=device, dtype=torch.float32, non_blocking=True) for p in pieces]
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
+            yield start, slab.narrow(dim, start - a, stop - start)
+
+    def gather(self, lo: int, hi: int, device: torch.device) -> torch.Tensor:
+        """Slices ``[lo, hi)`` along the axis as one float32 tensor on ``device`` (a view when possible)."""
+        pieces = [p.to(device=device, dtype=torch.float32, non_blocking=True) for _, p in self.pieces(lo, hi)]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=self.axis + 1)
 
     def fill(self, out: torch.Tensor, lo: int, affine: tuple[torch.Tensor, torch.Tensor] | None) -> None:
         """Write slices ``[lo, lo + out.shape[axis])`` into ``out`` (float32, on its device), as
         ``x * scale + shift`` when ``affine`` is given, without an intermediate copy."""
         dim = self.axis + 1
-        hi = lo + out.shape[dim]
-        for (a, b), slab in zip(self.bounds, self.slabs, strict=True):
-            if b <= lo or a >= hi:
-                continue
-            if slab is None:
-                raise RuntimeError(f"slab [{a}, {b}) was already released")
-            start, stop = max(lo, a), min(hi, b)
-            piece = slab.narrow(dim, start - a, stop - start).to(device=out.device, dtype=torch.float32, non_blocking=True)
+        for start, view_in in self.pieces(lo, lo + out.shape[dim]):
+            piece = view_in.to(device=out.device, dtype=torch.float32, non_blocking=True)
+            stop = start + piece.shape[dim]
             view = out.narrow(dim, start - lo, stop - start)
             if affine is None:
                 view.copy_(piece)
