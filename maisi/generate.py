@@ -43,6 +43,7 @@ from maisi.masks import MaskEntry, MaskQuery, NoMaskError, load_mask, mask_summa
 from maisi.models import (
     build_scheduler,
     condition_tensors,
+    diffusion_scheduler,
     label_to_bits,
     load_autoencoder,
     load_controlnet,
@@ -131,8 +132,6 @@ def load_models(
     autoencoder: str | os.PathLike, diffusion: str | os.PathLike, controlnet: str | os.PathLike | None, preset_name: str, device: str
 ) -> Models:
     """Load the checkpoints (released or trained: :mod:`maisi.models`) for inference on ``device``."""
-    from maisi.train_controlnet import _scheduler_kind
-
     dev = select_device(device)
     ae = load_autoencoder(autoencoder, preset_name).eval()
     unet, scale, timesteps = load_diffusion(diffusion, preset_name)
@@ -140,7 +139,7 @@ def load_models(
     hashes = {"autoencoder": sha256_file(autoencoder), "diffusion": sha256_file(diffusion)}
     if controlnet:
         hashes["controlnet"] = sha256_file(controlnet)
-    return Models(ae, unet.to(dev).eval(), ctrl, scale, timesteps, _scheduler_kind(diffusion), dev, hashes)
+    return Models(ae, unet.to(dev).eval(), ctrl, scale, timesteps, diffusion_scheduler(diffusion), dev, hashes)
 
 
 # --------------------------------------------------------------------------- sampling and decoding

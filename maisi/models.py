@@ -35,6 +35,7 @@ __all__ = [
     "load_weights",
     "load_autoencoder",
     "load_diffusion",
+    "diffusion_scheduler",
     "load_controlnet",
     "label_to_bits",
     "condition_tensors",
@@ -217,6 +218,15 @@ def load_diffusion(path, preset_name: str):
         raise CheckpointError(f"{path}: the diffusion checkpoint has no 'scale_factor'")
     scale = float(torch.as_tensor(data["scale_factor"]).reshape(-1)[0])
     return unet, scale, int(data.get("num_train_timesteps", 1000))
+
+
+def diffusion_scheduler(path: str | os.PathLike, default: str = "rflow") -> str:
+    """The scheduler a diffusion checkpoint was trained with (``default`` when it does not say, as in MAISI's release)."""
+    try:
+        data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # not a zip checkpoint: mmap is unsupported
+        data = torch.load(str(path), map_location="cpu", weights_only=True)
+    return str(data.get("scheduler", default)) if isinstance(data, Mapping) else default
 
 
 def load_controlnet(path, preset_name: str):

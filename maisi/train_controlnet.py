@@ -23,7 +23,15 @@ import torch
 import torch.nn.functional as F
 
 from maisi.io import sha256_file
-from maisi.models import DOWNSAMPLE, build_controlnet, build_scheduler, label_to_bits, load_diffusion, select_device
+from maisi.models import (
+    DOWNSAMPLE,
+    build_controlnet,
+    build_scheduler,
+    diffusion_scheduler,
+    label_to_bits,
+    load_diffusion,
+    select_device,
+)
 from maisi.train_diffusion import (
     Batch,
     LatentCase,
@@ -139,15 +147,6 @@ def tumour_weights(labels: torch.Tensor, tumour_labels: Sequence[int], weight: f
     return 1.0 + (float(weight) - 1.0) * hit
 
 
-def _scheduler_kind(path: str | os.PathLike, default: str = "rflow") -> str:
-    """The scheduler a diffusion checkpoint was trained with (``default`` when it does not say, as in MAISI's release)."""
-    try:
-        data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # not a zip checkpoint: mmap is unsupported
-        data = torch.load(str(path), map_location="cpu", weights_only=True)
-    return str(data.get("scheduler", default)) if isinstance(data, Mapping) else default
-
-
 def train_controlnet(
     records: pd.DataFrame | Iterable[Mapping[str, Any]],
     diffusion_checkpoint: str | os.PathLike,
@@ -169,7 +168,7 @@ def train_controlnet(
     }))  # fmt: skip
 
     unet, scale, num_train_timesteps = load_diffusion(diffusion_checkpoint, settings.preset)
-    kind = _scheduler_kind(diffusion_checkpoint, settings.scheduler)
+    kind = diffusion_scheduler(diffusion_checkpoint, settings.scheduler)
     unet = unet.to(device).eval().requires_grad_(False)
     seed_everything(settings.seed)
     controlnet = build_controlnet(settings.preset, unet).to(device)
