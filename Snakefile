@@ -14,6 +14,9 @@ include: "rules/regions.smk"
 include: "rules/dataset.smk"
 include: "rules/train.smk"
 include: "rules/generate.smk"
+include: "rules/qc.smk"
+include: "rules/fid.smk"
+include: "rules/release.smk"
 
 
 report: "report/workflow.rst"
@@ -25,4 +28,5 @@ rule all:
         rules.dataset_summary.output,
         training_targets(),
         rules.generated.output,
+        release_targets(),
     default_target: True

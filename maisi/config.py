@@ -89,6 +89,13 @@ def _semantic_checks(cfg: dict) -> None:
     for key, path in cfg.get("pretrained", {}).items():
         if path and not Path(path).is_file():
             raise ConfigError(f"config key 'pretrained.{key}': checkpoint file {path} does not exist")
+    if cfg["fid"]["enabled"] and not cfg["preprocess"]["keep_hu"]:
+        raise ConfigError("config key 'fid.enabled': FID reads the real cases in HU; set 'preprocess.keep_hu: true' or 'fid.enabled: false'")
+    if cfg["fid"]["enabled"] and cfg["fid"]["extractor"] == "radimagenet_resnet50":
+        weights = cfg["fid"]["weights"]
+        if not weights or not Path(weights).is_file():
+            raise ConfigError(f"config key 'fid.weights': the radimagenet_resnet50 extractor needs a local weights file (got {weights!r}); "
+                              "it is never downloaded")  # fmt: skip
     lo, hi = cfg["preprocess"]["hu_range"]
     if not lo < hi:
         raise ConfigError(f"config key 'preprocess.hu_range': lower bound {lo} is not below upper bound {hi}")

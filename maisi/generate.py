@@ -51,6 +51,7 @@ from maisi.models import (
     select_device,
 )
 from maisi.phantom import derive_seed
+from maisi.qc import QCSettings, check_files, read_reference
 from maisi.regions import one_hot
 from maisi.shards import write_table
 from maisi.tsp import DecodeSettings, decode_latent
@@ -76,7 +77,7 @@ HU_RANGE = (-1000.0, 1000.0)
 #: Threshold (HU) that separates the body from air when no mask gives the body.
 BODY_THRESHOLD_HU = -500.0
 GENERATED_COLUMNS = (
-    "request", "case_id", "index", "status", "reason", "image", "label", "seed", "attempt", "mask_source", "mask_resampled",
+    "request", "case_id", "index", "status", "reason", "qc_status", "qc_reasons", "image", "label", "seed", "attempt", "mask_source", "mask_resampled",
     "top_region", "bottom_region", "size", "spacing", "anatomy", "seconds",
 )  # fmt: skip
 
@@ -291,6 +292,21 @@ def _row(request: GenerationRequest, case: GenCase, record: Mapping[str, Any], p
     }  # fmt: skip
 
 
+def _used_hashes(models: Models, request: GenerationRequest) -> dict[str, str]:
+    return {k: v for k, v in models.hashes.items() if k != "controlnet" or request.masks}  # what this case uses
+
+
+def case_fingerprint(
+    models: Models, request: GenerationRequest, case: GenCase, settings: GenerateSettings, attempt: int, masks_sha256: str = ""
+) -> dict[str, Any]:
+    """What decides a case's outputs at ``attempt``: a case whose sidecar holds it is not generated again."""
+    return {
+        "request": request.to_json(), "seed": case.attempt_seed(attempt), "attempt": attempt, "models": _used_hashes(models, request),
+        "masks": masks_sha256, "augment": json.loads(settings.augment.to_json()) if request.masks else None,
+        "decoder": {k: v for k, v in settings.decoder.to_json().items() if k in ("method", "storage_dtype", "roi", "overlap")},
+    }  # fmt: skip
+
+
 def generate_case(
     models: Models,
     request: GenerationRequest,
@@ -305,12 +321,8 @@ def generate_case(
     """Generate one case (or reuse its outputs when they match); returns its table row."""
     paths = case_paths(out_root, request.name, case.case_id)
     seed = case.attempt_seed(attempt)
-    hashes = {k: v for k, v in models.hashes.items() if k != "controlnet" or request.masks}  # what this case uses
-    fp = {
-        "request": request.to_json(), "seed": seed, "attempt": attempt, "models": hashes, "masks": masks_sha256,
-        "augment": json.loads(settings.augment.to_json()) if request.masks else None,
-        "decoder": {k: v for k, v in settings.decoder.to_json().items() if k in ("method", "storage_dtype", "roi", "overlap")},
-    }  # fmt: skip
+    hashes = _used_hashes(models, request)
+    fp = case_fingerprint(models, request, case, settings, attempt, masks_sha256)
     done = current_sidecar(paths["image"], fp)
     if done is not None and current_sidecar(paths["label"], fp) is not None:
         log.info("%s: outputs are current, not generated again", case.case_id)
@@ -364,6 +376,22 @@ def generate_case(
     return _row(request, case, record, paths)
 
 
+def _first_attempt(
+    models: Models, request: GenerationRequest, case: GenCase, settings: GenerateSettings, out_root, masks_sha256: str
+) -> int:
+    """The attempt the case's current outputs hold when they are still valid (earlier attempts failed
+    QC with these settings, so a rerun resumes there), else 0."""
+    from maisi.io import read_json
+
+    sidecar = sidecar_path(case_paths(out_root, request.name, case.case_id)["image"])
+    try:
+        attempt = int(read_json(sidecar)["attempt"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+    fp = case_fingerprint(models, request, case, settings, attempt, masks_sha256)
+    return attempt if current_sidecar(sidecar.with_name(sidecar.name[: -len(".json")]), fp) is not None else 0
+
+
 def generate_shard(
     request: GenerationRequest,
     cases: Sequence[GenCase],
@@ -373,12 +401,17 @@ def generate_shard(
     out_root: str | os.PathLike,
     table: str | os.PathLike,
     progress: bool = True,
+    qc: QCSettings | None = None,
+    qc_reference: str | os.PathLike | None = None,
 ) -> list[dict[str, Any]]:
     """Generate a shard's cases one after another, then write its table.
 
-    A case that fails with a bad-input error (no mask fits, unreadable mask) is recorded as
-    ``failed`` with its reason; the other cases still run and keep their outputs. With
-    ``on_error: stop`` the first failure is raised after the table is written.
+    With a QC reference, each case is checked (:mod:`maisi.qc`) and a failing one is generated
+    again from a new derived seed (:meth:`GenCase.attempt_seed`; masked cases thereby also draw a
+    new mask) until it passes or ``qc.max_attempts`` are used; the table records the attempts and
+    the last verdict with its reasons. A case that fails with a bad-input error (no mask fits,
+    unreadable mask) is recorded as ``failed`` with its reason; the other cases still run and keep
+    their outputs. With ``on_error: stop`` the first failure is raised after the table is written.
     """
     from tqdm.auto import tqdm
 
@@ -388,10 +421,23 @@ def generate_shard(
                          settings.preset, settings.device)  # fmt: skip
     masks = read_mask_database(mask_db) if request.masks and mask_db else None
     masks_sha = sha256_file(mask_db) if request.masks and mask_db else ""
+    ranges = read_reference(qc_reference) if qc_reference else None
+    qc = qc or QCSettings()
     rows, errors = [], []
     for case in tqdm(cases, desc=f"generate {request.name}", unit="case", disable=not progress):
         try:
-            row = generate_case(models, request, case, masks, settings, out_root, progress=progress, masks_sha256=masks_sha)
+            attempt = _first_attempt(models, request, case, settings, out_root, masks_sha) if ranges is not None else 0
+            while True:
+                row = generate_case(models, request, case, masks, settings, out_root, attempt, progress, masks_sha)
+                if ranges is None:
+                    row.update(qc_status="", qc_reasons="")
+                    break
+                verdict = check_files(row["image"], row["label"], ranges, qc)
+                row.update(qc_status="pass" if verdict.passed else "fail", qc_reasons="; ".join(verdict.reasons))
+                if verdict.passed or attempt + 1 >= qc.max_attempts:
+                    break
+                log.warning("%s attempt %d failed QC (%s); generating again", case.case_id, attempt, row["qc_reasons"])
+                attempt += 1
             rows.append({**row, "status": "ok", "reason": ""})
         except (NoMaskError, InputError, FileNotFoundError) as exc:
             log.error("case %s failed: %s", case.case_id, exc)

@@ -33,7 +33,7 @@ def plot_generated(cases: pd.DataFrame, dest: str | os.PathLike, requests: Mappi
     import nibabel as nib
     import numpy as np
 
-    from maisi.summary import _overlay, _save
+    from maisi.summary import mid_slices, save_figure
 
     ok = cases[cases.status == "ok"] if "status" in cases else cases
     shown = ok.groupby("request", group_keys=False).head(max(1, max_cases // max(ok.request.nunique(), 1))).head(max_cases)
@@ -42,11 +42,7 @@ def plot_generated(cases: pd.DataFrame, dest: str | os.PathLike, requests: Mappi
     for j, r in enumerate(shown.itertuples()):
         img = np.asanyarray(nib.load(r.image).dataobj).astype(np.float32)
         lab = np.asanyarray(nib.load(r.label).dataobj)
-        sx, sy, sz = json.loads(r.spacing)
-        x, y, z = (s // 2 for s in img.shape)
-        _overlay(axes[0, j], img[:, :, z], lab[:, :, z], aspect=sy / sx)
-        _overlay(axes[1, j], img[:, y, :], lab[:, y, :], aspect=sz / sx)
-        _overlay(axes[2, j], img[x, :, :][::-1], lab[x, :, :][::-1], aspect=sz / sy)
+        mid_slices(axes[:, j], img, lab, json.loads(r.spacing))
         source = r.mask_source.split("/")[-1] if r.mask_source else "no mask"
         axes[0, j].set_title(f"{r.case_id}\nmask: {source}\nseed {r.seed}", fontsize=7)
     for ax in axes.ravel():
@@ -57,4 +53,4 @@ def plot_generated(cases: pd.DataFrame, dest: str | os.PathLike, requests: Mappi
         title += "\n" + "\n".join(f"{k}: {v}" for k, v in requests.items())
     fig.suptitle(title + "\nmid-slices: axial (top), coronal (middle), sagittal (bottom)", fontsize=8)
     fig.tight_layout()
-    _save(fig, dest)
+    save_figure(fig, dest)

@@ -20,12 +20,12 @@ from maisi.io import atomic_path, write_text  # noqa: E402
 from maisi.provenance import provenance  # noqa: E402
 from maisi.regions import BODY_REGIONS  # noqa: E402
 
-__all__ = ["plot_dims_spacing", "plot_montage", "write_summary_html"]
+__all__ = ["plot_dims_spacing", "plot_montage", "write_summary_html", "overlay", "save_figure", "mid_slices"]
 
 _AXES = ("x", "y", "z")
 
 
-def _save(fig, dest) -> None:
+def save_figure(fig, dest) -> None:
     with atomic_path(dest) as tmp:
         fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
     plt.close(fig)
@@ -74,10 +74,10 @@ def plot_dims_spacing(cases: pd.DataFrame, dest: str | os.PathLike) -> None:
         ax.legend(fontsize=8)
     fig.suptitle(f"Prepared dataset: {len(cases)} cases")
     fig.tight_layout()
-    _save(fig, dest)
+    save_figure(fig, dest)
 
 
-def _overlay(ax, img: np.ndarray, lab: np.ndarray | None, aspect: float) -> None:
+def overlay(ax, img: np.ndarray, lab: np.ndarray | None, aspect: float) -> None:
     # Arrays are RAS; flip x so the patient's right is on the viewer's left (radiological convention).
     img = img[::-1]
     lab = None if lab is None else lab[::-1]
@@ -86,6 +86,15 @@ def _overlay(ax, img: np.ndarray, lab: np.ndarray | None, aspect: float) -> None
         masked = np.ma.masked_where((lab == 0) | (lab == 200), lab).T
         ax.imshow(masked, cmap="tab20", alpha=0.45, origin="lower", aspect=aspect, interpolation="nearest", vmin=0, vmax=132)
     ax.set_axis_off()
+
+
+def mid_slices(axes, img: np.ndarray, lab: np.ndarray | None, spacing) -> None:
+    """Axial, coronal and sagittal mid-slices of a RAS volume on three axes, labels overlaid."""
+    sx, sy, sz = (float(v) for v in spacing)
+    x, y, z = (s // 2 for s in img.shape)
+    overlay(axes[0], img[:, :, z], None if lab is None else lab[:, :, z], aspect=sy / sx)
+    overlay(axes[1], img[:, y, :], None if lab is None else lab[:, y, :], aspect=sz / sx)
+    overlay(axes[2], img[x, :, :][::-1], None if lab is None else lab[x, :, :][::-1], aspect=sz / sy)
 
 
 def plot_montage(cases: pd.DataFrame, dest: str | os.PathLike, max_cases: int = 12) -> None:
@@ -101,15 +110,15 @@ def plot_montage(cases: pd.DataFrame, dest: str | os.PathLike, max_cases: int = 
         lab = np.asanyarray(nib.load(r.label).dataobj) if r.label else None
         sx, sy, sz = json.loads(r.spacing)
         z, y = img.shape[2] // 2, img.shape[1] // 2
-        _overlay(axes[0, j], img[:, :, z], None if lab is None else lab[:, :, z], aspect=sy / sx)
-        _overlay(axes[1, j], img[:, y, :], None if lab is None else lab[:, y, :], aspect=sz / sx)
+        overlay(axes[0, j], img[:, :, z], None if lab is None else lab[:, :, z], aspect=sy / sx)
+        overlay(axes[1, j], img[:, y, :], None if lab is None else lab[:, y, :], aspect=sz / sx)
         origin = getattr(r, "label_source", "") or "no labels"
         axes[0, j].set_title(f"{r.case_id}\n{r.top_region}->{r.bottom_region}\n{origin}", fontsize=8)
     for ax in axes.ravel()[2 * len(shown):]:
         ax.set_axis_off()
     fig.suptitle("Mid-slices: axial (top) and coronal (bottom), labels overlaid")
     fig.tight_layout()
-    _save(fig, dest)
+    save_figure(fig, dest)
 
 
 def _img_tag(path) -> str:

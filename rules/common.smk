@@ -9,6 +9,9 @@ from maisi.catalog import load_catalog
 from maisi.generate import GenerateSettings
 from maisi.generation_plan import parse_requests
 from maisi.config import validate_config
+from maisi.fid import FIDSettings
+from maisi.qc import QCSettings
+from maisi.release_inputs import source_records
 from maisi.preprocess import PreprocessSettings
 from maisi.totalseg import TotalSegSettings, check_weights
 
@@ -165,7 +168,7 @@ GENERATED = "results/generated"
 
 
 def generate_inputs(wildcards):
-    inputs = {"autoencoder": AUTOENCODER, "diffusion": DIFFUSION}
+    inputs = {"autoencoder": AUTOENCODER, "diffusion": DIFFUSION, "qc_reference": "results/qc/reference.json"}
     if REQUESTS[wildcards.request].masks:
         inputs.update(controlnet=CONTROLNET, masks="results/masks/database.json")
     return inputs
@@ -198,3 +201,26 @@ def regions_params(wildcards):
     # Only this shard's overrides, so editing one case's override reruns one shard.
     cfg["overrides"] = {k: v for k, v in cfg.get("overrides", {}).items() if k in ids}
     return json.dumps(cfg, sort_keys=True)
+
+
+# --- qc.smk, fid.smk, release.smk ---
+QC = QCSettings.from_config(config["qc"])
+FID = FIDSettings.from_config({k: v for k, v in config["fid"].items() if k != "enabled"})
+RELEASES = "results/releases"
+RELEASE_NAME = config["release"]["name"] or config["run_name"]
+RELEASE_VERSION = config["release"]["version"]
+
+
+def release_checkpoints():
+    """The checkpoints the released cases were generated with (the ControlNet only when a request uses masks)."""
+    used = {"autoencoder": AUTOENCODER, "diffusion": DIFFUSION}
+    if any(r.masks for r in REQUESTS.values()):
+        used["controlnet"] = CONTROLNET
+    return used
+
+
+def release_targets():
+    """QC and the release, when there is anything to generate (a run without requests ends at training)."""
+    if not any(r.n_cases for r in REQUESTS.values()):
+        return []
+    return [*rules.qc.output, *rules.release.output]

@@ -21,6 +21,7 @@ rule generate:
         request=lambda w: json.dumps(REQUESTS[w.request].to_json(), sort_keys=True),
         cases=generate_cases_json,
         settings=GenerateSettings.from_config(config["generate"], config["model"], config["on_error"]).to_json(),
+        qc=QC.check_json(),
     threads: config["threads"]["generate"]
     resources:
         mem_mb=config["generate"]["resources"]["mem_mb"],

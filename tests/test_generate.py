@@ -173,3 +173,41 @@ def test_hu_mapping_and_body():
     assert np.all(to_hu(vol, body)[~body] == -1000)
     assert json.loads(SETTINGS.to_json())["decoder"]["method"] == "tsp"
     assert GenerateSettings.from_json(SETTINGS.to_json()) == SETTINGS
+
+
+def _reference(path, liver_range):
+    """A QC reference (maisi.qc's format) whose liver range is ``liver_range``."""
+    from maisi.io import write_json
+    from maisi.qc import REFERENCE_VERSION
+
+    low, high = liver_range
+    rng = {"organ": "liver", "labels": [1], "n": 5, "mean": (low + high) / 2, "sd": 1.0, "p005": low, "p995": high, "low": low, "high": high}
+    write_json(path, {"version": REFERENCE_VERSION, "ranges": {"liver": rng}, "n_cases": 5, "too_few_cases": [], "medians": {}})
+    return path
+
+
+def test_case_failing_qc_is_generated_again_with_new_seeds(tmp_path, checkpoints, mask_db):
+    from maisi.qc import QCSettings
+
+    req = request(anatomy=["liver"], allow_tumour=True, n_cases=1)
+    qc = QCSettings(max_attempts=3, min_inside_body=0.0)
+    impossible = _reference(tmp_path / "impossible.json", (5000.0, 6000.0))
+    rows = generate_shard(req, req.cases(), checkpoints, mask_db, SETTINGS, tmp_path / "a", tmp_path / "a.tsv", progress=False,
+                          qc=qc, qc_reference=impossible)  # fmt: skip
+    assert rows[0]["qc_status"] == "fail" and rows[0]["attempt"] == 2 and "liver: median" in rows[0]["qc_reasons"]
+    record = read_json(sidecar_path(case_paths(tmp_path / "a", "r", "r_00000")["image"]))
+    case = req.cases()[0]
+    assert record["attempt"] == 2 and record["seed"] == case.attempt_seed(2) != case.seed
+    table = read_table(tmp_path / "a.tsv")
+    assert list(table.qc_status) == ["fail"] and list(table.attempt) == ["2"]
+    # a rerun with the same settings resumes at the recorded attempt: nothing is generated again
+    image = case_paths(tmp_path / "a", "r", "r_00000")["image"]
+    before = image.stat().st_mtime_ns
+    rows = generate_shard(req, req.cases(), checkpoints, mask_db, SETTINGS, tmp_path / "a", tmp_path / "a.tsv", progress=False,
+                          qc=qc, qc_reference=impossible)  # fmt: skip
+    assert rows[0]["attempt"] == 2 and image.stat().st_mtime_ns == before
+    # a range every case meets: the first attempt passes
+    wide = _reference(tmp_path / "wide.json", (-1100.0, 1100.0))
+    rows = generate_shard(req, req.cases(), checkpoints, mask_db, SETTINGS, tmp_path / "b", tmp_path / "b.tsv", progress=False,
+                          qc=qc, qc_reference=wide)  # fmt: skip
+    assert rows[0]["qc_status"] == "pass" and rows[0]["attempt"] == 0 and rows[0]["qc_reasons"] == ""

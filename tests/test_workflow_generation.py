@@ -30,6 +30,8 @@ def _config():
         "model": {"preset": "tiny", "device": "cpu"},
         **json.loads(json.dumps(TRAINING)),
         "generate": {"cases_per_shard": 1, "requests": json.loads(json.dumps(REQUESTS))},
+        "qc": {"max_attempts": 1, "on_fail": "flag"},  # random-looking tiny models: keep every case, flagged
+        "fid": {"spacing": [6.0, 6.0, 6.0], "size": [64, 64, 48]},
     }
 
 
@@ -62,6 +64,32 @@ def test_all_generates_every_request(generated):
     assert planned_jobs(generated, "all") == {}
 
 
+def test_all_ends_in_a_release_with_qc_and_fid(generated):
+    import subprocess
+    import sys
+
+    qc = pd.read_csv(generated / "results/qc/cases.tsv", sep="\t", keep_default_na=False)
+    assert sorted(qc.case_id) == ["free_00000", "masked_00000", "masked_00001"]
+    assert set(qc.release) <= {"include", "flagged"} and set(qc.qc_status) <= {"pass", "fail"}
+    assert json.loads((generated / "results/qc/reference.json").read_text())["ranges"]  # organ ranges from the real phantoms
+    fid = pd.read_csv(generated / "results/fid/fid.tsv", sep="\t")
+    assert list(fid.plane) == ["axial", "coronal", "sagittal", "average"]
+    assert (fid.extractor == "maisi-autoencoder-encoder").all() and np.isfinite(fid.fid).all() and (fid.real_floor >= 0).all()
+    release = generated / "results/releases/generation/0.1.0"
+    dataset = json.loads((release / "dataset.json").read_text())
+    assert dataset["numTraining"] == 3 and dataset["modality"] == {"0": "CT"} and dataset["labels"]["1"] == "liver"
+    for entry in dataset["training"]:
+        assert (release / entry["image"]).is_file() and (release / entry["label"]).is_file()
+    card = (release / "DATACARD.md").read_text()
+    assert "NOT FOR CLINICAL USE" in card and "maisi-autoencoder-encoder" in card and "QC pass rate" in card
+    provenance = json.loads((release / "provenance.json").read_text())
+    sidecar = json.loads((generated / "results/generated/masked/imagesTr/masked_00000.nii.gz.json").read_text())
+    assert provenance["content"]["cases"]["masked_00000"]["seed"] == sidecar["seed"]
+    assert provenance["build"]["packages"]["monai"] and len(provenance["content"]["checkpoints"]) == 3
+    proc = subprocess.run([sys.executable, "-m", "maisi.release", "verify", str(release)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 def test_more_cases_add_shards_only(generated):
     first = generated / "results/generated/masked/imagesTr/masked_00000.nii.gz"
     before = first.stat().st_mtime_ns
@@ -69,12 +97,16 @@ def test_more_cases_add_shards_only(generated):
     original = path.read_text()
     cfg = yaml.safe_load(original)
     cfg["generate"]["requests"]["masked"]["n_cases"] = 3
+    cfg["release"] = {"version": "0.2.0"}  # new content, new release version
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     try:
-        assert planned_jobs(generated, "all") == {"generate": 1, "generated": 1, "all": 1}
+        assert planned_jobs(generated, "all") == {"generate": 1, "generated": 1, "qc": 1, "fid": 1, "release": 1, "all": 1}
         snakemake(generated, "all", timeout=900)
         assert first.stat().st_mtime_ns == before  # the existing cases are untouched
         assert (generated / "results/generated/masked/imagesTr/masked_00002.nii.gz").is_file()
+        releases = generated / "results/releases/generation"
+        assert (releases / "0.2.0/imagesTr/masked_00002.nii.gz").is_file()
+        assert not (releases / "0.1.0/imagesTr/masked_00002.nii.gz").exists()  # the earlier version is unchanged
     finally:
         path.write_text(original)
 

@@ -1,0 +1,26 @@
+# 2.5-D FID of the released generated cases against the real prepared cases, with the real-vs-real floor.
+
+
+rule fid:
+    input:
+        generated=f"{GENERATED}/cases.tsv",
+        qc="results/qc/cases.tsv",
+        real="results/prepared/cases.tsv",
+        autoencoder=AUTOENCODER,
+    output:
+        table=report("results/fid/fid.tsv", caption="../report/fid.rst", category="FID"),
+        record="results/fid/fid.json",
+    params:
+        settings=FID.to_json(),
+        preset=config["model"]["preset"],
+        enabled=config["fid"]["enabled"],
+    threads: config["threads"]["generate"]
+    resources:
+        mem_mb=config["model"]["resources"]["mem_mb"],
+        gpu=model_gpus,
+    log:
+        "logs/fid/fid.log",
+    benchmark:
+        "results/benchmarks/fid.tsv"
+    script:
+        "../workflow_scripts/fid.py"

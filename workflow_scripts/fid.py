@@ -1,0 +1,26 @@
+"""Snakemake script: 2.5-D FID of the released generated cases against the real cases (see maisi.fid)."""
+
+import torch
+
+from maisi.fid import FIDSettings, compute_fid, write_fid, write_fid_disabled
+from maisi.logs import from_snakemake
+from maisi.shards import read_table
+
+smk = snakemake  # noqa: F821 (injected by Snakemake)
+with from_snakemake(smk):
+    torch.set_num_threads(smk.threads)
+    if not smk.params.enabled:
+        write_fid_disabled(smk.output.table, smk.output.record)
+    else:
+        qc = read_table(smk.input.qc)
+        kept = set(qc.case_id[qc.release != "excluded"])
+        generated = read_table(smk.input.generated)
+        images = sorted(generated.image[generated.case_id.isin(kept)])
+        if len(images) < 2:
+            write_fid_disabled(smk.output.table, smk.output.record, f"{len(images)} released case(s); FID needs at least 2")
+        else:
+            result = compute_fid(
+                images, sorted(read_table(smk.input.real).image_hu), FIDSettings.from_json(smk.params.settings),
+                autoencoder=smk.input.autoencoder, preset=smk.params.preset,
+            )  # fmt: skip
+            write_fid(result, smk.output.table, smk.output.record)

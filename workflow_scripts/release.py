@@ -1,0 +1,21 @@
+"""Snakemake script: build (or confirm) the versioned release (see maisi.release)."""
+
+import json
+
+from maisi.io import write_json
+from maisi.logs import from_snakemake
+from maisi.release import build_release
+from maisi.release_inputs import labels_present, released_cases
+
+smk = snakemake  # noqa: F821 (injected by Snakemake)
+with from_snakemake(smk):
+    cases = released_cases(smk.input.generated, smk.input.qc)
+    result = build_release(
+        "results/releases", smk.params.name, smk.params.version, cases,
+        config=json.loads(smk.params.config), checkpoints=json.loads(smk.params.checkpoints),
+        labels=labels_present(list(cases.label)), sources=json.loads(smk.params.sources),
+        qc_table=smk.input.qc, qc_organs_table=smk.input.qc_organs, fid_table=smk.input.fid,
+        repo_dir=smk.params.repo, description=smk.params.description,
+    )  # fmt: skip
+    write_json(smk.output.record, {"path": str(result.path), "content_digest": result.content_digest,
+                                   "created": result.created, "n_cases": result.n_cases})  # fmt: skip
