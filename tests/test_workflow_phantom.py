@@ -126,3 +126,23 @@ def test_rerun_is_reproducible(default_run, tmp_path):
         a = np.asanyarray(nib.load(work / f"results/prepared/phantom/{sub}/phantom_0000.nii.gz").dataobj)
         b = np.asanyarray(nib.load(other / f"results/prepared/phantom/{sub}/phantom_0000.nii.gz").dataobj)
         np.testing.assert_array_equal(a, b)
+
+
+def test_default_ends_in_a_release_with_qc_and_fid(default_run):
+    """`all` on the embedded default checks the generated cases, scores them and publishes release 0.1.0."""
+    work, cfg = default_run
+    n = sum(r["n_cases"] for r in cfg["generate"]["requests"].values())
+    qc = pd.read_csv(work / "results/qc/cases.tsv", sep="\t", keep_default_na=False)
+    assert len(qc) == n and set(qc.release) <= {"include", "flagged"}  # qc.on_fail: flag keeps every case
+    ranges = json.loads((work / "results/qc/reference.json").read_text())["ranges"]
+    assert {"liver", "lung", "bone"} <= set(ranges) and ranges["bone"]["high"] <= 1000
+    fid = pd.read_csv(work / "results/fid/fid.tsv", sep="\t")
+    assert list(fid.plane) == ["axial", "coronal", "sagittal", "average"] and np.isfinite(fid.fid).all()
+    release = work / "results/releases/default/0.1.0"
+    dataset = json.loads((release / "dataset.json").read_text())
+    assert dataset["numTraining"] == n and dataset["release"] == "0.1.0"
+    manifest = json.loads((release / "manifest.json").read_text())
+    assert len(manifest["content_digest"]) == 64 and f"imagesTr/{qc.case_id[0]}.nii.gz" in manifest["files"]
+    assert "NOT FOR CLINICAL USE" in (release / "DATACARD.md").read_text()
+    for figure in ("hu_histograms.png", "generated_vs_real.png"):
+        assert (work / "results/qc" / figure).stat().st_size > 10_000
