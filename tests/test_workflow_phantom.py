@@ -101,10 +101,11 @@ def test_nothing_reruns_and_one_more_case_reruns_one_shard(default_run):
         # one shard of each data stage; the autoencoder is trained again on the larger dataset, so every
         # shard's latents are encoded again, and the diffusion UNet and ControlNet trained again
         latent_shards = len(list((work / "results/latents/phantom/shards").glob("*.tsv")))
-        # and the generated cases again with the new models (and the mask database of the larger dataset)
+        # and the generated cases again with the new models (and the mask database of the larger dataset),
+        # checked against QC ranges of the larger dataset, scored and released
         assert jobs == {"phantom": 1, "preprocess": 1, "regions": 1, "dataset": 1, "dataset_summary": 1, "train_vae": 1,
                         "cache_latents": latent_shards, "train_diffusion": 1, "train_controlnet": 1, "mask_database": 1,
-                        "generate": 2, "generated": 1, "all": 1}  # fmt: skip
+                        "generate": 2, "generated": 1, "qc_reference": 1, "qc": 1, "fid": 1, "release": 1, "all": 1}  # fmt: skip
         coarser = yaml.safe_load(original)
         coarser["preprocess"]["divisor"] = 64
         config_file.write_text(yaml.safe_dump(coarser))
