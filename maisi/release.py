@@ -436,7 +436,7 @@ def render_datacard(
     for req, recs in sorted(by_request.items()):
         regions = sorted({f"{r['conditions'].get('top_region')} -> {r['conditions'].get('bottom_region')}" for r in recs
                           if r.get("conditions", {}).get("top_region")})  # fmt: skip
-        anatomy = sorted({a for r in recs for a in (r.get("conditions", {}).get("anatomy") or [])})
+        anatomy = sorted({label_name(int(a)) if str(a).isdigit() else str(a) for r in recs for a in (r.get("conditions", {}).get("anatomy") or [])})
         masks = "yes" if any(r.get("mask_source") for r in recs) else "no"
         out.append(f"| {req} | {len(recs)} | {values(recs, 'size')} | {values(recs, 'spacing')} | {', '.join(regions) or 'n/a'} "
                    f"| {', '.join(anatomy) or 'any'} | {masks} |")  # fmt: skip

@@ -20,7 +20,7 @@ from maisi.release import ReleaseConflict, build_release, diff_releases, list_re
 ROOT = Path(__file__).resolve().parent.parent
 AFFINE = np.diag([4.0, 4.0, 4.0, 1.0])
 CONDITIONS = {"size": [8, 8, 8], "spacing": [4.0, 4.0, 4.0], "top_region": "chest", "bottom_region": "abdomen",
-              "anatomy": ["liver"], "sampler": "rflow", "steps": 3}  # fmt: skip
+              "anatomy": [1], "sampler": "rflow", "steps": 3}  # fmt: skip
 
 
 def write_case(gen: Path, request: str, case_id: str, seed: int, checkpoints: dict[str, str]) -> dict[str, str]:
