@@ -90,6 +90,43 @@ def test_all_ends_in_a_release_with_qc_and_fid(generated):
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_report_renders_in_headless_chromium(generated, tmp_path):
+    """`snakemake --report` gives one HTML report; Chromium renders its navigation with every result
+    category, and every figure embedded in it decodes as a picture."""
+    import base64
+    import io
+    import os
+    import re
+    import shutil
+    import subprocess
+
+    from PIL import Image
+
+    browser = shutil.which("chromium")
+    if browser is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing: .ci/install-browser installs it")
+        pytest.skip("chromium is not installed (bash .ci/install-browser installs Debian's package)")
+    report = tmp_path / "report.html"
+    snakemake(generated, "--report", str(report))
+    html = report.read_text()
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=20000"]
+    dom = subprocess.run([browser, *flags, "--dump-dom", report.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    for category in ("Prepared dataset", "Training", "Generation", "Quality control", "FID"):
+        assert f">{category}<" in dom, category  # rendered by the report's scripts, absent from the raw file
+        assert f">{category}<" not in html
+    figures = dict(re.findall(r"data:image/png;[^,]*?filename=([\w.-]+);base64,([A-Za-z0-9+/=]+)", html))
+    assert {"dims_spacing.png", "montage.png", "diffusion_unet_loss.png", "hu_histograms.png", "generated_vs_real.png"} <= set(figures)
+    for data in figures.values():
+        with Image.open(io.BytesIO(base64.b64decode(data))) as im:
+            assert im.size[0] > 200 and im.size[1] > 100 and im.convert("L").getextrema()[1] > 0
+    shot = tmp_path / "report.png"
+    subprocess.run([browser, *flags, "--window-size=1400,900", f"--screenshot={shot}", report.as_uri()],
+                   capture_output=True, timeout=120, cwd=tmp_path)  # fmt: skip
+    with Image.open(shot) as im:
+        assert len(set(im.convert("L").resize((140, 90)).getdata())) > 20  # not a blank page
+
+
 def test_more_cases_add_shards_only(generated):
     first = generated / "results/generated/masked/imagesTr/masked_00000.nii.gz"
     before = first.stat().st_mtime_ns
