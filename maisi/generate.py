@@ -383,13 +383,13 @@ def _first_attempt(
     QC with these settings, so a rerun resumes there), else 0."""
     from maisi.io import read_json
 
-    sidecar = sidecar_path(case_paths(out_root, request.name, case.case_id)["image"])
+    image = case_paths(out_root, request.name, case.case_id)["image"]
     try:
-        attempt = int(read_json(sidecar)["attempt"])
+        attempt = int(read_json(sidecar_path(image))["attempt"])
     except (OSError, ValueError, KeyError, TypeError):
         return 0
     fp = case_fingerprint(models, request, case, settings, attempt, masks_sha256)
-    return attempt if current_sidecar(sidecar.with_name(sidecar.name[: -len(".json")]), fp) is not None else 0
+    return attempt if current_sidecar(image, fp) is not None else 0
 
 
 def generate_shard(
