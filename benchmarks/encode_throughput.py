@@ -42,7 +42,7 @@ METHODS = ("reference", "ours")
 
 def _status_kb(field: str) -> int:
     """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``)."""
-    with open("/proc/self/status") as fh:
+    with open("/proc/self/status", encoding="utf-8") as fh:
         for line in fh:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
@@ -52,7 +52,7 @@ def _status_kb(field: str) -> int:
 def _reset_peak_rss() -> bool:
     """Reset ``VmHWM`` to the current RSS (Linux >= 4.0); False where the kernel does not allow it."""
     try:
-        with open("/proc/self/clear_refs", "w") as fh:
+        with open("/proc/self/clear_refs", "w", encoding="utf-8") as fh:
             fh.write("5")
     except OSError:
         return False
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"ref_vol_per_s={_fmt(ref and ref['vol_per_s'], '.4g')} ref_peak_mb={_fmt(ref and ref['peak_mb'], '.0f')}"
             )
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     print()
     print("\n".join(lines))
     return 0

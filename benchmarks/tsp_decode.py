@@ -40,7 +40,7 @@ METHODS = ("monai", "monai_split4", "tsp")
 
 
 def _rss_bytes() -> int:
-    with open("/proc/self/statm") as fh:
+    with open("/proc/self/statm", encoding="utf-8") as fh:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 

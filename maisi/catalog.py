@@ -161,7 +161,7 @@ def load_catalog(path: str | os.PathLike | None = None) -> dict[str, DatasetEntr
             unknown converter, label_map values that are not MAISI classes...).
     """
     path = Path(path) if path is not None else default_catalog_path()
-    with open(path) as fh:
+    with open(path, encoding="utf-8") as fh:
         try:
             data = yaml.safe_load(fh)
         except yaml.YAMLError as err:

@@ -30,7 +30,7 @@ def key_path(parts) -> str:
 
 
 def _load_schema() -> dict:
-    return yaml.safe_load(SCHEMA_FILE.read_text())
+    return yaml.safe_load(SCHEMA_FILE.read_text(encoding="utf-8"))
 
 
 def _with_defaults(validator_class):
@@ -73,7 +73,7 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
     """Read a YAML config file (plus optional top-level overrides) and validate it."""
     path = Path(path)
     try:
-        cfg = yaml.safe_load(path.read_text()) or {}
+        cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
     if overrides:

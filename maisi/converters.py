@@ -184,7 +184,7 @@ def convert_msd(
     if not entry.label_map:
         raise ConversionError(f"{entry.name}: the msd converter needs a label_map")
     task = _find_msd_task(entry, extracted_dir)
-    with open(task / "dataset.json") as fh:
+    with open(task / "dataset.json", encoding="utf-8") as fh:
         meta = json.load(fh)
 
     pairs: list[tuple[Path, Path | None]] = []
@@ -239,7 +239,7 @@ def totalseg_mapping() -> tuple[dict[str, int], tuple[str, ...]]:
     Read from ``maisi/data/totalseg_to_maisi.json``; classes later in the priority win where
     masks overlap.
     """
-    text = resources.files("maisi").joinpath("data/totalseg_to_maisi.json").read_text()
+    text = resources.files("maisi").joinpath("data/totalseg_to_maisi.json").read_text(encoding="utf-8")
     data = json.loads(text)
     mapping = {name: (label_id(target) if target is not None else 0) for name, target in data["mapping"].items()}
     priority = tuple(data["priority"])

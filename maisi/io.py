@@ -67,7 +67,7 @@ def atomic_path(dest: str | os.PathLike, suffix: str | None = None) -> Iterator[
 def write_text(dest: str | os.PathLike, text: str) -> Path:
     """Atomically write ``text`` to ``dest``."""
     with atomic_path(dest) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
     return Path(dest)
 
 
@@ -77,7 +77,7 @@ def write_json(dest: str | os.PathLike, obj: Any) -> Path:
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    with open(path) as fh:
+    with open(path, encoding="utf-8") as fh:
         return json.load(fh)
 
 
@@ -95,7 +95,7 @@ def current_sidecar(dest: str | os.PathLike, fingerprint: Any) -> dict[str, Any]
     if not (dest.is_file() and sidecar.is_file()):
         return None
     try:
-        record = json.loads(sidecar.read_text())
+        record = json.loads(sidecar.read_text(encoding="utf-8"))
     except ValueError:
         return None
     if record.get("fingerprint") != fingerprint or record.get("sha256") != sha256_file(dest):

@@ -15,7 +15,7 @@ BODY = 200
 @functools.lru_cache(maxsize=1)
 def maisi_labels() -> dict[str, int]:
     """Class name -> MAISI label id, read from ``maisi/data/maisi_labels.json``."""
-    text = resources.files("maisi").joinpath("data/maisi_labels.json").read_text()
+    text = resources.files("maisi").joinpath("data/maisi_labels.json").read_text(encoding="utf-8")
     return dict(json.loads(text)["labels"])
 
 

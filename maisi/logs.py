@@ -20,7 +20,7 @@ def log_to_file(path: str | os.PathLike | None) -> Iterator[None]:
         yield
         return
     os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
-    with open(path, "w", buffering=1) as fh:
+    with open(path, "w", encoding="utf-8", buffering=1) as fh:
         handler = logging.StreamHandler(fh)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root = logging.getLogger()

@@ -234,7 +234,7 @@ def write_mask_database(entries: Iterable[MaskEntry], dest: str | os.PathLike) -
 def read_mask_database(path: str | os.PathLike) -> list[MaskEntry]:
     """Read a database written by :func:`write_mask_database`; ``ValueError`` names a malformed file."""
     try:
-        with open(path) as fh:
+        with open(path, encoding="utf-8") as fh:
             data = json.load(fh)
     except ValueError as exc:
         raise ValueError(f"mask database {path} is not valid JSON: {exc}") from exc

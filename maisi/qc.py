@@ -244,7 +244,7 @@ def build_reference(cases: Iterable[Mapping[str, str]], settings: QCSettings, pr
 
 def read_reference(path: str | os.PathLike) -> dict[str, OrganRange]:
     """The organ ranges of a reference written by :func:`build_reference`."""
-    with open(path) as fh:
+    with open(path, encoding="utf-8") as fh:
         data = json.load(fh)
     if data.get("version") != REFERENCE_VERSION:
         raise InputError(path, f"QC reference version {data.get('version')} is not {REFERENCE_VERSION}; rebuild it")

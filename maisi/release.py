@@ -211,7 +211,7 @@ def _make_read_only(folder: Path) -> None:
 @contextlib.contextmanager
 def _version_lock(parent: Path, version: str) -> Iterator[None]:
     """Serialise builds of one release version (so removing stale temp folders is safe)."""
-    with open(parent / f".lock-{version}", "a+") as fh:
+    with open(parent / f".lock-{version}", "a+", encoding="utf-8") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
@@ -747,7 +747,7 @@ def verify_release(release_dir: str | os.PathLike) -> list[str]:
     for rel in manifest.get("identity", {}):
         path = folder / rel
         if path.is_file():
-            identity[rel] = _sha256_text(_datacard_body(path.read_text())) if rel == "DATACARD.md" else sha256_file(path)
+            identity[rel] = _sha256_text(_datacard_body(path.read_text(encoding="utf-8"))) if rel == "DATACARD.md" else sha256_file(path)
     if len(identity) == len(manifest.get("identity", {})) and content_digest(identity, content) != manifest.get("content_digest"):
         problems.append("content digest: the files and provenance content do not give the manifest's content_digest")
     return problems

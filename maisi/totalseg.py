@@ -192,8 +192,8 @@ def _model_info(weights: Path, task_id: int, mode: str) -> ModelInfo:
                 f"{_how_to_get(weights, mode)}"
             )
     try:
-        dataset = json.loads((model / "dataset.json").read_text())
-        plans = json.loads((model / "plans.json").read_text())
+        dataset = json.loads((model / "dataset.json").read_text(encoding="utf-8"))
+        plans = json.loads((model / "plans.json").read_text(encoding="utf-8"))
         config = plans["configurations"]["3d_fullres"]
         spacing, patch = tuple(float(s) for s in config["spacing"]), tuple(int(p) for p in config["patch_size"])
         labels = {int(v): k for k, v in dataset["labels"].items() if int(v) != 0}
@@ -242,7 +242,7 @@ def offline_environment(settings: TotalSegSettings) -> Iterator[None]:
     home = Path(settings.home).absolute()
     config_file = home / "config.json"
     config = (
-        json.loads(config_file.read_text())
+        json.loads(config_file.read_text(encoding="utf-8"))
         if config_file.is_file()
         else {"totalseg_id": "totalseg_offline", "prediction_counter": 0}
     )

@@ -170,7 +170,7 @@ def read_training_images(datalist: str | os.PathLike) -> list[Path]:
     """The training images of a MAISI datalist (paths relative to its folder), each checked readable."""
     datalist = Path(datalist)
     try:
-        with open(datalist) as fh:
+        with open(datalist, encoding="utf-8") as fh:
             data = json.load(fh)
     except FileNotFoundError:
         raise DatasetError(f"{datalist}: datalist not found") from None

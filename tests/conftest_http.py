@@ -189,7 +189,7 @@ def write_msd_task(root, task="Task09_Spleen", prefix="spleen", n_cases=2, label
     (base / "dataset.json").write_text(json.dumps({
         "name": task, "labels": {"0": "background", **{str(v): f"class{v}" for v in label_values}},
         "numTraining": n_cases, "training": training, "test": test,
-    }))
+    }), encoding="utf-8")
     return base
 
 

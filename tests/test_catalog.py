@@ -69,7 +69,7 @@ def catalog():
 
 @pytest.fixture
 def raw_catalog():
-    with open(default_catalog_path()) as fh:
+    with open(default_catalog_path(), encoding="utf-8") as fh:
         return yaml.safe_load(fh)
 
 
@@ -79,7 +79,7 @@ def _monai_decathlon_md5() -> dict[str, str] | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     source = Path(next(iter(spec.submodule_search_locations))) / "apps" / "datasets.py"
-    tree = ast.parse(source.read_text())
+    tree = ast.parse(source.read_text(encoding="utf-8"))
     for node in ast.walk(tree):
         if isinstance(node, ast.ClassDef) and node.name == "DecathlonDataset":
             for stmt in node.body:
@@ -139,7 +139,7 @@ def test_real_catalog_totalsegmentator(catalog):
 def test_bad_entry_is_reported_with_name_and_key(raw_catalog, tmp_path, mutate, fragment):
     mutate(raw_catalog["datasets"]["msd_task06_lung"])
     path = tmp_path / "datasets.yaml"
-    path.write_text(yaml.safe_dump(raw_catalog))
+    path.write_text(yaml.safe_dump(raw_catalog), encoding="utf-8")
     with pytest.raises(CatalogError) as info:
         load_catalog(path)
     msg = str(info.value)
@@ -248,7 +248,7 @@ def test_totalseg_mapping_covers_all_v2_classes():
     mapping, priority = totalseg_mapping()
     assert sorted(mapping) == sorted(TOTALSEG_V2_CLASSES) and len(mapping) == 117
     assert sorted(priority) == sorted(mapping)
-    raw = json.loads((Path(__file__).parents[1] / "maisi" / "data" / "totalseg_to_maisi.json").read_text())
+    raw = json.loads((Path(__file__).parents[1] / "maisi" / "data" / "totalseg_to_maisi.json").read_text(encoding="utf-8"))
     names = maisi_labels()
     assert all(v is None or v in names for v in raw["mapping"].values())
     assert mapping["liver"] == 1 and mapping["kidney_left"] == 14 and mapping["vertebrae_L1"] == 37
@@ -276,7 +276,7 @@ def test_totalsegmentator_conversion(tmp_path):
         masks["future_class"] = np.ones(shape, np.uint8)  # not in the table: skipped
         for name, m in masks.items():
             write_nifti(root / case / "segmentations" / f"{name}.nii.gz", m)
-    (root / "meta.csv").write_text("image_id;split\ns0000;train\ns0001;test\n")
+    (root / "meta.csv").write_text("image_id;split\ns0000;train\ns0001;test\n", encoding="utf-8")
 
     entry = _entry(name="totalsegmentator_v2", converter="totalsegmentator", label_map={}, archive_type="zip")
     out = tmp_path / "out"

@@ -6,7 +6,7 @@ from maisi.config import ConfigError, load_config, validate_config
 
 
 def _default():
-    return yaml.safe_load((ROOT / "config/config.yaml").read_text())
+    return yaml.safe_load((ROOT / "config/config.yaml").read_text(encoding="utf-8"))
 
 
 def test_default_config_is_valid_and_filled():
@@ -45,6 +45,6 @@ def test_config_errors_name_the_key(mutate, key):
 
 def test_yaml_error_names_file(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("sources: [unclosed\n")
+    path.write_text("sources: [unclosed\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="c.yaml: not valid YAML"):
         load_config(path)

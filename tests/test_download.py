@@ -314,10 +314,10 @@ def test_zip_symlink_is_refused(tmp_path):
 def test_tar_variants_extract(tmp_path, suffix, mode):
     src = tmp_path / "src"
     (src / "d").mkdir(parents=True)
-    (src / "d" / "a.txt").write_text("A")
+    (src / "d" / "a.txt").write_text("A", encoding="utf-8")
     archive = make_tar(src, tmp_path / f"x.{suffix}", mode)
     out = safe_extract(archive, tmp_path / "out")
-    assert (out / "d" / "a.txt").read_text() == "A"
+    assert (out / "d" / "a.txt").read_text(encoding="utf-8") == "A"
 
 
 def test_zip_extracts_and_type_can_be_forced(tmp_path):
@@ -333,11 +333,11 @@ def test_zip_extracts_and_type_can_be_forced(tmp_path):
 def test_existing_target_needs_overwrite(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
-    (src / "new.txt").write_text("new")
+    (src / "new.txt").write_text("new", encoding="utf-8")
     archive = make_tar(src, tmp_path / "x.tar")
     target = tmp_path / "out"
     target.mkdir()
-    (target / "old.txt").write_text("old")
+    (target / "old.txt").write_text("old", encoding="utf-8")
     with pytest.raises(FileExistsError):
         safe_extract(archive, target)
     safe_extract(archive, target, overwrite=True)

@@ -132,7 +132,7 @@ def test_build_database(cases, db):
 
 def test_database_round_trip(tmp_path, db):
     dest = write_mask_database(db, tmp_path / "db" / "masks.json")
-    data = json.loads(dest.read_text())
+    data = json.loads(dest.read_text(encoding="utf-8"))
     assert data["provenance"]["step"] == "mask_database" and len(data["masks"]) == 4
     assert read_mask_database(dest) == db
     assert MaskEntry.from_json(json.loads(json.dumps(db[0].to_json()))) == db[0]
@@ -148,7 +148,7 @@ def test_missing_label_file(cases, tmp_path):
 @pytest.mark.parametrize("text", ["{not json", '{"other": []}', '{"masks": [{"case_id": "x"}]}'])
 def test_malformed_database(tmp_path, text):
     path = tmp_path / "broken.json"
-    path.write_text(text)
+    path.write_text(text, encoding="utf-8")
     with pytest.raises(ValueError, match="broken.json"):
         read_mask_database(path)
 

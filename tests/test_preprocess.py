@@ -44,7 +44,7 @@ def test_small_case_end_to_end(tmp_path):
     assert np.asanyarray(hu.dataobj).min() <= -990
     label = np.asanyarray(nib.load(row["label"]).dataobj)
     assert label.dtype == np.uint8 and set(np.unique(label)) == {0, 33}
-    meta = json.loads(open(row["meta"]).read())
+    meta = json.loads(open(row["meta"], encoding="utf-8").read())
     assert meta["orig_dim"] == [40, 36, 20] and meta["labels_present"] == [33]
     assert set(meta["outputs"]) == {"image", "image_hu", "label"}
     assert "monai" in meta["provenance"]["versions"]

@@ -84,13 +84,13 @@ def test_build_reference_from_cases(tmp_path):
     liver = ref["ranges"]["liver"]
     assert liver["n"] == 4 and abs(liver["mean"] - 61.25) < 2
     path = tmp_path / "ref.json"
-    path.write_text(json.dumps(reference_record(ref)))
+    path.write_text(json.dumps(reference_record(ref)), encoding="utf-8")
     ranges = read_reference(path)
     assert ranges["lung"].contains(-850) and not ranges["lung"].contains(40)
     table = reference_table(ref, tmp_path / "ranges.tsv")
     assert list(table.organ) == ["bone", "liver", "lung", "spleen"]
     bad = dict(ref, version=0)
-    path.write_text(json.dumps(bad))
+    path.write_text(json.dumps(bad), encoding="utf-8")
     with pytest.raises(InputError, match="version"):
         read_reference(path)
 
@@ -103,7 +103,7 @@ def ranges(tmp_path):
         rows.append({"case_id": f"c{i}", "image_hu": str(write_nifti(tmp_path / f"r{i}.nii.gz", hu.astype(np.int16))),
                      "label": str(write_nifti(tmp_path / f"rl{i}.nii.gz", lab))})  # fmt: skip
     path = tmp_path / "reference.json"
-    path.write_text(json.dumps(build_reference(rows, QCSettings(), progress=False)))
+    path.write_text(json.dumps(build_reference(rows, QCSettings(), progress=False)), encoding="utf-8")
     return read_reference(path)
 
 

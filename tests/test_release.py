@@ -179,13 +179,13 @@ def test_build_records_git_commit_but_digest_ignores_build(gen):
     b = build(gen, root=gen["tmp"] / "elsewhere", repo_dir=str(ROOT))
     git = read_json(b.path / "provenance.json")["build"]["git"]
     assert git["commit"] == head.stdout.strip() and isinstance(git["dirty"], bool)
-    assert git["commit"] in (b.path / "DATACARD.md").read_text()
+    assert git["commit"] in (b.path / "DATACARD.md").read_text(encoding="utf-8")
     assert a.content_digest == b.content_digest  # build info is not part of the identity
 
 
 def test_datacard(gen):
     result = build(gen)
-    card = (result.path / "DATACARD.md").read_text()
+    card = (result.path / "DATACARD.md").read_text(encoding="utf-8")
     head = "\n".join(card.splitlines()[:5])
     assert "NOT FOR CLINICAL USE" in head
     assert "not for clinical use or diagnosis" in card.lower()
@@ -207,17 +207,17 @@ def test_datacard_fid_comparable_and_missing(gen):
     fid = gen["tmp"] / "fid_paper.tsv"
     pd.DataFrame([{"plane": p, "fid": v, "real_vs_real": 0.5, "feature_extractor": "radimagenet_resnet50"}
                   for p, v in (("axial", 1.0), ("coronal", 2.0), ("sagittal", 6.0))]).to_csv(fid, sep="\t", index=False)  # fmt: skip
-    card = (build(gen, fid_table=str(fid)).path / "DATACARD.md").read_text()
+    card = (build(gen, fid_table=str(fid)).path / "DATACARD.md").read_text(encoding="utf-8")
     assert "Feature extractor: radimagenet_resnet50." in card and "NOT comparable" not in card and "paper's feature extractor" in card
     assert "| average | 3.00 | 0.50 |" in card  # computed when the table has no average row
     other = gen["tmp"] / "fid_other.tsv"
     pd.DataFrame([{"plane": "axial", "fid": 1.0, "extractor": "radimagenet_resnet50", "comparable": "false",
                    "warning": "Resampled to 2 mm."}]).to_csv(other, sep="\t", index=False)  # fmt: skip
-    card = (build(gen, version="0.3.0", fid_table=str(other)).path / "DATACARD.md").read_text()
+    card = (build(gen, version="0.3.0", fid_table=str(other)).path / "DATACARD.md").read_text(encoding="utf-8")
     assert "NOT comparable" in card and "Resampled to 2 mm." in card
     empty = gen["tmp"] / "fid_empty.tsv"
-    empty.write_text("plane\tfid\n")
-    card = (build(gen, version="0.2.0", fid_table=str(empty)).path / "DATACARD.md").read_text()
+    empty.write_text("plane\tfid\n", encoding="utf-8")
+    card = (build(gen, version="0.2.0", fid_table=str(empty)).path / "DATACARD.md").read_text(encoding="utf-8")
     assert "FID was not computed" in card
 
 
@@ -283,7 +283,7 @@ release.build_release(args["root"], "synth", "0.1.0", pd.DataFrame(args["cases"]
 
 def test_hard_crash_mid_build_is_cleaned_by_next_build(gen):
     spec = gen["tmp"] / "args.json"
-    spec.write_text(json.dumps({"root": str(gen["root"]), "cases": gen["cases"].to_dict("records"), "kwargs": gen["kwargs"]}))
+    spec.write_text(json.dumps({"root": str(gen["root"]), "cases": gen["cases"].to_dict("records"), "kwargs": gen["kwargs"]}), encoding="utf-8")
     proc = subprocess.run([sys.executable, "-c", CRASH, str(spec)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 3, proc.stderr
     assert not (gen["root"] / "synth" / "0.1.0").exists()
@@ -379,13 +379,13 @@ def test_cli_list_diff_verify(gen):
     tampered.unlink()  # the release file is a hard link of the generated label: replace it, don't edit the source
     shutil.copyfile(gen["cases"].image[0], tampered)  # other bytes (all label maps are alike)
     os.chmod(a.path / "qc.tsv", 0o644)
-    with open(a.path / "qc.tsv", "a") as fh:
+    with open(a.path / "qc.tsv", "a", encoding="utf-8") as fh:
         fh.write("r1_c5\tpass\t\ttrue\ttrue\n")
     bad = cli("verify", str(a.path))
     assert bad.returncode == 1
     assert "changed: labelsTr/r1_c1.nii.gz" in bad.stdout and "changed: qc.tsv" in bad.stdout and "content digest" in bad.stdout
     assert "r1_c0" not in bad.stdout
-    (a.path / "extra.txt").write_text("x")
+    (a.path / "extra.txt").write_text("x", encoding="utf-8")
     (a.path / "fid.tsv").unlink()
     problems = verify_release(a.path)
     assert "unexpected: extra.txt (not in the manifest)" in problems and "missing: fid.tsv" in problems

@@ -75,7 +75,7 @@ def totalseg_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         "prediction_counter": 0,
         "statistics_disclaimer_shown": True,
     }
-    (home / "config.json").write_text(json.dumps(config))
+    (home / "config.json").write_text(json.dumps(config), encoding="utf-8")
     monkeypatch.setenv("TOTALSEG_WEIGHTS_PATH", str(weights))
     monkeypatch.setenv("TOTALSEG_HOME_DIR", str(home))
     # TotalSegmentator writes these into os.environ itself; registering them here restores them afterwards
@@ -94,9 +94,9 @@ def test_layout_and_pointwise_network(tmp_path: Path) -> None:
         "dataset.json",
         "fold_0/checkpoint_final.pth",
     }
-    plans = json.loads((model / "plans.json").read_text())
+    plans = json.loads((model / "plans.json").read_text(encoding="utf-8"))
     assert plans["configurations"]["3d_fullres"]["spacing"] == [3.0, 3.0, 3.0]
-    dataset = json.loads((model / "dataset.json").read_text())
+    dataset = json.loads((model / "dataset.json").read_text(encoding="utf-8"))
     assert len(dataset["labels"]) == 118 and dataset["labels"]["heart"] == 51
 
     hu = np.arange(-1030, 3066, dtype=float).reshape(16, 16, 16)  # every integer HU, the bounds included

@@ -33,8 +33,8 @@ def _fake_model(weights, task_id=297, labels=None, patch=(32, 32, 32), spacing=(
     model = weights / task_folder(task_id) / trainer
     (model / "fold_0").mkdir(parents=True)
     labels = expected_labels(task_id) if labels is None else labels
-    (model / "dataset.json").write_text(json.dumps({"labels": {"background": 0, **{n: i for i, n in labels.items()}}}))
-    (model / "plans.json").write_text(json.dumps({"configurations": {"3d_fullres": {"spacing": spacing, "patch_size": patch}}}))
+    (model / "dataset.json").write_text(json.dumps({"labels": {"background": 0, **{n: i for i, n in labels.items()}}}), encoding="utf-8")
+    (model / "plans.json").write_text(json.dumps({"configurations": {"3d_fullres": {"spacing": spacing, "patch_size": patch}}}), encoding="utf-8")
     (model / "fold_0" / "checkpoint_final.pth").write_bytes(b"")
     return model
 
@@ -102,7 +102,7 @@ def test_offline_environment_disables_statistics_and_downloads(tmp_path, monkeyp
     with offline_environment(settings):
         assert os.environ["TOTALSEG_WEIGHTS_PATH"] == str(tmp_path / "w")
         assert os.environ["TOTALSEG_HOME_DIR"] == str(tmp_path / "home")
-        config = json.loads((tmp_path / "home" / "config.json").read_text())
+        config = json.loads((tmp_path / "home" / "config.json").read_text(encoding="utf-8"))
         assert config["send_usage_stats"] is False and config["statistics_disclaimer_shown"] is True
         with pytest.raises(WeightsError, match="does not exist"):
             api.download_pretrained_weights(297)  # checks, never downloads
@@ -189,7 +189,7 @@ def test_segment_case_with_a_tiny_real_model(tmp_path, monkeypatch):
     assert json.loads(row["labels_present"]) == sorted({label_id("left lung upper lobe"), label_id("heart"), label_id("vertebrae T6")})
     assert row["ts_mode"] == "fast" and row["ts_device"] == "cpu"
     assert calls == [], f"network calls: {calls}"
-    assert json.loads((tmp_path / "home" / "config.json").read_text())["send_usage_stats"] is False
+    assert json.loads((tmp_path / "home" / "config.json").read_text(encoding="utf-8"))["send_usage_stats"] is False
     stamp = dest.stat().st_mtime_ns
     assert segment_case("c1", tmp_path / "ct.nii.gz", dest, settings) == row and dest.stat().st_mtime_ns == stamp
 

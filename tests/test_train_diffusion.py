@@ -110,7 +110,7 @@ def test_diffusion_writes_a_checkpoint_load_diffusion_reads(kind, data, referenc
     assert 0.2 < scale < 1.0  # the latents' spread is about 2, not 1
     raw = torch.load(ckpt, weights_only=True)
     assert raw["scheduler"] == kind and raw["preset"] == "tiny" and raw["steps"] == steps
-    sidecar = json.loads((out / "diffusion.pt.json").read_text())
+    sidecar = json.loads((out / "diffusion.pt.json").read_text(encoding="utf-8"))
     assert sidecar["stage"] == "train_diffusion" and sidecar["settings"]["scheduler"] == kind
     assert sidecar["data_fingerprint"] == files_fingerprint([r["latent"] for r in data["records"]])
     assert sidecar["cases"] == ["c0", "c1", "c2"] and sidecar["scale_factor"] == pytest.approx(scale)
@@ -210,7 +210,7 @@ def test_controlnet_trains_on_the_frozen_unet(data, reference, controlnet):
     assert zero_init and all(p.abs().sum() > 0 for p in zero_init)  # the zero-initialised output convs have learnt
     raw = torch.load(out / "controlnet.pt", weights_only=True)
     assert raw["preset"] == "tiny" and raw["steps"] == CN["steps"]
-    sidecar = json.loads((out / "controlnet.pt.json").read_text())
+    sidecar = json.loads((out / "controlnet.pt.json").read_text(encoding="utf-8"))
     assert sidecar["stage"] == "train_controlnet" and sidecar["scheduler"] == "rflow"
     assert sidecar["diffusion_sha256"] == sha256_file(reference["checkpoint"])
     labels = [r["label"] for r in data["records"]]

@@ -47,7 +47,7 @@ def _write_dataset(root: Path, n: int = 3) -> Path:
             "bottom_region_index": [0, 0, 1, 0], "fold": i % 2, "case_id": f"case_{i:04d}", "source": "phantom",
         })  # fmt: skip
     datalist = root / "datalist.json"
-    datalist.write_text(json.dumps({"training": entries}))
+    datalist.write_text(json.dumps({"training": entries}), encoding="utf-8")
     return datalist
 
 
@@ -119,7 +119,7 @@ def test_train_writes_checkpoint_sidecar_curve_and_learns(datalist, tmp_path):
     raw = torch.load(tmp_path / "autoencoder.pt", weights_only=True)
     assert raw["preset"] == "tiny" and raw["steps"] == 30
 
-    meta = json.loads((tmp_path / "autoencoder.pt.json").read_text())
+    meta = json.loads((tmp_path / "autoencoder.pt.json").read_text(encoding="utf-8"))
     assert meta["stage"] == "train_vae"
     assert meta["settings"] == json.loads(settings.to_json())
     images = [datalist.parent / f"phantom/images/case_{i:04d}.nii.gz" for i in range(3)]
@@ -206,7 +206,7 @@ def test_resume_state_of_other_settings_is_ignored(datalist, baseline, tmp_path,
 
 def test_empty_datalist_is_an_error(tmp_path):
     datalist = tmp_path / "datalist.json"
-    datalist.write_text(json.dumps({"training": []}))
+    datalist.write_text(json.dumps({"training": []}), encoding="utf-8")
     with pytest.raises(ValueError, match=r"datalist\.json: the datalist has no training entries"):
         _run(datalist, tmp_path / "out")
     assert not (tmp_path / "out" / "autoencoder.pt").exists()
@@ -254,6 +254,6 @@ def test_perceptual_loss_with_local_weights(datalist, tmp_path, monkeypatch):
     hub_dir = torch.hub.get_dir()
     metrics = _run(datalist, tmp_path / "out", settings)
     assert torch.hub.get_dir() == hub_dir  # PerceptualLoss's torch.hub.set_dir is undone
-    meta = json.loads((tmp_path / "out" / "autoencoder.pt.json").read_text())
+    meta = json.loads((tmp_path / "out" / "autoencoder.pt.json").read_text(encoding="utf-8"))
     assert meta["perceptual"] == "on"
     assert np.isfinite(metrics["final_perceptual"])

@@ -51,7 +51,7 @@ def test_all_generates_every_request(generated):
         want = tuple(REQUESTS[r.request]["size"])
         assert img.shape == lab.shape == want and np.allclose(img.affine, lab.affine)
         assert img.get_data_dtype() == np.int16 and lab.get_data_dtype() == np.uint8
-        sidecar = json.loads((generated / f"{r.image}.json").read_text())
+        sidecar = json.loads((generated / f"{r.image}.json").read_text(encoding="utf-8"))
         assert sidecar["seed"] == r.seed and sidecar["decoder"]["method"] == "tsp"
         labels = np.asanyarray(lab.dataobj)
         if r.request == "masked":
@@ -59,7 +59,7 @@ def test_all_generates_every_request(generated):
         else:
             assert set(np.unique(labels)) <= {0, 200} and not r.mask_source
     assert (generated / "results/generated/montage.png").stat().st_size > 10_000
-    assert json.loads((generated / "results/masks/database.json").read_text())["masks"]
+    assert json.loads((generated / "results/masks/database.json").read_text(encoding="utf-8"))["masks"]
     assert (generated / "results/benchmarks/generate/masked/0000.tsv").is_file()
     assert planned_jobs(generated, "all") == {}
 
@@ -71,19 +71,19 @@ def test_all_ends_in_a_release_with_qc_and_fid(generated):
     qc = pd.read_csv(generated / "results/qc/cases.tsv", sep="\t", keep_default_na=False)
     assert sorted(qc.case_id) == ["free_00000", "masked_00000", "masked_00001"]
     assert set(qc.release) <= {"include", "flagged"} and set(qc.qc_status) <= {"pass", "fail"}
-    assert json.loads((generated / "results/qc/reference.json").read_text())["ranges"]  # organ ranges from the real phantoms
+    assert json.loads((generated / "results/qc/reference.json").read_text(encoding="utf-8"))["ranges"]  # organ ranges from the real phantoms
     fid = pd.read_csv(generated / "results/fid/fid.tsv", sep="\t")
     assert list(fid.plane) == ["axial", "coronal", "sagittal", "average"]
     assert (fid.extractor == "maisi-autoencoder-encoder").all() and np.isfinite(fid.fid).all() and (fid.real_floor >= 0).all()
     release = generated / "results/releases/generation/0.1.0"
-    dataset = json.loads((release / "dataset.json").read_text())
+    dataset = json.loads((release / "dataset.json").read_text(encoding="utf-8"))
     assert dataset["numTraining"] == 3 and dataset["modality"] == {"0": "CT"} and dataset["labels"]["1"] == "liver"
     for entry in dataset["training"]:
         assert (release / entry["image"]).is_file() and (release / entry["label"]).is_file()
-    card = (release / "DATACARD.md").read_text()
+    card = (release / "DATACARD.md").read_text(encoding="utf-8")
     assert "NOT FOR CLINICAL USE" in card and "maisi-autoencoder-encoder" in card and "QC pass rate" in card
-    provenance = json.loads((release / "provenance.json").read_text())
-    sidecar = json.loads((generated / "results/generated/masked/imagesTr/masked_00000.nii.gz.json").read_text())
+    provenance = json.loads((release / "provenance.json").read_text(encoding="utf-8"))
+    sidecar = json.loads((generated / "results/generated/masked/imagesTr/masked_00000.nii.gz.json").read_text(encoding="utf-8"))
     assert provenance["content"]["cases"]["masked_00000"]["seed"] == sidecar["seed"]
     assert provenance["build"]["packages"]["monai"] and len(provenance["content"]["checkpoints"]) == 3
     proc = subprocess.run([sys.executable, "-m", "maisi.release", "verify", str(release)], capture_output=True, text=True)
@@ -109,7 +109,7 @@ def test_report_renders_in_headless_chromium(generated, tmp_path):
         pytest.skip("chromium is not installed (bash .ci/install-browser installs Debian's package)")
     report = tmp_path / "report.html"
     snakemake(generated, "--report", str(report))
-    html = report.read_text()
+    html = report.read_text(encoding="utf-8")
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=20000"]
     dom = subprocess.run([browser, *flags, "--dump-dom", report.as_uri()], capture_output=True, text=True, timeout=120).stdout
     for category in ("Prepared dataset", "Training", "Generation", "Quality control", "FID"):
@@ -131,11 +131,11 @@ def test_more_cases_add_shards_only(generated):
     first = generated / "results/generated/masked/imagesTr/masked_00000.nii.gz"
     before = first.stat().st_mtime_ns
     path = generated / "config" / "config.yaml"
-    original = path.read_text()
+    original = path.read_text(encoding="utf-8")
     cfg = yaml.safe_load(original)
     cfg["generate"]["requests"]["masked"]["n_cases"] = 3
     cfg["release"] = {"version": "0.2.0"}  # new content, new release version
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
     try:
         assert planned_jobs(generated, "all") == {"generate": 1, "generated": 1, "qc": 1, "fid": 1, "release": 1, "all": 1}
         snakemake(generated, "all", timeout=900)
@@ -145,7 +145,7 @@ def test_more_cases_add_shards_only(generated):
         assert (releases / "0.2.0/imagesTr/masked_00002.nii.gz").is_file()
         assert not (releases / "0.1.0/imagesTr/masked_00002.nii.gz").exists()  # the earlier version is unchanged
     finally:
-        path.write_text(original)
+        path.write_text(original, encoding="utf-8")
 
 
 def test_decoder_setting_reruns_generation_only(generated):
@@ -159,14 +159,14 @@ def test_decoder_setting_reruns_generation_only(generated):
 
 def test_impossible_request_stops_before_any_job(generated):
     path = generated / "config" / "config.yaml"
-    original = path.read_text()
+    original = path.read_text(encoding="utf-8")
     cfg = yaml.safe_load(original)
     cfg["generate"]["requests"]["masked"]["size"] = [64, 64, 40]
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
     try:
         proc = snakemake(generated, "--dry-run", "all", check=False)
         assert proc.returncode != 0
         assert "generate.requests.masked.size" in proc.stdout + proc.stderr
         assert "latent factor 16" in proc.stdout + proc.stderr
     finally:
-        path.write_text(original)
+        path.write_text(original, encoding="utf-8")

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
-    cfg = yaml.safe_load((ROOT / "config/config.yaml").read_text())
+    cfg = yaml.safe_load((ROOT / "config/config.yaml").read_text(encoding="utf-8"))
     cfg["catalog"] = str(ROOT / "config/datasets.yaml")
     work = make_workdir(tmp_path_factory.mktemp("default") / "work", cfg)
     snakemake(work, "--profile", str(ROOT / "profiles/local"), "all")
@@ -29,7 +29,7 @@ def default_run(tmp_path_factory):
 
 def test_default_builds_prepared_phantom_dataset(default_run):
     work, cfg = default_run
-    datalist = json.loads((work / "results/prepared/datalist.json").read_text())["training"]
+    datalist = json.loads((work / "results/prepared/datalist.json").read_text(encoding="utf-8"))["training"]
     assert len(datalist) == cfg["sources"]["phantom"]["n_cases"] == 8
     planned = {s.case_id: s for s in phantom_specs("phantom", cfg["sources"]["phantom"], cfg["seed"])}
     tops, bottoms = set(), set()
@@ -52,13 +52,13 @@ def test_default_builds_prepared_phantom_dataset(default_run):
     cases = pd.read_csv(work / "results/prepared/cases.tsv", sep="\t")
     assert len(cases) == 8 and (cases.region_backend == "labels").all()
     assert pd.read_csv(work / "results/prepared/rejected.tsv", sep="\t").empty
-    meta = json.loads((work / "results/prepared/phantom/cases/phantom_0000.json").read_text())
+    meta = json.loads((work / "results/prepared/phantom/cases/phantom_0000.json").read_text(encoding="utf-8"))
     assert {"dim", "spacing", "source", "outputs", "provenance"} <= set(meta)
     assert len(meta["outputs"]["image"]["sha256"]) == 64
-    html = (work / "results/prepared/summary/summary.html").read_text()
+    html = (work / "results/prepared/summary/summary.html").read_text(encoding="utf-8")
     assert html.count("data:image/png;base64") == 2 and "phantom_0007" in html
     for job_benchmark in (work / "results/benchmarks/preprocess/phantom").glob("*.tsv"):
-        assert "max_rss" in job_benchmark.read_text()
+        assert "max_rss" in job_benchmark.read_text(encoding="utf-8")
 
 
 def test_default_trains_every_model(default_run):
@@ -67,7 +67,7 @@ def test_default_trains_every_model(default_run):
     models = work / "results/models"
     for name in ("autoencoder", "diffusion_unet", "controlnet"):
         assert (models / f"{name}.pt").is_file() and (models / f"{name}_loss.png").is_file()
-        assert json.loads((models / f"{name}.pt.json").read_text())["settings"]["preset"] == "tiny"
+        assert json.loads((models / f"{name}.pt.json").read_text(encoding="utf-8"))["settings"]["preset"] == "tiny"
     assert len(list((work / "results/latents/phantom").glob("*.npz"))) == 8
 
 
@@ -92,11 +92,11 @@ def test_nothing_reruns_and_one_more_case_reruns_one_shard(default_run):
     work, cfg = default_run
     assert planned_jobs(work, "all") == {}
     config_file = work / "config" / "config.yaml"
-    original = config_file.read_text()
+    original = config_file.read_text(encoding="utf-8")
     try:
         more = yaml.safe_load(original)
         more["sources"]["phantom"]["n_cases"] = 9
-        config_file.write_text(yaml.safe_dump(more))
+        config_file.write_text(yaml.safe_dump(more), encoding="utf-8")
         jobs = planned_jobs(work, "all")
         # one shard of each data stage; the autoencoder is trained again on the larger dataset, so every
         # shard's latents are encoded again, and the diffusion UNet and ControlNet trained again
@@ -108,12 +108,12 @@ def test_nothing_reruns_and_one_more_case_reruns_one_shard(default_run):
                         "generate": 2, "generated": 1, "qc_reference": 1, "qc": 1, "fid": 1, "release": 1, "all": 1}  # fmt: skip
         coarser = yaml.safe_load(original)
         coarser["preprocess"]["divisor"] = 64
-        config_file.write_text(yaml.safe_dump(coarser))
+        config_file.write_text(yaml.safe_dump(coarser), encoding="utf-8")
         jobs = planned_jobs(work, "all")
         shards = len(list((work / "results/prepared/phantom/shards").glob("*.tsv")))
         assert jobs.get("preprocess") == shards and "phantom" not in jobs
     finally:
-        config_file.write_text(original)
+        config_file.write_text(original, encoding="utf-8")
 
 
 def test_rerun_is_reproducible(default_run, tmp_path):
@@ -135,15 +135,15 @@ def test_default_ends_in_a_release_with_qc_and_fid(default_run):
     n = sum(r["n_cases"] for r in cfg["generate"]["requests"].values())
     qc = pd.read_csv(work / "results/qc/cases.tsv", sep="\t", keep_default_na=False)
     assert len(qc) == n and set(qc.release) <= {"include", "flagged"}  # qc.on_fail: flag keeps every case
-    ranges = json.loads((work / "results/qc/reference.json").read_text())["ranges"]
+    ranges = json.loads((work / "results/qc/reference.json").read_text(encoding="utf-8"))["ranges"]
     assert {"liver", "lung", "bone"} <= set(ranges) and ranges["bone"]["high"] <= 1000
     fid = pd.read_csv(work / "results/fid/fid.tsv", sep="\t")
     assert list(fid.plane) == ["axial", "coronal", "sagittal", "average"] and np.isfinite(fid.fid).all()
     release = work / "results/releases/default/0.1.0"
-    dataset = json.loads((release / "dataset.json").read_text())
+    dataset = json.loads((release / "dataset.json").read_text(encoding="utf-8"))
     assert dataset["numTraining"] == n and dataset["release"] == "0.1.0"
-    manifest = json.loads((release / "manifest.json").read_text())
+    manifest = json.loads((release / "manifest.json").read_text(encoding="utf-8"))
     assert len(manifest["content_digest"]) == 64 and f"imagesTr/{qc.case_id[0]}.nii.gz" in manifest["files"]
-    assert "NOT FOR CLINICAL USE" in (release / "DATACARD.md").read_text()
+    assert "NOT FOR CLINICAL USE" in (release / "DATACARD.md").read_text(encoding="utf-8")
     for figure in ("hu_histograms.png", "generated_vs_real.png"):
         assert (work / "results/qc" / figure).stat().st_size > 10_000

@@ -46,7 +46,7 @@ def test_local_real_ct_and_bad_cases(real_ct, tmp_path):
     }
     work = make_workdir(tmp_path / "work", cfg)
     snakemake(work, *PREPARED)
-    datalist = json.loads((work / "results/prepared/datalist.json").read_text())["training"]
+    datalist = json.loads((work / "results/prepared/datalist.json").read_text(encoding="utf-8"))["training"]
     by_case = {e["case_id"]: e for e in datalist}
     assert set(by_case) == {"lung1", "lung2", "good"}
     for case in ("lung1", "lung2"):
@@ -58,7 +58,7 @@ def test_local_real_ct_and_bad_cases(real_ct, tmp_path):
         lab = np.asanyarray(nib.load(work / "results/prepared" / e["label"]).dataobj)
         assert 23 in np.unique(lab)
     assert "label" not in by_case["good"]
-    rejected = (work / "results/prepared/rejected.tsv").read_text()
+    rejected = (work / "results/prepared/rejected.tsv").read_text(encoding="utf-8")
     assert "corrupt.nii.gz: cannot be read" in rejected
     assert "mr_like.nii.gz: minimum intensity 300 is not below -500" in rejected
     for name in ("dims_spacing.png", "montage.png", "summary.html"):
@@ -98,10 +98,10 @@ def test_catalog_dataset_over_http(tmp_path):
     data = archive.read_bytes()
     with serve() as server:
         url = server.add("Task09_Spleen.tar", data)
-        catalog = yaml.safe_load((ROOT / "config/datasets.yaml").read_text())
+        catalog = yaml.safe_load((ROOT / "config/datasets.yaml").read_text(encoding="utf-8"))
         entry = catalog["datasets"]["msd_task09_spleen"]
         entry.update(url=url, md5=hashlib.md5(data).hexdigest())
-        (tmp_path / "catalog.yaml").write_text(yaml.safe_dump(catalog))
+        (tmp_path / "catalog.yaml").write_text(yaml.safe_dump(catalog), encoding="utf-8")
         cfg = {
             "on_error": "skip",
             "catalog": str(tmp_path / "catalog.yaml"),
@@ -111,11 +111,11 @@ def test_catalog_dataset_over_http(tmp_path):
         work = make_workdir(tmp_path / "work", cfg)
         snakemake(work, *PREPARED)
     assert (work / "resources/downloads/msd_task09_spleen/Task09_Spleen.tar").exists()
-    datalist = json.loads((work / "results/prepared/datalist.json").read_text())["training"]
+    datalist = json.loads((work / "results/prepared/datalist.json").read_text(encoding="utf-8"))["training"]
     assert sorted(e["case_id"] for e in datalist) == ["spleen_1", "spleen_2"]
     for e in datalist:
         lab = np.asanyarray(nib.load(work / "results/prepared" / e["label"]).dataobj)
         assert set(np.unique(lab)) == {0, 3}, "MSD spleen 1 becomes MAISI spleen 3"
         assert e["top_region_index"] == [0, 0, 1, 0]
-    rejected = (work / "results/prepared/rejected.tsv").read_text()
+    rejected = (work / "results/prepared/rejected.tsv").read_text(encoding="utf-8")
     assert "spleen_3" in rejected  # the unlabelled all-zero test image is no CT

@@ -72,7 +72,7 @@ def totalseg_run(real_ct, tmp_path_factory):
 
 def test_masks_and_regions_on_real_chest_ct(totalseg_run):
     work, _, _ = totalseg_run
-    cases = {c["case_id"]: c for c in json.loads((work / "results/prepared/datalist.json").read_text())["training"]}
+    cases = {c["case_id"]: c for c in json.loads((work / "results/prepared/datalist.json").read_text(encoding="utf-8"))["training"]}
     assert set(cases) == {"lung1", "lung2"}
     for case_id, entry in cases.items():
         assert entry["top_region_index"] == [0, 1, 0, 0] and entry["bottom_region_index"] == [0, 1, 0, 0]
@@ -91,22 +91,22 @@ def test_masks_and_regions_on_real_chest_ct(totalseg_run):
         # The dataset's tumour mask is kept on top of TotalSegmentator's classes.
         prepared = np.asanyarray(nib.load(work / f"results/prepared/chest/labels/{case_id}.nii.gz").dataobj)
         assert (prepared == TUMOUR).any() and np.all(mask[prepared == TUMOUR] == TUMOUR)
-        sidecar = json.loads((work / f"results/totalseg/chest/labels/{case_id}.nii.gz.json").read_text())
+        sidecar = json.loads((work / f"results/totalseg/chest/labels/{case_id}.nii.gz.json").read_text(encoding="utf-8"))
         assert sidecar["device"] == "cpu" and sidecar["models"][0]["task_id"] == 297
         assert sidecar["labels_present"] == sorted(np.unique(mask[mask > 0]).tolist())
 
 
 def test_case_table_rejections_and_summary(totalseg_run):
     work, _, _ = totalseg_run
-    table = (work / "results/prepared/cases.tsv").read_text().splitlines()
+    table = (work / "results/prepared/cases.tsv").read_text(encoding="utf-8").splitlines()
     header = table[0].split("\t")
     rows = [dict(zip(header, line.split("\t"), strict=True)) for line in table[1:]]
     assert {r["label_source"] for r in rows} == {"totalsegmentator:fast"}
     assert {r["region_backend"] for r in rows} == {"totalsegmentator"}
-    rejected = (work / "results/prepared/rejected.tsv").read_text()
+    rejected = (work / "results/prepared/rejected.tsv").read_text(encoding="utf-8")
     assert "thin\tslab\tregions\t" in rejected and "scan too small for TotalSegmentator's model 297" in rejected
     assert not (work / "results/totalseg/thin/labels/slab.nii.gz").exists()
-    html = (work / "results/prepared/summary/summary.html").read_text()
+    html = (work / "results/prepared/summary/summary.html").read_text(encoding="utf-8")
     assert "totalsegmentator:fast: 2" in html
     assert (work / "results/benchmarks/totalsegmentator/chest/0000.tsv").is_file()
     assert (work / "logs/totalsegmentator/chest/0000.log").is_file()
@@ -146,6 +146,6 @@ def test_totalsegmentator_failing_mid_run(real_ct, tmp_path):
     cfg["on_error"] = "skip"
     make_workdir(work, cfg)
     snakemake(work, "results/prepared/rejected.tsv")
-    rejected = (work / "results/prepared/rejected.tsv").read_text()
+    rejected = (work / "results/prepared/rejected.tsv").read_text(encoding="utf-8")
     assert rejected.count("TotalSegmentator failed") == 2
     assert not list((work / "results").glob("totalseg/**/*.nii.gz"))

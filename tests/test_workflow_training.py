@@ -34,9 +34,9 @@ def _config(**extra):
 
 def _edit(work, section, **values):
     path = work / "config" / "config.yaml"
-    cfg = yaml.safe_load(path.read_text())
+    cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
     cfg.setdefault(section, {}).update(values)
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
 
 
 @pytest.fixture(scope="module")
@@ -50,14 +50,14 @@ def test_all_trains_every_stage(trained):
     models = trained / "results" / "models"
     for name in ("autoencoder", "diffusion_unet", "controlnet"):
         assert (models / f"{name}.pt").is_file() and (models / f"{name}_loss.png").is_file()
-        sidecar = json.loads((models / f"{name}.pt.json").read_text())
+        sidecar = json.loads((models / f"{name}.pt.json").read_text(encoding="utf-8"))
         assert sidecar["sha256"] and sidecar["settings"] and sidecar["data_fingerprint"] and sidecar["metrics"]
         assert not (models / ".resume" / f"{name}.pt").exists()
     unet, scale, steps = load_diffusion(models / "diffusion_unet.pt", "tiny")
     assert 0 < scale < 1e3 and steps == 1000
     load_controlnet(models / "controlnet.pt", "tiny")
     tables = sorted((trained / "results" / "latents" / "phantom" / "shards").glob("*.tsv"))
-    rows = sum(len(t.read_text().splitlines()) - 1 for t in tables)
+    rows = sum(len(t.read_text(encoding="utf-8").splitlines()) - 1 for t in tables)
     assert rows == 3
     for name in ("train_vae", "train_diffusion", "train_controlnet"):
         assert (trained / "results" / "benchmarks" / f"{name}.tsv").is_file()
@@ -112,7 +112,7 @@ def test_pretrained_checkpoints_skip_their_training(tmp_path):
     snakemake(work, "all", timeout=1500)
     models = work / "results" / "models"
     assert not (models / "autoencoder.pt").exists() and not (models / "diffusion_unet.pt").exists()
-    sidecar = json.loads((models / "controlnet.pt.json").read_text())
+    sidecar = json.loads((models / "controlnet.pt.json").read_text(encoding="utf-8"))
     assert sidecar["diffusion_sha256"] == __import__("hashlib").sha256((released / "diffusion.pt").read_bytes()).hexdigest()
 
 

@@ -247,8 +247,8 @@ def write_tiny_model(
 
     model_dir = Path(weights_dir) / dataset_name / f"{trainer}__{PLANS_NAME}__{CONFIGURATION}"
     (model_dir / "fold_0").mkdir(parents=True, exist_ok=True)
-    (model_dir / "plans.json").write_text(json.dumps(plans, indent=2))
-    (model_dir / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
+    (model_dir / "plans.json").write_text(json.dumps(plans, indent=2), encoding="utf-8")
+    (model_dir / "dataset.json").write_text(json.dumps(dataset_json, indent=2), encoding="utf-8")
     checkpoint = {
         "network_weights": network.state_dict(),
         "optimizer_state": None,

@@ -19,7 +19,7 @@ def make_workdir(path: Path, config: dict) -> Path:
     """A working directory holding ``config/config.yaml`` (read by the Snakefile's ``configfile:``)."""
     (path / "config").mkdir(parents=True, exist_ok=True)
     config.setdefault("catalog", str(ROOT / "config" / "datasets.yaml"))
-    (path / "config" / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (path / "config" / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return path
 
 
