@@ -14,17 +14,21 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from monai.data import MetaTensor, NibabelReader, NrrdReader, PydicomReader
-from monai.transforms import LoadImage, Orientation, Resize, ScaleIntensityRange
 
 from maisi.checks import InputError, check_ct_image, check_label_matches, check_nifti_spacing, spacing_from_affine
 from maisi.io import read_json, save_nifti, sha256_file, write_json
 from maisi.labels import maisi_labels
 from maisi.provenance import provenance
+
+if TYPE_CHECKING:
+    from monai.data import MetaTensor
+
+# MONAI is imported where it is used: Snakemake imports this module (CaseInput, PreprocessSettings)
+# while planning the DAG, and importing MONAI takes seconds.
 
 __all__ = [
     "new_dim",
@@ -109,6 +113,8 @@ class PreprocessSettings:
 
 
 def _reader_for(path: Path):
+    from monai.data import NibabelReader, NrrdReader, PydicomReader
+
     name = path.name.lower()
     if path.is_dir():
         return PydicomReader()
@@ -124,6 +130,8 @@ def load_scan(path: str | Path) -> MetaTensor:
     path = Path(path)
     if not path.exists():
         raise InputError(path, "file not found")
+    from monai.transforms import LoadImage
+
     reader = _reader_for(path)
     check_nifti_spacing(path)
     try:
@@ -189,6 +197,9 @@ def preprocess_case(case: CaseInput, out_root: str | Path, settings: PreprocessS
     A case whose inputs and settings are unchanged since its sidecar was written is not
     recomputed, so a rerun shard only redoes what is missing or stale.
     """
+    from monai.data import MetaTensor
+    from monai.transforms import Orientation, Resize, ScaleIntensityRange
+
     outs = case_outputs(out_root, case.source, case.case_id)
     fingerprint = _input_fingerprint(case, settings)
     if outs["meta"].exists():

@@ -1,5 +1,6 @@
 # Config loading, validation and the input functions that map sources to shards.
 # All logic lives in the `maisi` package; this file only adapts it to Snakemake.
+import functools
 import json
 
 from snakemake.utils import min_version, validate
@@ -48,6 +49,7 @@ def source_cases(source):
     return plan.table_cases(source, table, src)
 
 
+@functools.cache  # every job's input functions ask; a source is listed and sharded once per process
 def source_shards(source):
     return plan.shards_of(source_cases(source), plan.n_shards(config, source))
 

@@ -13,11 +13,15 @@ rule release:
     params:
         name=RELEASE_NAME,
         version=RELEASE_VERSION,
-        description=config["release"]["description"],
-        checkpoints=json.dumps(release_checkpoints(), sort_keys=True),
-        config=json.dumps(config, sort_keys=True, default=str),
-        sources=json.dumps(source_records(config["sources"], CATALOG), sort_keys=True),
+        # Functions, so that user text such as a local source's "images/{case}.nii.gz" is not
+        # taken for a wildcard.
+        description=lambda w: config["release"]["description"],
+        checkpoints=lambda w: json.dumps(release_checkpoints(), sort_keys=True),
+        config=lambda w: json.dumps(config, sort_keys=True, default=str),
+        sources=lambda w: json.dumps(source_records(config["sources"], CATALOG), sort_keys=True),
         repo=workflow.basedir,
+    resources:
+        **cluster(),
     log:
         "logs/release/release.log",
     script:

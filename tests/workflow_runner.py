@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
+
+from maisi.dryrun import jobs_by_rule
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Targets of the data-preparation stages only (tests of sources and labels need no training).
@@ -38,17 +39,4 @@ def snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 900)
 def planned_jobs(workdir: Path, *args: str) -> dict[str, int]:
     """Jobs a dry run would execute, by rule (empty when nothing is to be done)."""
     proc = snakemake(workdir, "--dry-run", *args)
-    text = proc.stdout + proc.stderr
-    jobs: dict[str, int] = {}
-    in_table = False
-    for line in text.splitlines():
-        if line.startswith("job ") and "count" in line:
-            in_table = True
-            continue
-        if in_table:
-            m = re.match(r"^(\w+)\s+(\d+)\s*$", line.strip())
-            if m and m.group(1) != "total":
-                jobs[m.group(1)] = int(m.group(2))
-            elif line.strip().startswith("total"):
-                break
-    return jobs
+    return jobs_by_rule(proc.stdout + proc.stderr)
