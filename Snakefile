@@ -22,6 +22,12 @@ include: "rules/release.smk"
 report: "report/workflow.rst"
 
 
+# Run on the submit host under a cluster executor: they only merge small tables.
+localrules:
+    all,
+    dataset,
+
+
 rule all:
     input:
         rules.dataset.output,

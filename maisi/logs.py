@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import threading
 import warnings
 from collections.abc import Iterator
 
@@ -39,9 +41,33 @@ def log_to_file(path: str | os.PathLike | None) -> Iterator[None]:
             logging.captureWarnings(False)
 
 
-def from_snakemake(smk) -> contextlib.AbstractContextManager:
-    """``log_to_file`` for a Snakemake ``script:`` object (its first log file)."""
-    return log_to_file(smk.log[0] if len(smk.log) else None)
+@contextlib.contextmanager
+def exit_on_sigterm() -> Iterator[None]:
+    """Turn SIGTERM (``scancel``, a job's time limit, Snakemake stopping its jobs) into ``SystemExit``.
+
+    Python's default for SIGTERM ends the process at once; raising instead runs the ``finally``
+    blocks of the atomic writers (:func:`maisi.io.atomic_path`), so a cancelled job leaves no
+    temporary files beside its outputs.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise SystemExit(f"terminated by {signal.Signals(signum).name} (job cancelled or out of time)")
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
-__all__ = ["log_to_file", "from_snakemake"]
+@contextlib.contextmanager
+def from_snakemake(smk) -> Iterator[None]:
+    """``log_to_file`` for a Snakemake ``script:`` object (its first log file), exiting cleanly on SIGTERM."""
+    with log_to_file(smk.log[0] if len(smk.log) else None), exit_on_sigterm():
+        yield
+
+
+__all__ = ["log_to_file", "from_snakemake", "exit_on_sigterm"]

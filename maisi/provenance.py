@@ -42,11 +42,18 @@ def package_versions() -> dict[str, str]:
 
 
 def provenance(step: str) -> dict:
-    """Provenance block for a sidecar: the step, tool versions, host and UTC time."""
-    return {
+    """Provenance block for a sidecar: the step, tool versions, host and UTC time, and the
+    scheduler job (SLURM job id, partition, visible GPUs) when it ran in one."""
+    from maisi.cluster import job_environment
+
+    out = {
         "step": step,
         "versions": package_versions(),
         "platform": f"{platform.system()}-{platform.machine()}",
         "argv0": sys.argv[0] if sys.argv else "",
         "created_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
+    job = job_environment()
+    if job:
+        out["job"] = job
+    return out

@@ -7,6 +7,7 @@ from snakemake.utils import min_version, validate
 
 from maisi import plan
 from maisi.catalog import load_catalog
+from maisi.cluster import attempt_memory, slurm_resources
 from maisi.generate import GenerateSettings
 from maisi.generation_plan import parse_requests
 from maisi.config import validate_config
@@ -70,6 +71,15 @@ def stage_tables(pattern):
 PREPROCESS = PreprocessSettings.from_config(config["preprocess"])
 
 
+# --- cluster placement (profiles/slurm): partitions, account, GPU model from the config ---
+def cluster(gpus=0):
+    return slurm_resources(config["cluster"], gpus)
+
+
+def memory(mem_mb):
+    return attempt_memory(mem_mb, config["cluster"])
+
+
 # --- download.smk ---
 def dataset_entry(source):
     return CATALOG[config["sources"][source]["dataset"]]
@@ -116,8 +126,7 @@ def totalseg_settings(wildcards):
     return TotalSegSettings.from_config(block, src["regions"], config["threads"]["totalsegmentator"]).to_json()
 
 
-def totalseg_gpus(wildcards):
-    return 0 if config["totalsegmentator"]["device"] == "cpu" else config["totalsegmentator"]["resources"]["gpu"]
+TOTALSEG_GPUS = 0 if config["totalsegmentator"]["device"] == "cpu" else config["totalsegmentator"]["resources"]["gpu"]
 
 
 # --- train.smk ---
@@ -128,8 +137,7 @@ DIFFUSION = config["pretrained"]["diffusion"] or f"{MODELS}/diffusion_unet.pt"
 CONTROLNET = config["pretrained"]["controlnet"] or f"{MODELS}/controlnet.pt"
 
 
-def model_gpus(wildcards):
-    return 0 if config["model"]["device"] == "cpu" else config["model"]["resources"]["gpu"]
+MODEL_GPUS = 0 if config["model"]["device"] == "cpu" else config["model"]["resources"]["gpu"]
 
 
 def stage_settings(stage):

@@ -20,6 +20,8 @@ rule dataset:
     params:
         folds=config["dataset"]["folds"],
         run_name=config["run_name"],
+    resources:
+        **cluster(),
     log:
         "logs/dataset/dataset.log",
     script:
@@ -45,6 +47,8 @@ rule dataset_summary:
     params:
         max_cases=config["dataset"]["montage_cases"],
         run_name=config["run_name"],
+    resources:
+        **cluster(),
     log:
         "logs/dataset/summary.log",
     benchmark:

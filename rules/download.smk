@@ -10,6 +10,7 @@ rule download:
     log:
         "logs/download/{dataset}/{archive}.log",
     resources:
+        **cluster(),
         downloads=1,
     script:
         "../workflow_scripts/download.py"
@@ -23,6 +24,8 @@ checkpoint convert_dataset:
     params:
         dataset=lambda w: config["sources"][w.source]["dataset"],
         catalog=config["catalog"],
+    resources:
+        **cluster(),
     log:
         "logs/convert_dataset/{source}.log",
     benchmark:

@@ -16,8 +16,9 @@ rule fid:
         enabled=config["fid"]["enabled"],
     threads: config["threads"]["generate"]
     resources:
-        mem_mb=config["model"]["resources"]["mem_mb"],
-        gpu=model_gpus,
+        **cluster(MODEL_GPUS),
+        mem_mb=memory(config["model"]["resources"]["mem_mb"]),
+        gpu=MODEL_GPUS,
     log:
         "logs/fid/fid.log",
     benchmark:

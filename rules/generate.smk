@@ -6,6 +6,8 @@ rule mask_database:
         cases="results/prepared/cases.tsv",
     output:
         database="results/masks/database.json",
+    resources:
+        **cluster(),
     log:
         "logs/generate/mask_database.log",
     script:
@@ -24,9 +26,10 @@ rule generate:
         qc=QC.check_json(),
     threads: config["threads"]["generate"]
     resources:
-        mem_mb=config["generate"]["resources"]["mem_mb"],
+        **cluster(MODEL_GPUS),
+        mem_mb=memory(config["generate"]["resources"]["mem_mb"]),
         runtime=config["generate"]["resources"]["runtime"],
-        gpu=model_gpus,
+        gpu=MODEL_GPUS,
     log:
         "logs/generate/{request}/{shard}.log",
     benchmark:
@@ -43,6 +46,8 @@ rule generated:
         montage=report(f"{GENERATED}/montage.png", caption="../report/generated_montage.rst", category="Generation"),
     params:
         requests=json.dumps({n: r.describe() for n, r in sorted(REQUESTS.items())}, sort_keys=True),
+    resources:
+        **cluster(),
     log:
         "logs/generate/generated.log",
     script:

@@ -9,7 +9,8 @@ rule phantom:
         on_error=config["on_error"],
     threads: config["threads"]["phantom"]
     resources:
-        mem_mb=4000,
+        **cluster(),
+        mem_mb=memory(4000),
     log:
         "logs/phantom/{source}/{shard}.log",
     benchmark:

@@ -12,7 +12,8 @@ rule preprocess:
         on_error=config["on_error"],
     threads: config["threads"]["preprocess"]
     resources:
-        mem_mb=8000,
+        **cluster(),
+        mem_mb=memory(8000),
     log:
         "logs/preprocess/{source}/{shard}.log",
     benchmark:

@@ -9,6 +9,8 @@ rule qc_reference:
         table=report("results/qc/reference_ranges.tsv", caption="../report/qc_reference.rst", category="Quality control"),
     params:
         settings=QC.reference_json(),
+    resources:
+        **cluster(),
     log:
         "logs/qc/qc_reference.log",
     benchmark:
@@ -29,6 +31,8 @@ rule qc:
         montage=report("results/qc/generated_vs_real.png", caption="../report/qc_montage.rst", category="Generation"),
     params:
         settings=QC.to_json(),
+    resources:
+        **cluster(),
     log:
         "logs/qc/qc.log",
     benchmark:

@@ -10,6 +10,8 @@ rule regions:
         regions=regions_params,
         on_error=config["on_error"],
     threads: config["threads"]["regions"]
+    resources:
+        **cluster(),
     log:
         "logs/regions/{source}/{shard}.log",
     script:

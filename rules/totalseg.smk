@@ -11,9 +11,10 @@ rule totalsegmentator:
         on_error=config["on_error"],
     threads: config["threads"]["totalsegmentator"]
     resources:
-        mem_mb=config["totalsegmentator"]["resources"]["mem_mb"],
+        **cluster(TOTALSEG_GPUS),
+        mem_mb=memory(config["totalsegmentator"]["resources"]["mem_mb"]),
         runtime=config["totalsegmentator"]["resources"]["runtime"],
-        gpu=totalseg_gpus,
+        gpu=TOTALSEG_GPUS,
     log:
         "logs/totalsegmentator/{source}/{shard}.log",
     benchmark:

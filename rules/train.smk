@@ -13,9 +13,10 @@ rule train_vae:
         resume=f"{MODELS}/.resume/autoencoder.pt",
     threads: config["threads"]["training"]
     resources:
-        mem_mb=config["model"]["resources"]["mem_mb"],
+        **cluster(MODEL_GPUS),
+        mem_mb=memory(config["model"]["resources"]["mem_mb"]),
         runtime=config["model"]["resources"]["runtime"],
-        gpu=model_gpus,
+        gpu=MODEL_GPUS,
     log:
         "logs/train/train_vae.log",
     benchmark:
@@ -36,8 +37,9 @@ rule cache_latents:
         on_error=config["on_error"],
     threads: config["threads"]["cache_latents"]
     resources:
-        mem_mb=config["model"]["resources"]["mem_mb"],
-        gpu=model_gpus,
+        **cluster(MODEL_GPUS),
+        mem_mb=memory(config["model"]["resources"]["mem_mb"]),
+        gpu=MODEL_GPUS,
     log:
         "logs/cache_latents/{source}/{shard}.log",
     benchmark:
@@ -57,9 +59,10 @@ rule train_diffusion:
         resume=f"{MODELS}/.resume/diffusion_unet.pt",
     threads: config["threads"]["training"]
     resources:
-        mem_mb=config["model"]["resources"]["mem_mb"],
+        **cluster(MODEL_GPUS),
+        mem_mb=memory(config["model"]["resources"]["mem_mb"]),
         runtime=config["model"]["resources"]["runtime"],
-        gpu=model_gpus,
+        gpu=MODEL_GPUS,
     log:
         "logs/train/train_diffusion.log",
     benchmark:
@@ -81,9 +84,10 @@ rule train_controlnet:
         resume=f"{MODELS}/.resume/controlnet.pt",
     threads: config["threads"]["training"]
     resources:
-        mem_mb=config["model"]["resources"]["mem_mb"],
+        **cluster(MODEL_GPUS),
+        mem_mb=memory(config["model"]["resources"]["mem_mb"]),
         runtime=config["model"]["resources"]["runtime"],
-        gpu=model_gpus,
+        gpu=MODEL_GPUS,
     log:
         "logs/train/train_controlnet.log",
     benchmark:

@@ -1,13 +1,21 @@
-"""End-to-end run of the real workflow on the embedded default configuration (the CT phantom)."""
+"""End-to-end run of the real workflow on the embedded default configuration (the CT phantom).
+
+Where the machine can start a single-node SLURM (root, Debian's packages: tests/slurm_cluster.sh),
+the run goes through ``profiles/slurm`` exactly as on a cluster, one job is cancelled mid-run with
+``scancel``, and the tests also check where each job went; elsewhere it runs with ``profiles/local``.
+CI always takes the SLURM path.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+import slurm_runner
 import yaml
 from conftest import ROOT
 from workflow_runner import PREPARED, make_workdir, planned_jobs, snakemake
@@ -18,13 +26,52 @@ from maisi.regions import BODY_REGIONS, one_hot
 pytestmark = pytest.mark.e2e
 
 
+GPU_RULES = {"train_vae", "cache_latents", "train_diffusion", "train_controlnet", "generate", "fid"}
+
+
 @pytest.fixture(scope="module")
-def default_run(tmp_path_factory):
+def cluster():
+    """A running single-node SLURM, or None where this machine cannot have one (never in CI)."""
+    reason = slurm_runner.cluster_unavailable()
+    if reason:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI runs the default config through SLURM, but {reason}")
+        yield None
+        return
+    slurm_runner.cluster("up")
+    try:
+        yield slurm_runner.node_memory_mb()
+    finally:
+        slurm_runner.cluster("down")
+
+
+@pytest.fixture(scope="module")
+def default_run_record(cluster, tmp_path_factory):
+    """The embedded default config run once (site settings added for the SLURM run): (workdir, config, SlurmRun or None)."""
     cfg = yaml.safe_load((ROOT / "config/config.yaml").read_text(encoding="utf-8"))
     cfg["catalog"] = str(ROOT / "config/datasets.yaml")
+    if cluster:
+        cfg["cluster"] = {"cpu_partition": "cpu", "gpu_partition": "gpu", "max_mem_mb": cluster}
     work = make_workdir(tmp_path_factory.mktemp("default") / "work", cfg)
-    snakemake(work, "--profile", str(ROOT / "profiles/local"), "all")
-    return work, cfg
+    if cluster is None:
+        snakemake(work, "--profile", str(ROOT / "profiles/local"), "all")
+        return work, cfg, None
+    run = slurm_runner.run_workflow(work, "all", cancel_rule="train_vae", cancel_after_s=8)  # mid-training
+    assert run.returncode == 0, run.output[-8000:]
+    return work, cfg, run
+
+
+@pytest.fixture(scope="module")
+def default_run(default_run_record):
+    return default_run_record[:2]
+
+
+@pytest.fixture
+def slurm_run(default_run_record):
+    run = default_run_record[2]
+    if run is None:
+        pytest.skip("the default run went through profiles/local: " + str(slurm_runner.cluster_unavailable()))
+    return run
 
 
 def test_default_builds_prepared_phantom_dataset(default_run):
@@ -147,3 +194,50 @@ def test_default_ends_in_a_release_with_qc_and_fid(default_run):
     assert "NOT FOR CLINICAL USE" in (release / "DATACARD.md").read_text(encoding="utf-8")
     for figure in ("hu_histograms.png", "generated_vs_real.png"):
         assert (work / "results/qc" / figure).stat().st_size > 10_000
+
+
+# --------------------------------------------------------------------------- through SLURM
+
+
+def test_slurm_gpu_rules_on_the_gpu_partition(slurm_run):
+    """GPU rules were submitted to the GPU partition with a GPU request; every other rule to the CPU partition without."""
+    assert slurm_run.jobs, slurm_run.output[-3000:]
+    rules = {j.rule for j in slurm_run.jobs.values()}
+    assert GPU_RULES <= rules and {"phantom", "preprocess", "regions", "qc", "release"} <= rules
+    for job in slurm_run.jobs.values():
+        if job.rule in GPU_RULES:
+            assert job.partition == "gpu" and "gpu:1" in job.gpus, job
+        else:
+            assert job.partition == "cpu" and "gpu" not in job.gpus, job
+    assert "dataset" not in rules and "all" not in rules  # local rules run on the submit host
+
+
+def test_slurm_gpu_jobs_see_their_gpu(slurm_run, default_run):
+    """A GPU job ran in a SLURM job with CUDA_VISIBLE_DEVICES set, recorded in its output's provenance."""
+    work, _ = default_run
+    job = json.loads((work / "results/models/autoencoder.pt.json").read_text(encoding="utf-8"))["provenance"]["job"]
+    assert job["slurm_partition"] == "gpu" and job["cuda_visible_devices"] == "0" and job["slurm_job_id"] in slurm_run.jobs
+    sidecar = json.loads((work / "results/prepared/phantom/cases/phantom_0000.json").read_text(encoding="utf-8"))
+    assert sidecar["provenance"]["job"]["slurm_partition"] == "cpu" and "cuda_visible_devices" not in sidecar["provenance"]["job"]
+
+
+def test_slurm_cancelled_job_is_retried_without_partial_outputs(slurm_run, default_run):
+    """The train_vae job cancelled mid-run with scancel was resubmitted and the run still completed."""
+    work, _ = default_run
+    assert len(slurm_run.cancelled) == 1
+    cancelled = slurm_run.jobs[slurm_run.cancelled[0]]
+    assert cancelled.rule == "train_vae" and cancelled.state == "CANCELLED"
+    retried = [j for j in slurm_run.of_rule("train_vae") if j.job_id != cancelled.job_id]
+    assert [j.state for j in retried] == ["COMPLETED"]
+    assert int(retried[0].job_id) > int(cancelled.job_id)
+    hidden = [p for p in (work / "results").rglob(".*") if p.is_file() and ".resume" not in p.parts]
+    leftovers = [p for p in hidden if not p.name.startswith(".lock-")]  # the releases' lock files stay by design
+    assert leftovers == [], leftovers  # atomic writers leave no temporary file behind
+    assert (work / "results/models/autoencoder.pt").is_file()
+
+
+def test_slurm_second_run_submits_nothing(slurm_run, default_run):
+    work, _ = default_run
+    again = slurm_runner.run_workflow(work, "all")
+    assert again.returncode == 0, again.output[-3000:]
+    assert again.jobs == {} and "Nothing to be done" in again.output
