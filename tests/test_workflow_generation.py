@@ -127,6 +127,56 @@ def test_report_renders_in_headless_chromium(generated, tmp_path):
         assert len(set(im.convert("L").resize((140, 90)).getdata())) > 20  # not a blank page
 
 
+def _planned_after(work, section, **values):
+    """Jobs planned after changing ``section`` of the config (restored afterwards, then nothing is planned)."""
+    path = work / "config" / "config.yaml"
+    original = path.read_text(encoding="utf-8")
+    assert planned_jobs(work, "all") == {}
+    _edit(work, section, **values)
+    try:
+        return planned_jobs(work, "all")
+    finally:
+        path.write_text(original, encoding="utf-8")
+        assert planned_jobs(work, "all") == {}
+
+
+#: After the models, what every change of a trained model reruns: all generation shards and what follows.
+AFTER_MODELS = {"generate": 3, "generated": 1, "qc": 1, "fid": 1, "release": 1, "all": 1}
+
+
+def test_preprocessing_setting_reruns_everything_downstream(generated):
+    jobs = _planned_after(generated, "preprocess", hu_range=[-1000, 1500])
+    assert jobs == {"preprocess": 1, "regions": 1, "dataset": 1, "dataset_summary": 1, "train_vae": 1, "cache_latents": 1,
+                    "train_diffusion": 1, "train_controlnet": 1, "mask_database": 1, "qc_reference": 1, **AFTER_MODELS}  # fmt: skip
+
+
+def test_diffusion_hyperparameter_reruns_from_diffusion_training_on(generated):
+    jobs = _planned_after(generated, "train_diffusion", lr=2.0e-4)
+    assert jobs == {"train_diffusion": 1, "train_controlnet": 1, **AFTER_MODELS}  # not preprocessing, regions, VAE, latents
+
+
+def test_qc_policy_reruns_qc_and_what_reads_its_verdicts(generated):
+    """Whether failing cases are excluded or flagged: QC, the FID of the released cases and the release; no generation."""
+    assert _planned_after(generated, "qc", on_fail="exclude") == {"qc": 1, "fid": 1, "release": 1, "all": 1}
+
+
+def test_touched_script_reruns_its_stage_only(generated):
+    """Snakemake reruns a script rule whose script is newer than its outputs, and nothing unrelated."""
+    import os
+
+    from conftest import ROOT
+
+    script = ROOT / "workflow_scripts" / "dataset_summary.py"
+    stat = script.stat()
+    assert planned_jobs(generated, "all") == {}
+    os.utime(script)
+    try:
+        assert planned_jobs(generated, "all") == {"dataset_summary": 1, "all": 1}
+    finally:
+        os.utime(script, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert planned_jobs(generated, "all") == {}
+
+
 def test_more_cases_add_shards_only(generated):
     first = generated / "results/generated/masked/imagesTr/masked_00000.nii.gz"
     before = first.stat().st_mtime_ns
