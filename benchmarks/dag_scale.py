@@ -70,6 +70,11 @@ def _touch_cases(folder: Path, n: int) -> None:
         (folder / f"case_{i:06d}.nii.gz").touch()
 
 
+def n_shards(n: int) -> int:
+    """About ``CASES_PER_SHARD`` cases a shard, at most ``MAX_JOBS_PER_STAGE`` shards."""
+    return max(1, min(MAX_JOBS_PER_STAGE, math.ceil(n / CASES_PER_SHARD)))
+
+
 def workflow_dir(base: Path, n: int) -> Path:
     """A working directory whose config has one local source of ``n`` cases (the rest: the default config)."""
     work = base / f"workflow_{n}"
@@ -78,7 +83,7 @@ def workflow_dir(base: Path, n: int) -> Path:
     cfg.update(
         run_name=f"scale_{n}",
         catalog=str(ROOT / "config" / "datasets.yaml"),
-        shards=max(1, min(MAX_JOBS_PER_STAGE, math.ceil(n / CASES_PER_SHARD))),
+        shards=n_shards(n),
         sources={
             "scans": {
                 "type": "local",
@@ -126,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         naive = None
         if args.naive_cases:
-            s, mb, jobs = dry_run(naive_dir(base, args.naive_cases), base / f"naive_{args.naive_cases}" / "Snakefile")
+            naive_work = naive_dir(base, args.naive_cases)
+            s, mb, jobs = dry_run(naive_work, naive_work / "Snakefile")
             naive = (args.naive_cases, s, mb, sum(jobs.values()))
             print(f"reference  naive one-job-per-case DAG: {args.naive_cases} cases, {naive[3]} jobs, {s:.2f} s, {mb:.0f} MB peak")
         print(f"{'cases':>7} {'shards':>6} {'jobs':>6} {'max/stage':>9} {'seconds':>8} {'peak_mb':>8} {'naive/ours':>10}  target")
@@ -145,8 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                 ok &= seconds <= target
             verdict.append(f"<= {MAX_JOBS_PER_STAGE}/stage: {'ok' if per_stage <= MAX_JOBS_PER_STAGE else 'MISSED'}")
             ok &= per_stage <= MAX_JOBS_PER_STAGE
-            shards = yaml.safe_load((work / "config" / "config.yaml").read_text(encoding="utf-8"))["shards"]
-            print(f"{n:>7} {shards:>6} {sum(jobs.values()):>6} {per_stage:>9} {seconds:>8.2f} {peak_mb:>8.0f} {ratio:>10}  {', '.join(verdict)}")
+            print(f"{n:>7} {n_shards(n):>6} {sum(jobs.values()):>6} {per_stage:>9} {seconds:>8.2f} {peak_mb:>8.0f} {ratio:>10}  {', '.join(verdict)}")
             results.append((n, seconds, peak_mb, per_stage))
     finally:
         if args.keep:

@@ -17,12 +17,13 @@ __all__ = ["slurm_resources", "attempt_memory", "job_environment"]
 
 
 def slurm_resources(cluster: Mapping[str, Any], gpus: int) -> dict[str, Any]:
-    """The SLURM placement of a rule's jobs: partition, account and (for ``gpus > 0``) GPU model.
+    """The placement of a rule's jobs: for ``gpus > 0`` the ``gpu`` count, GPU partition and GPU model,
+    otherwise the CPU partition; the account either way.
 
     Keys left ``null`` in the config are not set, so SLURM's defaults (or a profile's) apply.
     """
     kind = "gpu" if gpus > 0 else "cpu"
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"gpu": gpus} if gpus > 0 else {}
     partition = cluster.get(f"{kind}_partition")
     if partition:
         out["slurm_partition"] = partition

@@ -8,6 +8,8 @@ import platform
 import sys
 from importlib import metadata
 
+from maisi.cluster import job_environment
+
 __all__ = ["package_versions", "provenance", "TRACKED_PACKAGES"]
 
 #: Packages whose versions decide what the factory's outputs contain.
@@ -44,8 +46,6 @@ def package_versions() -> dict[str, str]:
 def provenance(step: str) -> dict:
     """Provenance block for a sidecar: the step, tool versions, host and UTC time, and the
     scheduler job (SLURM job id, partition, visible GPUs) when it ran in one."""
-    from maisi.cluster import job_environment
-
     out = {
         "step": step,
         "versions": package_versions(),

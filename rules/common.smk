@@ -71,7 +71,7 @@ def stage_tables(pattern):
 PREPROCESS = PreprocessSettings.from_config(config["preprocess"])
 
 
-# --- cluster placement (profiles/slurm): partitions, account, GPU model from the config ---
+# --- placement: GPU count, and for profiles/slurm partition, account and GPU model from the config ---
 def cluster(gpus=0):
     return slurm_resources(config["cluster"], gpus)
 

@@ -18,7 +18,6 @@ rule fid:
     resources:
         **cluster(MODEL_GPUS),
         mem_mb=memory(config["model"]["resources"]["mem_mb"]),
-        gpu=MODEL_GPUS,
     log:
         "logs/fid/fid.log",
     benchmark:

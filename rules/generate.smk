@@ -29,7 +29,6 @@ rule generate:
         **cluster(MODEL_GPUS),
         mem_mb=memory(config["generate"]["resources"]["mem_mb"]),
         runtime=config["generate"]["resources"]["runtime"],
-        gpu=MODEL_GPUS,
     log:
         "logs/generate/{request}/{shard}.log",
     benchmark:

@@ -14,7 +14,6 @@ rule totalsegmentator:
         **cluster(TOTALSEG_GPUS),
         mem_mb=memory(config["totalsegmentator"]["resources"]["mem_mb"]),
         runtime=config["totalsegmentator"]["resources"]["runtime"],
-        gpu=TOTALSEG_GPUS,
     log:
         "logs/totalsegmentator/{source}/{shard}.log",
     benchmark:

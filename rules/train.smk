@@ -16,7 +16,6 @@ rule train_vae:
         **cluster(MODEL_GPUS),
         mem_mb=memory(config["model"]["resources"]["mem_mb"]),
         runtime=config["model"]["resources"]["runtime"],
-        gpu=MODEL_GPUS,
     log:
         "logs/train/train_vae.log",
     benchmark:
@@ -39,7 +38,6 @@ rule cache_latents:
     resources:
         **cluster(MODEL_GPUS),
         mem_mb=memory(config["model"]["resources"]["mem_mb"]),
-        gpu=MODEL_GPUS,
     log:
         "logs/cache_latents/{source}/{shard}.log",
     benchmark:
@@ -62,7 +60,6 @@ rule train_diffusion:
         **cluster(MODEL_GPUS),
         mem_mb=memory(config["model"]["resources"]["mem_mb"]),
         runtime=config["model"]["resources"]["runtime"],
-        gpu=MODEL_GPUS,
     log:
         "logs/train/train_diffusion.log",
     benchmark:
@@ -87,7 +84,6 @@ rule train_controlnet:
         **cluster(MODEL_GPUS),
         mem_mb=memory(config["model"]["resources"]["mem_mb"]),
         runtime=config["model"]["resources"]["runtime"],
-        gpu=MODEL_GPUS,
     log:
         "logs/train/train_controlnet.log",
     benchmark:

@@ -64,6 +64,11 @@ class SlurmRun:
         return [j for j in self.jobs.values() if j.rule == rule]
 
 
+def rule_of(comment: str) -> str:
+    """The rule of a job from the comment the SLURM executor gives it (``rule_<name>[_wildcards_...]``)."""
+    return comment.removeprefix("rule_").split("_wildcards_")[0]
+
+
 def all_jobs() -> dict[str, SlurmJob]:
     """Every job slurmctld still knows (the test cluster keeps finished ones for an hour: MinJobAge)."""
     out = subprocess.run(["scontrol", "show", "job", "-o"], capture_output=True, text=True).stdout
@@ -72,7 +77,7 @@ def all_jobs() -> dict[str, SlurmJob]:
         fields = dict(item.split("=", 1) for item in line.split() if "=" in item)
         if "JobId" not in fields:
             continue
-        rule = fields.get("Comment", "").removeprefix("rule_").split("_wildcards_")[0]
+        rule = rule_of(fields.get("Comment", ""))
         gpus = ",".join(v for k, v in fields.items() if k in ("TresPerJob", "TresPerNode") and v != "(null)")
         jobs[fields["JobId"]] = SlurmJob(fields["JobId"], rule, fields.get("Partition", ""), gpus, fields.get("JobState", ""))
     return jobs
@@ -105,7 +110,7 @@ def run_workflow(
                     queue = subprocess.run(["squeue", "-h", "-o", "%i|%k|%T"], capture_output=True, text=True).stdout
                     for line in queue.splitlines():
                         job_id, comment, state = line.split("|")
-                        if state != "RUNNING" or not comment.startswith(f"rule_{cancel_rule}"):
+                        if state != "RUNNING" or rule_of(comment) != cancel_rule:
                             continue
                         since = running_since.setdefault(job_id, time.monotonic())
                         if time.monotonic() - since >= cancel_after_s:

@@ -17,12 +17,12 @@ SITE = {"cpu_partition": "short", "gpu_partition": "a100q,h100q", "gpu_model": "
 
 
 def test_gpu_and_cpu_placement():
-    assert slurm_resources(SITE, 1) == {"slurm_partition": "a100q,h100q", "slurm_account": "radiology", "gpu_model": "a100"}
+    assert slurm_resources(SITE, 2) == {"gpu": 2, "slurm_partition": "a100q,h100q", "slurm_account": "radiology", "gpu_model": "a100"}
     assert slurm_resources(SITE, 0) == {"slurm_partition": "short", "slurm_account": "radiology"}  # no GPU model off GPUs
 
 
 def test_unset_site_keys_leave_slurm_defaults():
-    assert slurm_resources({}, 1) == {} and slurm_resources({"cpu_partition": None}, 0) == {}
+    assert slurm_resources({}, 1) == {"gpu": 1} and slurm_resources({"cpu_partition": None}, 0) == {}
 
 
 def test_memory_grows_with_the_attempt_up_to_the_cap():
