@@ -117,6 +117,11 @@ down() {
         sleep 0.5
     done
     rm -rf /var/spool/slurmctld/* /var/spool/slurmd/*
+    # Remove the configuration too: with a slurm.conf naming a controller that is down, every
+    # SLURM client call (and so every Snakemake start, whose SLURM plugin asks) waits ~10 s for it.
+    if [ -f "$CONF_DIR/slurm.conf" ] && grep -qF "$MARK" "$CONF_DIR/slurm.conf"; then
+        rm -f "$CONF_DIR/slurm.conf" "$CONF_DIR/gres.conf" "$CONF_DIR/cgroup.conf"
+    fi
 }
 
 case "${1:-}" in
