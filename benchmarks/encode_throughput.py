@@ -144,7 +144,7 @@ def measure(args: argparse.Namespace, size: int, device: str, method: str) -> di
     ]  # fmt: skip
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT)
+        proc = subprocess.run(cmd, capture_output=True, encoding="utf-8", timeout=args.timeout, cwd=ROOT)
     except subprocess.TimeoutExpired:
         return {"size": size, "device": device, "method": method, "error": f"timed out after {args.timeout} s"}
     for line in reversed(proc.stdout.splitlines()):

@@ -106,7 +106,7 @@ def run_case(size: tuple[int, int, int], device: str, workdir: Path, seed: int =
         out = workdir / f"{method}.pt"
         cmd = [sys.executable, __file__, "--worker", method, "--weights", str(weights), "--latent", str(latent), "--out", str(out),
                "--device", device]  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, encoding="utf-8")
         if proc.returncode != 0:
             results[method] = {"method": method, "error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
             continue

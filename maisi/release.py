@@ -134,7 +134,7 @@ def _git_info(repo_dir: str | os.PathLike) -> dict[str, Any]:
 
     def git(*args: str) -> str | None:
         try:
-            out = subprocess.run(["git", "-C", str(repo_dir), *args], capture_output=True, text=True, timeout=60, check=False)
+            out = subprocess.run(["git", "-C", str(repo_dir), *args], capture_output=True, encoding="utf-8", timeout=60, check=False)
         except (OSError, subprocess.SubprocessError):
             return None
         return out.stdout if out.returncode == 0 else None

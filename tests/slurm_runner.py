@@ -33,14 +33,14 @@ def cluster_unavailable() -> str | None:
 
 
 def cluster(action: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run(["bash", str(SCRIPT), action], capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(["bash", str(SCRIPT), action], capture_output=True, encoding="utf-8", timeout=900)
     if proc.returncode != 0:
         raise RuntimeError(f"tests/slurm_cluster.sh {action} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
 
 
 def node_memory_mb() -> int:
-    out = subprocess.run(["sinfo", "-h", "-o", "%m"], capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run(["sinfo", "-h", "-o", "%m"], capture_output=True, encoding="utf-8", check=True).stdout.split()
     return int(out[0].rstrip("+"))
 
 
@@ -71,7 +71,7 @@ def rule_of(comment: str) -> str:
 
 def all_jobs() -> dict[str, SlurmJob]:
     """Every job slurmctld still knows (the test cluster keeps finished ones for an hour: MinJobAge)."""
-    out = subprocess.run(["scontrol", "show", "job", "-o"], capture_output=True, text=True).stdout
+    out = subprocess.run(["scontrol", "show", "job", "-o"], capture_output=True, encoding="utf-8").stdout
     jobs = {}
     for line in out.splitlines():
         fields = dict(item.split("=", 1) for item in line.split() if "=" in item)
@@ -107,7 +107,7 @@ def run_workflow(
                 if time.monotonic() - start > timeout:
                     raise TimeoutError(f"the SLURM run did not finish in {timeout} s; see {log}")
                 if cancel_rule and not cancelled:
-                    queue = subprocess.run(["squeue", "-h", "-o", "%i|%k|%T"], capture_output=True, text=True).stdout
+                    queue = subprocess.run(["squeue", "-h", "-o", "%i|%k|%T"], capture_output=True, encoding="utf-8").stdout
                     for line in queue.splitlines():
                         job_id, comment, state = line.split("|")
                         if state != "RUNNING" or rule_of(comment) != cancel_rule:

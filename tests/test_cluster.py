@@ -54,7 +54,7 @@ with exit_on_sigterm(), atomic_path(Path({str(dest)!r})) as tmp:
     print("writing", flush=True)
     time.sleep(60)
 """
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, encoding="utf-8", cwd=ROOT)
     assert proc.stdout.readline().strip() == "writing"
     proc.send_signal(signal.SIGTERM)
     start = time.monotonic()

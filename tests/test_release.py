@@ -97,7 +97,7 @@ def temp_folders(gen, name="synth") -> list[Path]:
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "maisi.release", *args], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    return subprocess.run([sys.executable, "-m", "maisi.release", *args], capture_output=True, encoding="utf-8", cwd=ROOT, timeout=120)
 
 
 # --------------------------------------------------------------------------- layout and contents
@@ -172,7 +172,7 @@ def test_provenance_content_and_build(gen):
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
 def test_build_records_git_commit_but_digest_ignores_build(gen):
-    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, encoding="utf-8")
     if head.returncode != 0:
         pytest.skip("the checkout is not a git repository")
     a = build(gen)
@@ -284,7 +284,7 @@ release.build_release(args["root"], "synth", "0.1.0", pd.DataFrame(args["cases"]
 def test_hard_crash_mid_build_is_cleaned_by_next_build(gen):
     spec = gen["tmp"] / "args.json"
     spec.write_text(json.dumps({"root": str(gen["root"]), "cases": gen["cases"].to_dict("records"), "kwargs": gen["kwargs"]}), encoding="utf-8")
-    proc = subprocess.run([sys.executable, "-c", CRASH, str(spec)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", CRASH, str(spec)], cwd=ROOT, capture_output=True, encoding="utf-8", timeout=120)
     assert proc.returncode == 3, proc.stderr
     assert not (gen["root"] / "synth" / "0.1.0").exists()
     stale = temp_folders(gen)

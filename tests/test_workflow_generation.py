@@ -86,7 +86,7 @@ def test_all_ends_in_a_release_with_qc_and_fid(generated):
     sidecar = json.loads((generated / "results/generated/masked/imagesTr/masked_00000.nii.gz.json").read_text(encoding="utf-8"))
     assert provenance["content"]["cases"]["masked_00000"]["seed"] == sidecar["seed"]
     assert provenance["build"]["packages"]["monai"] and len(provenance["content"]["checkpoints"]) == 3
-    proc = subprocess.run([sys.executable, "-m", "maisi.release", "verify", str(release)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "maisi.release", "verify", str(release)], capture_output=True, encoding="utf-8")
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -111,7 +111,7 @@ def test_report_renders_in_headless_chromium(generated, tmp_path):
     snakemake(generated, "--report", str(report))
     html = report.read_text(encoding="utf-8")
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=20000"]
-    dom = subprocess.run([browser, *flags, "--dump-dom", report.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    dom = subprocess.run([browser, *flags, "--dump-dom", report.as_uri()], capture_output=True, encoding="utf-8", timeout=120).stdout
     for category in ("Prepared dataset", "Training", "Generation", "Quality control", "FID"):
         assert f">{category}<" in dom, category  # rendered by the report's scripts, absent from the raw file
         assert f">{category}<" not in html
