@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from maisi.checks import InputError
 from maisi.generation_plan import GenCase, GenerationRequest
 from maisi.io import current_sidecar, save_nifti, sha256_file, sidecar_path, write_with_sidecar
 from maisi.labels import BODY
@@ -51,7 +52,6 @@ from maisi.models import (
     select_device,
 )
 from maisi.phantom import derive_seed
-from maisi.qc import QCSettings, check_files, read_reference
 from maisi.regions import one_hot
 from maisi.shards import write_table
 from maisi.tsp import DecodeSettings, decode_latent
@@ -67,6 +67,10 @@ __all__ = [
     "case_paths",
     "generate_case",
     "generate_shard",
+    "discard_case",
+    "failed_row",
+    "raise_on_errors",
+    "CASE_ERRORS",
     "GENERATED_COLUMNS",
     "HU_RANGE",
 ]
@@ -74,10 +78,12 @@ __all__ = [
 log = logging.getLogger(__name__)
 STEP = "generate"
 HU_RANGE = (-1000.0, 1000.0)
+#: Errors that fail one case (bad input such as no fitting mask) and not its whole shard.
+CASE_ERRORS = (NoMaskError, InputError, FileNotFoundError)
 #: Threshold (HU) that separates the body from air when no mask gives the body.
 BODY_THRESHOLD_HU = -500.0
 GENERATED_COLUMNS = (
-    "request", "case_id", "index", "status", "reason", "qc_status", "qc_reasons", "image", "label", "seed", "attempt", "mask_source", "mask_resampled",
+    "request", "case_id", "index", "status", "reason", "image", "label", "seed", "attempt", "mask_source", "mask_resampled",
     "top_region", "bottom_region", "size", "spacing", "anatomy", "seconds",
 )  # fmt: skip
 
@@ -284,8 +290,8 @@ def _peak_memory(device: torch.device) -> dict[str, float]:
 def _row(request: GenerationRequest, case: GenCase, record: Mapping[str, Any], paths: Mapping[str, Path]) -> dict[str, Any]:
     mask = record.get("mask") or {}
     return {
-        "request": request.name, "case_id": case.case_id, "index": case.index, "image": str(paths["image"]), "label": str(paths["label"]),
-        "seed": record["seed"], "attempt": record["attempt"], "mask_source": mask.get("case_id", ""),
+        "request": request.name, "case_id": case.case_id, "index": case.index, "status": "ok", "reason": "", "image": str(paths["image"]),
+        "label": str(paths["label"]), "seed": record["seed"], "attempt": record["attempt"], "mask_source": mask.get("case_id", ""),
         "mask_resampled": bool(mask.get("resampled", False)), "top_region": request.top_region, "bottom_region": request.bottom_region,
         "size": json.dumps(list(request.size)), "spacing": json.dumps(list(request.spacing)),
         "anatomy": json.dumps(list(request.anatomy)), "seconds": round(float(record["timings"]["total_s"]), 2),
@@ -376,20 +382,11 @@ def generate_case(
     return _row(request, case, record, paths)
 
 
-def _first_attempt(
-    models: Models, request: GenerationRequest, case: GenCase, settings: GenerateSettings, out_root, masks_sha256: str
-) -> int:
-    """The attempt the case's current outputs hold when they are still valid (earlier attempts failed
-    QC with these settings, so a rerun resumes there), else 0."""
-    from maisi.io import read_json
-
-    image = case_paths(out_root, request.name, case.case_id)["image"]
-    try:
-        attempt = int(read_json(sidecar_path(image))["attempt"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0
-    fp = case_fingerprint(models, request, case, settings, attempt, masks_sha256)
-    return attempt if current_sidecar(image, fp) is not None else 0
+def discard_case(paths: Mapping[str, Path]) -> None:
+    """Remove a case's outputs and sidecars (a case that failed leaves nothing stale behind)."""
+    for p in paths.values():
+        p.unlink(missing_ok=True)
+        sidecar_path(p).unlink(missing_ok=True)
 
 
 def generate_shard(
@@ -401,54 +398,41 @@ def generate_shard(
     out_root: str | os.PathLike,
     table: str | os.PathLike,
     progress: bool = True,
-    qc: QCSettings | None = None,
-    qc_reference: str | os.PathLike | None = None,
 ) -> list[dict[str, Any]]:
-    """Generate a shard's cases one after another, then write its table.
+    """Generate a shard's cases (first attempt, the case's own seed) one after another, then write its table.
 
-    With a QC reference, each case is checked (:mod:`maisi.qc`) and a failing one is generated
-    again from a new derived seed (:meth:`GenCase.attempt_seed`; masked cases thereby also draw a
-    new mask) until it passes or ``qc.max_attempts`` are used; the table records the attempts and
-    the last verdict with its reasons. A case that fails with a bad-input error (no mask fits,
-    unreadable mask) is recorded as ``failed`` with its reason; the other cases still run and keep
-    their outputs. With ``on_error: stop`` the first failure is raised after the table is written.
+    Checking the cases and generating failing ones again is QC's part (:mod:`maisi.qc_shard`), so
+    that a QC setting never reruns generation. A case that fails with a bad-input error (no mask
+    fits, unreadable mask) is recorded as ``failed`` with its reason; the other cases still run and
+    keep their outputs. With ``on_error: stop`` the first failure is raised after the table is written.
     """
     from tqdm.auto import tqdm
-
-    from maisi.checks import InputError
 
     models = load_models(checkpoints["autoencoder"], checkpoints["diffusion"], checkpoints.get("controlnet") if request.masks else None,
                          settings.preset, settings.device)  # fmt: skip
     masks = read_mask_database(mask_db) if request.masks and mask_db else None
     masks_sha = sha256_file(mask_db) if request.masks and mask_db else ""
-    ranges = read_reference(qc_reference) if qc_reference else None
-    qc = qc or QCSettings()
     rows, errors = [], []
     for case in tqdm(cases, desc=f"generate {request.name}", unit="case", disable=not progress):
         try:
-            attempt = _first_attempt(models, request, case, settings, out_root, masks_sha) if ranges is not None else 0
-            while True:
-                row = generate_case(models, request, case, masks, settings, out_root, attempt, progress, masks_sha)
-                if ranges is None:
-                    row.update(qc_status="", qc_reasons="")
-                    break
-                verdict = check_files(row["image"], row["label"], ranges, qc)
-                row.update(qc_status="pass" if verdict.passed else "fail", qc_reasons="; ".join(verdict.reasons))
-                if verdict.passed or attempt + 1 >= qc.max_attempts:
-                    break
-                log.warning("%s attempt %d failed QC (%s); generating again", case.case_id, attempt, row["qc_reasons"])
-                attempt += 1
-            rows.append({**row, "status": "ok", "reason": ""})
-        except (NoMaskError, InputError, FileNotFoundError) as exc:
+            rows.append(generate_case(models, request, case, masks, settings, out_root, 0, progress, masks_sha))
+        except CASE_ERRORS as exc:
             log.error("case %s failed: %s", case.case_id, exc)
             errors.append(exc)
-            paths = case_paths(out_root, request.name, case.case_id)
-            for p in paths.values():  # a failed case leaves no stale outputs
-                p.unlink(missing_ok=True)
-                sidecar_path(p).unlink(missing_ok=True)
-            rows.append({"request": request.name, "case_id": case.case_id, "index": case.index, "status": "failed", "reason": str(exc)})
+            discard_case(case_paths(out_root, request.name, case.case_id))
+            rows.append(failed_row(request, case, exc))
     write_table(rows, table, STEP, GENERATED_COLUMNS)
+    raise_on_errors(errors, request, settings)
+    return rows
+
+
+def failed_row(request: GenerationRequest, case: GenCase, exc: Exception) -> dict[str, Any]:
+    """The table row of a case that could not be generated."""
+    return {"request": request.name, "case_id": case.case_id, "index": case.index, "status": "failed", "reason": str(exc)}
+
+
+def raise_on_errors(errors: Sequence[Exception], request: GenerationRequest, settings: GenerateSettings) -> None:
+    """With ``on_error: stop``, raise the first case error (after the shard's table is written)."""
     if errors and settings.on_error == "stop":
         raise RuntimeError(f"{len(errors)} case(s) of request {request.name} failed, first: {errors[0]}. "
                            "Set 'on_error: skip' to keep going.") from errors[0]  # fmt: skip
-    return rows

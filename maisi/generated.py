@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 
 import pandas as pd
 
-from maisi.shards import read_table, write_table
+from maisi.shards import read_tables, write_table
 
 __all__ = ["collect_generated", "plot_generated"]
 
@@ -17,9 +17,7 @@ def collect_generated(tables: Sequence[str | os.PathLike], dest: str | os.PathLi
     """Concatenate the generation shard tables (sorted by request and case) and write ``dest``."""
     from maisi.generate import GENERATED_COLUMNS
 
-    frames = [read_table(t) for t in tables]
-    cases = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(GENERATED_COLUMNS))
-    cases = cases.reindex(columns=list(GENERATED_COLUMNS)).sort_values(["request", "case_id"]).reset_index(drop=True)
+    cases = read_tables(tables, GENERATED_COLUMNS)
     write_table(cases.to_dict("records"), dest, "generated", GENERATED_COLUMNS)
     return cases
 

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from maisi.provenance import provenance
-from maisi.qc import OrganRange, QCSettings, check_files, load_case, organ_groups
+from maisi.qc import OrganRange, QCSettings, load_case, organ_groups
 from maisi.shards import write_table
 
 __all__ = [
@@ -25,7 +25,7 @@ __all__ = [
     "plot_generated_vs_real",
 ]
 
-QC_CASE_COLUMNS = ("request", "case_id", "status", "attempt", "qc_status", "release", "qc_reasons", "medians", "unchecked")
+QC_CASE_COLUMNS = ("request", "case_id", "status", "attempt", "image", "label", "qc_status", "release", "qc_reasons", "medians", "unchecked")
 QC_ORGAN_COLUMNS = ("organ", "low", "high", "n_reference", "n_cases", "n_pass", "pass_rate")
 REFERENCE_COLUMNS = ("organ", "labels", "n", "mean", "sd", "p005", "p995", "low", "high")
 
@@ -40,24 +40,23 @@ def reference_table(reference: Mapping[str, Any], dest: str | os.PathLike) -> pd
 
 
 def assess_generated(
-    generated: pd.DataFrame, ranges: Mapping[str, OrganRange], settings: QCSettings, cases_dest, organs_dest
+    checked: pd.DataFrame, ranges: Mapping[str, OrganRange], settings: QCSettings, cases_dest, organs_dest
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Check every generated case again on its final files and decide its place in the release:
-    ``include`` (passed), ``flagged`` (failed, kept per ``qc.on_fail: flag``) or ``excluded``."""
+    """Decide each checked case's place in the release and write the QC tables.
+
+    ``checked`` holds the QC shards' rows (:mod:`maisi.qc_shard`: the final attempt's files and
+    verdict). A case is ``include`` (passed), ``flagged`` (failed, kept per ``qc.on_fail: flag``) or
+    ``excluded``; the organ table gives each organ's range and its pass rate over the cases."""
     rows, per_organ = [], {}
-    for r in generated.itertuples():
-        base = {"request": r.request, "case_id": r.case_id, "status": r.status, "attempt": r.attempt}
-        if r.status != "ok":
-            rows.append({**base, "qc_status": "fail", "release": "excluded", "qc_reasons": r.reason, "medians": "{}", "unchecked": "[]"})
-            continue
-        verdict = check_files(r.image, r.label, ranges, settings)
-        release = "include" if verdict.passed else ("flagged" if settings.on_fail == "flag" else "excluded")
+    for r in checked.itertuples():
+        passed = r.status == "ok" and r.qc_status == "pass"
+        release = "include" if passed else ("flagged" if r.status == "ok" and settings.on_fail == "flag" else "excluded")
         rows.append({
-            **base, "qc_status": "pass" if verdict.passed else "fail", "release": release, "qc_reasons": "; ".join(verdict.reasons),
-            "medians": json.dumps({k: round(v, 1) for k, v in verdict.medians.items()}, sort_keys=True),
-            "unchecked": json.dumps(verdict.unchecked),
+            "request": r.request, "case_id": r.case_id, "status": r.status, "attempt": r.attempt, "image": r.image, "label": r.label,
+            "qc_status": "pass" if passed else "fail", "release": release, "qc_reasons": r.qc_reasons or r.reason,
+            "medians": r.medians or "{}", "unchecked": r.unchecked or "[]",
         })  # fmt: skip
-        for organ, median in verdict.medians.items():
+        for organ, median in json.loads(r.medians or "{}").items():
             if organ in ranges:
                 per_organ.setdefault(organ, []).append(ranges[organ].contains(median))
     organs = []

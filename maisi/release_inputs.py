@@ -16,13 +16,12 @@ __all__ = ["released_cases", "labels_present", "source_records", "PHANTOM_LICENC
 PHANTOM_LICENCE = "CC0-1.0 (procedural phantom made by this workflow; no patient data)"
 
 
-def released_cases(generated: str | os.PathLike, qc_cases: str | os.PathLike) -> pd.DataFrame:
+def released_cases(qc_cases: str | os.PathLike) -> pd.DataFrame:
     """Generated cases that QC lets into the release (``include``, or ``flagged`` under ``qc.on_fail: flag``),
-    with ``qc_status`` ``pass`` or ``flagged`` as :func:`maisi.release.build_release` takes them."""
-    gen = read_table(generated)
+    each with the files of its final attempt and ``qc_status`` ``pass`` or ``flagged`` as
+    :func:`maisi.release.build_release` takes them."""
     qc = read_table(qc_cases)
-    kept = qc[qc.release.isin(["include", "flagged"])][["request", "case_id", "release", "qc_reasons"]]
-    cases = gen[gen.status == "ok"].merge(kept, on=["request", "case_id"], how="inner", suffixes=("_gen", ""))
+    cases = qc[qc.release.isin(["include", "flagged"])].copy()
     cases["qc_status"] = np.where(cases.release == "include", "pass", "flagged")
     return cases[["case_id", "request", "image", "label", "qc_status", "qc_reasons"]].reset_index(drop=True)
 

@@ -97,3 +97,10 @@ def write_table(rows: Sequence[Mapping[str, Any]], dest: str | os.PathLike, step
 
 def read_table(path: str | os.PathLike) -> pd.DataFrame:
     return pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+
+
+def read_tables(paths: Sequence[str | os.PathLike], columns: Sequence[str], by: Sequence[str] = ("request", "case_id")) -> pd.DataFrame:
+    """Shard tables concatenated in ``columns`` and sorted by ``by`` (empty, with the columns, for no tables)."""
+    frames = [read_table(p) for p in paths]
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(columns))
+    return table.reindex(columns=list(columns)).sort_values(list(by)).reset_index(drop=True)

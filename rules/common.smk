@@ -178,10 +178,17 @@ GENERATED = "results/generated"
 
 
 def generate_inputs(wildcards):
-    inputs = {"autoencoder": AUTOENCODER, "diffusion": DIFFUSION, "qc_reference": "results/qc/reference.json"}
+    inputs = {"autoencoder": AUTOENCODER, "diffusion": DIFFUSION}
     if REQUESTS[wildcards.request].masks:
         inputs.update(controlnet=CONTROLNET, masks="results/masks/database.json")
     return inputs
+
+
+GENERATE_SETTINGS = GenerateSettings.from_config(config["generate"], config["model"], config["on_error"]).to_json()
+
+
+def request_json(wildcards):
+    return json.dumps(REQUESTS[wildcards.request].to_json(), sort_keys=True)
 
 
 def generate_cases_json(wildcards):
@@ -191,8 +198,8 @@ def generate_cases_json(wildcards):
     return json.dumps([asdict(c) for c in cases], sort_keys=True)
 
 
-def generation_tables():
-    return [f"{GENERATED}/{n}/shards/{k}.tsv" for n, r in sorted(REQUESTS.items()) for k in r.shards()]
+def generation_tables(pattern=f"{GENERATED}/{{request}}/shards/{{shard}}.tsv"):
+    return [pattern.format(request=n, shard=k) for n, r in sorted(REQUESTS.items()) for k in r.shards()]
 
 
 # --- regions.smk ---
@@ -215,6 +222,13 @@ def regions_params(wildcards):
 
 # --- qc.smk, fid.smk, release.smk ---
 QC = QCSettings.from_config(config["qc"])
+QC_SHARDS = "results/qc/shards/{request}/{shard}.tsv"
+
+
+def qc_check_inputs(wildcards):
+    """A QC shard checks its generation shard and may generate cases again (same models and masks)."""
+    table = GENERATED + "/{request}/shards/{shard}.tsv"
+    return {"table": table.format(**wildcards), "reference": "results/qc/reference.json", **generate_inputs(wildcards)}
 FID = FIDSettings.from_config({k: v for k, v in config["fid"].items() if k != "enabled"})
 RELEASES = "results/releases"
 RELEASE_NAME = config["release"]["name"] or config["run_name"]

@@ -3,7 +3,6 @@
 
 rule fid:
     input:
-        generated=f"{GENERATED}/cases.tsv",
         qc="results/qc/cases.tsv",
         real="results/prepared/cases.tsv",
         autoencoder=AUTOENCODER,

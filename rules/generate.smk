@@ -1,4 +1,5 @@
-# Generation: the mask database, sharded generation per request (TSP decoding), the generated set.
+# Generation: the mask database, sharded generation per request (TSP decoding), the generated set
+# (first attempts; QC checks them and generates failing cases again, see qc.smk).
 
 
 rule mask_database:
@@ -20,10 +21,9 @@ rule generate:
     output:
         table=f"{GENERATED}/{{request}}/shards/{{shard}}.tsv",
     params:
-        request=lambda w: json.dumps(REQUESTS[w.request].to_json(), sort_keys=True),
+        request=request_json,
         cases=generate_cases_json,
-        settings=GenerateSettings.from_config(config["generate"], config["model"], config["on_error"]).to_json(),
-        qc=QC.check_json(),
+        settings=GENERATE_SETTINGS,
     threads: config["threads"]["generate"]
     resources:
         **cluster(MODEL_GPUS),

@@ -1,4 +1,5 @@
-# Quality control: organ HU ranges from the real prepared data, then every generated case checked.
+# Quality control: organ HU ranges from the real prepared data; every generated case checked per shard
+# (a failing one generated again with a new seed); the verdicts gathered, release decisions and figures.
 
 
 rule qc_reference:
@@ -19,9 +20,32 @@ rule qc_reference:
         "../workflow_scripts/qc_reference.py"
 
 
+rule qc_check:
+    input:
+        unpack(qc_check_inputs),
+    output:
+        table=QC_SHARDS,
+    params:
+        request=request_json,
+        cases=generate_cases_json,
+        settings=GENERATE_SETTINGS,
+        qc=QC.check_json(),
+    threads: config["threads"]["generate"]
+    resources:
+        **cluster(MODEL_GPUS),
+        mem_mb=memory(config["generate"]["resources"]["mem_mb"]),
+        runtime=config["generate"]["resources"]["runtime"],
+    log:
+        "logs/qc/{request}/{shard}.log",
+    benchmark:
+        "results/benchmarks/qc_check/{request}/{shard}.tsv"
+    script:
+        "../workflow_scripts/qc_check.py"
+
+
 rule qc:
     input:
-        generated=f"{GENERATED}/cases.tsv",
+        tables=generation_tables(QC_SHARDS),
         reference="results/qc/reference.json",
         real="results/prepared/cases.tsv",
     output:

@@ -3,7 +3,6 @@
 
 rule release:
     input:
-        generated=f"{GENERATED}/cases.tsv",
         qc="results/qc/cases.tsv",
         qc_organs="results/qc/organs.tsv",
         fid="results/fid/fid.tsv",

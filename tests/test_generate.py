@@ -188,26 +188,51 @@ def _reference(path, liver_range):
 
 def test_case_failing_qc_is_generated_again_with_new_seeds(tmp_path, checkpoints, mask_db):
     from maisi.qc import QCSettings
+    from maisi.qc_shard import attempt_root, check_shard
 
     req = request(anatomy=["liver"], allow_tumour=True, n_cases=1)
-    qc = QCSettings(max_attempts=3, min_inside_body=0.0)
-    impossible = _reference(tmp_path / "impossible.json", (5000.0, 6000.0))
-    rows = generate_shard(req, req.cases(), checkpoints, mask_db, SETTINGS, tmp_path / "a", tmp_path / "a.tsv", progress=False,
-                          qc=qc, qc_reference=impossible)  # fmt: skip
-    assert rows[0]["qc_status"] == "fail" and rows[0]["attempt"] == 2 and "liver: median" in rows[0]["qc_reasons"]
-    record = read_json(sidecar_path(case_paths(tmp_path / "a", "r", "r_00000")["image"]))
     case = req.cases()[0]
-    assert record["attempt"] == 2 and record["seed"] == case.attempt_seed(2) != case.seed
-    table = read_table(tmp_path / "a.tsv")
-    assert list(table.qc_status) == ["fail"] and list(table.attempt) == ["2"]
-    # a rerun with the same settings resumes at the recorded attempt: nothing is generated again
-    image = case_paths(tmp_path / "a", "r", "r_00000")["image"]
-    before = image.stat().st_mtime_ns
-    rows = generate_shard(req, req.cases(), checkpoints, mask_db, SETTINGS, tmp_path / "a", tmp_path / "a.tsv", progress=False,
-                          qc=qc, qc_reference=impossible)  # fmt: skip
-    assert rows[0]["attempt"] == 2 and image.stat().st_mtime_ns == before
-    # a range every case meets: the first attempt passes
+    qc = QCSettings(max_attempts=3, min_inside_body=0.0)
+    generate_shard(req, req.cases(), checkpoints, mask_db, SETTINGS, tmp_path / "gen", tmp_path / "gen.tsv", progress=False)
+    first = case_paths(tmp_path / "gen", "r", case.case_id)["image"]
+    first_mtime = first.stat().st_mtime_ns
+    impossible = _reference(tmp_path / "impossible.json", (5000.0, 6000.0))
+
+    def check(reference, root, table, models=checkpoints):
+        check_shard(req, req.cases(), tmp_path / "gen.tsv", models, mask_db, SETTINGS, qc, reference, tmp_path / root, tmp_path / table,
+                    progress=False)  # fmt: skip
+        return read_table(tmp_path / table).iloc[0]
+
+    row = check(impossible, "re", "a.tsv")
+    assert row.qc_status == "fail" and row.attempt == "2" and "liver: median" in row.qc_reasons and json.loads(row.medians)["liver"] < 5000
+    last = case_paths(attempt_root(tmp_path / "re", 2), "r", case.case_id)["image"]
+    assert row.image == str(last) and row.seed == str(case.attempt_seed(2))
+    record = read_json(sidecar_path(last))
+    assert record["attempt"] == 2 and record["seed"] == case.attempt_seed(2) != case.seed != case.attempt_seed(1)
+    assert case_paths(attempt_root(tmp_path / "re", 1), "r", case.case_id)["image"].is_file()  # every attempt is kept
+    assert first.stat().st_mtime_ns == first_mtime  # generation's own outputs are never written over
+    # a rerun (say after another QC setting) finds every attempt where it left it: nothing is generated again
+    made = {p: p.stat().st_mtime_ns for p in (tmp_path / "re").rglob("*.nii.gz")}
+    assert len(made) == 4 and check(impossible, "re", "a2.tsv").attempt == "2"
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "re").rglob("*.nii.gz")} == made
+    # a range every case meets: the first attempt passes, and the models are never loaded
     wide = _reference(tmp_path / "wide.json", (-1100.0, 1100.0))
-    rows = generate_shard(req, req.cases(), checkpoints, mask_db, SETTINGS, tmp_path / "b", tmp_path / "b.tsv", progress=False,
-                          qc=qc, qc_reference=wide)  # fmt: skip
-    assert rows[0]["qc_status"] == "pass" and rows[0]["attempt"] == 0 and rows[0]["qc_reasons"] == ""
+    row = check(wide, "re2", "b.tsv", models={"autoencoder": "missing.pt", "diffusion": "missing.pt", "controlnet": "missing.pt"})
+    assert row.qc_status == "pass" and row.attempt == "0" and row.qc_reasons == "" and row.image == str(first)
+    assert not (tmp_path / "re2").exists()
+
+
+def test_qc_shard_keeps_cases_generation_could_not_make(tmp_path, checkpoints):
+    from maisi.qc import QCSettings
+    from maisi.qc_shard import check_shard
+
+    req = request(n_cases=1)
+    pd.DataFrame([{"request": "r", "case_id": req.cases()[0].case_id, "index": 0, "status": "failed", "reason": "no mask fits"}]).to_csv(
+        tmp_path / "gen.tsv", sep="\t", index=False)  # fmt: skip
+    reference = _reference(tmp_path / "ref.json", (-1100.0, 1100.0))
+    check_shard(req, req.cases(), tmp_path / "gen.tsv", checkpoints, None, SETTINGS, QCSettings(), reference, tmp_path, tmp_path / "q.tsv",
+                progress=False)  # fmt: skip
+    row = read_table(tmp_path / "q.tsv").iloc[0]
+    assert row.status == "failed" and row.qc_status == "fail" and row.qc_reasons == "no mask fits"
+    with pytest.raises(ValueError, match="not in this shard"):
+        check_shard(req, [], tmp_path / "gen.tsv", checkpoints, None, SETTINGS, QCSettings(), reference, tmp_path, tmp_path / "x.tsv")

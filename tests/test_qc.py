@@ -13,6 +13,7 @@ from maisi.checks import InputError
 from maisi.qc import (
     BONE_CAP_HU,
     ORGAN_GROUPS,
+    QCResult,
     QCSettings,
     build_reference,
     check_case,
@@ -23,6 +24,7 @@ from maisi.qc import (
     reference_ranges,
 )
 from maisi.qc_report import assess_generated, plot_generated_vs_real, plot_hu_histograms, reference_record, reference_table
+from maisi.qc_shard import verdict_columns
 
 SHAPE = (24, 24, 16)
 
@@ -171,12 +173,14 @@ def test_assess_generated_tables_and_figures(tmp_path, ranges):
         rows.append({"request": "r", "case_id": f"r_{i:05d}", "status": status, "reason": "no mask" if status == "failed" else "",
                      "attempt": "1", "image": str(write_nifti(tmp_path / f"g{i}.nii.gz", hu.astype(np.int16))),
                      "label": str(write_nifti(tmp_path / f"gl{i}.nii.gz", lab)), "spacing": "[2.0, 2.0, 3.0]"})  # fmt: skip
+        verdict = check_files(rows[-1]["image"], rows[-1]["label"], ranges, QCSettings()) if status == "ok" else QCResult(False, ["no mask"])
+        rows[-1].update(verdict_columns(verdict))
     generated = pd.DataFrame(rows)
     for on_fail, expected in (("exclude", ["include", "excluded", "excluded"]), ("flag", ["include", "flagged", "excluded"])):
         cases, organs = assess_generated(generated, ranges, QCSettings(on_fail=on_fail), tmp_path / "c.tsv", tmp_path / "o.tsv")
         assert list(cases.release) == expected
     assert list(cases.qc_status) == ["pass", "fail", "fail"] and "liver: median" in cases.qc_reasons[1]
-    assert cases.qc_reasons[2] == "no mask"
+    assert cases.qc_reasons[2] == "no mask" and list(cases.image) == [r["image"] for r in rows]
     liver = organs.set_index("organ").loc["liver"]
     assert liver.n_cases == 2 and liver.n_pass == 1 and liver.pass_rate == 0.5
     assert organs.set_index("organ").loc["spleen"].pass_rate == 1.0

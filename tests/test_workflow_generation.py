@@ -141,7 +141,7 @@ def _planned_after(work, section, **values):
 
 
 #: After the models, what every change of a trained model reruns: all generation shards and what follows.
-AFTER_MODELS = {"generate": 3, "generated": 1, "qc": 1, "fid": 1, "release": 1, "all": 1}
+AFTER_MODELS = {"generate": 3, "qc_check": 3, "generated": 1, "qc": 1, "fid": 1, "release": 1, "all": 1}
 
 
 def test_preprocessing_setting_reruns_everything_downstream(generated):
@@ -158,6 +158,13 @@ def test_diffusion_hyperparameter_reruns_from_diffusion_training_on(generated):
 def test_qc_policy_reruns_qc_and_what_reads_its_verdicts(generated):
     """Whether failing cases are excluded or flagged: QC, the FID of the released cases and the release; no generation."""
     assert _planned_after(generated, "qc", on_fail="exclude") == {"qc": 1, "fid": 1, "release": 1, "all": 1}
+
+
+def test_qc_threshold_reruns_qc_and_release_not_generation(generated):
+    """A QC threshold: every shard checked again (generating failing cases again is QC's part), the
+    verdicts, the FID of the released cases and the release; no generation shard."""
+    jobs = _planned_after(generated, "qc", min_inside_body=0.9)
+    assert jobs == {"qc_check": 3, "qc": 1, "fid": 1, "release": 1, "all": 1}
 
 
 def test_touched_script_reruns_its_stage_only(generated):
@@ -187,7 +194,7 @@ def test_more_cases_add_shards_only(generated):
     cfg["release"] = {"version": "0.2.0"}  # new content, new release version
     path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
     try:
-        assert planned_jobs(generated, "all") == {"generate": 1, "generated": 1, "qc": 1, "fid": 1, "release": 1, "all": 1}
+        assert planned_jobs(generated, "all") == {"generate": 1, "qc_check": 1, "generated": 1, "qc": 1, "fid": 1, "release": 1, "all": 1}
         snakemake(generated, "all", timeout=900)
         assert first.stat().st_mtime_ns == before  # the existing cases are untouched
         assert (generated / "results/generated/masked/imagesTr/masked_00002.nii.gz").is_file()

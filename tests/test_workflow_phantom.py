@@ -26,7 +26,7 @@ from maisi.regions import BODY_REGIONS, one_hot
 pytestmark = pytest.mark.e2e
 
 
-GPU_RULES = {"train_vae", "cache_latents", "train_diffusion", "train_controlnet", "generate", "fid"}
+GPU_RULES = {"train_vae", "cache_latents", "train_diffusion", "train_controlnet", "generate", "qc_check", "fid"}
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +152,7 @@ def test_nothing_reruns_and_one_more_case_reruns_one_shard(default_run):
         # checked against QC ranges of the larger dataset, scored and released
         assert jobs == {"phantom": 1, "preprocess": 1, "regions": 1, "dataset": 1, "dataset_summary": 1, "train_vae": 1,
                         "cache_latents": latent_shards, "train_diffusion": 1, "train_controlnet": 1, "mask_database": 1,
-                        "generate": 2, "generated": 1, "qc_reference": 1, "qc": 1, "fid": 1, "release": 1, "all": 1}  # fmt: skip
+                        "generate": 2, "qc_check": 2, "generated": 1, "qc_reference": 1, "qc": 1, "fid": 1, "release": 1, "all": 1}  # fmt: skip
         coarser = yaml.safe_load(original)
         coarser["preprocess"]["divisor"] = 64
         config_file.write_text(yaml.safe_dump(coarser), encoding="utf-8")

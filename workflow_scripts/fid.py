@@ -13,9 +13,7 @@ with from_snakemake(smk):
         write_fid_disabled(smk.output.table, smk.output.record)
     else:
         qc = read_table(smk.input.qc)
-        kept = set(qc.case_id[qc.release != "excluded"])
-        generated = read_table(smk.input.generated)
-        images = sorted(generated.image[generated.case_id.isin(kept)])
+        images = sorted(qc.image[qc.release != "excluded"])  # each released case's final attempt
         if len(images) < 2:
             write_fid_disabled(smk.output.table, smk.output.record, f"{len(images)} released case(s); FID needs at least 2")
         else:

@@ -8,7 +8,6 @@ import torch
 from maisi.generate import GenerateSettings, generate_shard
 from maisi.generation_plan import GenCase, GenerationRequest
 from maisi.logs import from_snakemake
-from maisi.qc import QCSettings
 
 smk = snakemake  # noqa: F821 (injected by Snakemake)
 with from_snakemake(smk):
@@ -21,6 +20,4 @@ with from_snakemake(smk):
         GenerateSettings.from_json(smk.params.settings),
         out_root=Path(smk.output.table).parents[2],  # results/generated/{request}/shards/{shard}.tsv
         table=smk.output.table,
-        qc=QCSettings.from_json(smk.params.qc),
-        qc_reference=smk.input.qc_reference,
     )

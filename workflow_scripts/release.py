@@ -9,7 +9,7 @@ from maisi.release_inputs import labels_present, released_cases
 
 smk = snakemake  # noqa: F821 (injected by Snakemake)
 with from_snakemake(smk):
-    cases = released_cases(smk.input.generated, smk.input.qc)
+    cases = released_cases(smk.input.qc)
     result = build_release(
         "results/releases", smk.params.name, smk.params.version, cases,
         config=json.loads(smk.params.config), checkpoints=json.loads(smk.params.checkpoints),

@@ -1,0 +1,122 @@
+"""QC of one generated shard: every case checked, a failing one generated again.
+
+Each case of the shard's generation table is checked (:func:`maisi.qc.check_files`) against the
+organ ranges. One that fails is generated again from a new derived seed
+(:meth:`GenCase.attempt_seed`; a masked case thereby also draws a new mask) until it passes or
+``qc.max_attempts`` are used. Attempt ``k`` is written under ``<root>/attempt-<k>/`` and never over
+the generation's own outputs, so a rerun with other QC settings finds every earlier attempt where it
+left it (matched by its sidecar) and generates nothing it already has. The models are loaded only
+when a case has to be generated again.
+
+Because checking and regenerating live here and not in generation, changing a QC setting reruns
+this stage and what reads its verdicts, never the generation shards.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from maisi.generate import (
+    CASE_ERRORS,
+    GENERATED_COLUMNS,
+    GenerateSettings,
+    case_paths,
+    discard_case,
+    failed_row,
+    generate_case,
+    load_models,
+    raise_on_errors,
+)
+from maisi.generation_plan import GenCase, GenerationRequest
+from maisi.io import sha256_file
+from maisi.masks import read_mask_database
+from maisi.qc import QCResult, QCSettings, check_files, read_reference
+from maisi.shards import read_table, write_table
+
+__all__ = ["QC_SHARD_COLUMNS", "attempt_root", "check_shard", "verdict_columns"]
+
+log = logging.getLogger(__name__)
+STEP = "qc_check"
+#: The generation table's columns (of the case's final attempt) and the QC verdict.
+QC_SHARD_COLUMNS = (*GENERATED_COLUMNS, "qc_status", "qc_reasons", "medians", "unchecked")
+
+
+def attempt_root(root: str | os.PathLike, attempt: int) -> Path:
+    """Where attempt ``attempt`` (>= 1) of every case goes (``<root>/attempt-<k>/<request>/imagesTr/...``)."""
+    return Path(root) / f"attempt-{attempt}"
+
+
+def verdict_columns(verdict: QCResult) -> dict[str, str]:
+    """A verdict as table columns (medians rounded to 0.1 HU)."""
+    return {
+        "qc_status": "pass" if verdict.passed else "fail", "qc_reasons": "; ".join(verdict.reasons),
+        "medians": json.dumps({k: round(v, 1) for k, v in verdict.medians.items()}, sort_keys=True),
+        "unchecked": json.dumps(verdict.unchecked),
+    }  # fmt: skip
+
+
+def check_shard(
+    request: GenerationRequest,
+    cases: Sequence[GenCase],
+    generated_table: str | os.PathLike,
+    checkpoints: Mapping[str, str | None],
+    mask_db: str | os.PathLike | None,
+    settings: GenerateSettings,
+    qc: QCSettings,
+    qc_reference: str | os.PathLike,
+    root: str | os.PathLike,
+    table: str | os.PathLike,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Check a generation shard's cases and generate failing ones again; write the verdict table.
+
+    A row holds the case's last attempt (its files, seed and attempt number) and that attempt's
+    verdict. A case generation could not make stays ``failed`` with its reason. A bad-input error
+    while generating again fails that case only; with ``on_error: stop`` the first such error is
+    raised after the table is written.
+    """
+    from tqdm.auto import tqdm
+
+    @functools.cache  # loaded once, and only when a case fails
+    def loaded():
+        masked = request.masks and mask_db
+        models = load_models(checkpoints["autoencoder"], checkpoints["diffusion"], checkpoints.get("controlnet") if request.masks else None,
+                             settings.preset, settings.device)  # fmt: skip
+        return models, read_mask_database(mask_db) if masked else None, sha256_file(mask_db) if masked else ""
+
+    ranges = read_reference(qc_reference)
+    by_id = {c.case_id: c for c in cases}
+    generated = read_table(generated_table)
+    missing = sorted(set(generated.case_id) - set(by_id))
+    if missing:
+        raise ValueError(f"{generated_table}: case(s) {', '.join(missing)} are not in this shard of request {request.name}")
+    rows, errors = [], []
+    for first in tqdm(generated.to_dict("records"), desc=f"qc {request.name}", unit="case", disable=not progress):
+        if first["status"] != "ok":
+            rows.append({**first, **verdict_columns(QCResult(False, [first["reason"]]))})
+            continue
+        case, row, attempt = by_id[first["case_id"]], first, 0
+        verdict = check_files(row["image"], row["label"], ranges, qc)
+        try:
+            while not verdict.passed and attempt + 1 < qc.max_attempts:
+                log.warning("%s attempt %d failed QC (%s); generating again", case.case_id, attempt, "; ".join(verdict.reasons))
+                attempt += 1
+                models, masks, masks_sha = loaded()
+                row = generate_case(models, request, case, masks, settings, attempt_root(root, attempt), attempt, progress, masks_sha)
+                verdict = check_files(row["image"], row["label"], ranges, qc)
+        except CASE_ERRORS as exc:
+            log.error("case %s failed at attempt %d: %s", case.case_id, attempt, exc)
+            errors.append(exc)
+            discard_case(case_paths(attempt_root(root, attempt), request.name, case.case_id))
+            rows.append({**failed_row(request, case, exc), **verdict_columns(QCResult(False, [str(exc)]))})
+            continue
+        rows.append({**row, **verdict_columns(verdict)})
+    write_table(rows, table, STEP, QC_SHARD_COLUMNS)
+    raise_on_errors(errors, request, settings)
+    return rows
