@@ -34,7 +34,6 @@ import logging
 import os
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +45,7 @@ from maisi.checks import InputError
 from maisi.io import sha256_file, write_json
 from maisi.models import CheckpointError, load_autoencoder, read_checkpoint, select_device
 from maisi.provenance import provenance
+from maisi.settings import EXTRACTORS, FIDSettings
 from maisi.shards import write_table
 
 __all__ = [
@@ -71,7 +71,6 @@ log = logging.getLogger(__name__)
 STEP = "fid"
 #: Plane name -> the array axis (of the RAS volume) the slices are taken along.
 PLANES: dict[str, int] = {"axial": 2, "coronal": 1, "sagittal": 0}
-EXTRACTORS = ("autoencoder", "radimagenet_resnet50")
 FID_COLUMNS = ("plane", "fid", "real_floor", "n_generated_slices", "n_real_slices", "extractor")
 NOT_COMPARABLE = "not comparable with published MAISI FID values"
 #: MAISI's per-channel means, subtracted after min-max scaling (``subtract_mean`` in its script).
@@ -80,66 +79,6 @@ RADIMAGENET_MEAN = (0.406, 0.456, 0.485)
 AUTOENCODER_HU_RANGE = (-1000.0, 1000.0)
 
 
-@dataclass(frozen=True)
-class FIDSettings:
-    """Feature extractor, preprocessing (MAISI's: spacing, size, central slices, HU window) and device."""
-
-    extractor: str = "autoencoder"
-    weights: str | None = None
-    spacing: tuple[float, float, float] | None = (1.5, 1.5, 1.5)
-    size: tuple[int, int, int] | None = (256, 256, 256)
-    central_fraction: float = 0.4
-    hu_range: tuple[float, float] = (-1000.0, 1000.0)
-    batch_size: int = 16
-    device: str = "auto"
-
-    def __post_init__(self) -> None:
-        if self.extractor not in EXTRACTORS:
-            raise ValueError(f"fid.extractor: unknown extractor {self.extractor!r}; expected one of {', '.join(EXTRACTORS)}")
-        if self.extractor == "radimagenet_resnet50" and not self.weights:
-            raise ValueError("fid.weights: the radimagenet_resnet50 extractor needs a local ResNet-50 weights file")
-        if self.spacing is not None and (len(self.spacing) != 3 or min(self.spacing) <= 0):
-            raise ValueError(f"fid.spacing: expected three positive numbers or null, got {self.spacing}")
-        if self.size is not None and (len(self.size) != 3 or min(self.size) < 1):
-            raise ValueError(f"fid.size: expected three positive integers or null, got {self.size}")
-        if not 0.0 < self.central_fraction <= 1.0:
-            raise ValueError(f"fid.central_fraction: expected a number in (0, 1], got {self.central_fraction}")
-        if len(self.hu_range) != 2 or not self.hu_range[0] < self.hu_range[1]:
-            raise ValueError(f"fid.hu_range: expected [low, high] with low < high, got {self.hu_range}")
-        if self.batch_size < 1:
-            raise ValueError(f"fid.batch_size: expected a positive integer, got {self.batch_size}")
-
-    @classmethod
-    def from_config(cls, block: Mapping[str, Any] | None) -> FIDSettings:
-        block = dict(block or {})
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(block) - names)
-        if unknown:
-            raise ValueError(f"fid: unknown settings {', '.join(unknown)}")
-        kwargs: dict[str, Any] = {}
-        for key, value in block.items():
-            if key == "spacing" and value is not None:
-                value = tuple(float(v) for v in value)
-            elif key == "size" and value is not None:
-                value = tuple(int(v) for v in value)
-            elif key == "hu_range":
-                value = tuple(float(v) for v in value)
-            elif key == "central_fraction":
-                value = float(value)
-            elif key == "batch_size":
-                value = int(value)
-            elif key == "weights" and value is not None:
-                value = os.fspath(value)
-            kwargs[key] = value
-        return cls(**kwargs)
-
-    def to_json(self) -> str:
-        """Stable JSON text (a Snakemake param: any change reruns the stage)."""
-        return json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> FIDSettings:
-        return cls.from_config(json.loads(text))
 
 
 # --------------------------------------------------------------------------- volumes

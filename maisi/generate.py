@@ -39,7 +39,7 @@ from maisi.checks import InputError
 from maisi.generation_plan import GenCase, GenerationRequest
 from maisi.io import current_sidecar, save_nifti, sha256_file, sidecar_path, write_with_sidecar
 from maisi.labels import BODY
-from maisi.mask_augment import AugmentSettings, augment_mask
+from maisi.mask_augment import augment_mask
 from maisi.masks import MaskEntry, MaskQuery, NoMaskError, load_mask, mask_summary, read_mask_database, select_mask
 from maisi.models import (
     build_scheduler,
@@ -53,8 +53,9 @@ from maisi.models import (
 )
 from maisi.phantom import derive_seed
 from maisi.regions import one_hot
+from maisi.settings import GenerateSettings
 from maisi.shards import write_table
-from maisi.tsp import DecodeSettings, decode_latent
+from maisi.tsp import decode_latent
 
 __all__ = [
     "GenerateSettings",
@@ -88,34 +89,6 @@ GENERATED_COLUMNS = (
 )  # fmt: skip
 
 
-@dataclass(frozen=True)
-class GenerateSettings:
-    """How a shard is generated: model preset and device, decoding, mask augmentation, error policy."""
-
-    preset: str = "tiny"
-    device: str = "auto"
-    decoder: DecodeSettings = DecodeSettings()
-    augment: AugmentSettings = AugmentSettings()
-    on_error: str = "stop"
-
-    @classmethod
-    def from_config(cls, block: Mapping[str, Any], model: Mapping[str, Any], on_error: str = "stop") -> GenerateSettings:
-        return cls(
-            preset=model.get("preset", "tiny"), device=model.get("device", "auto"),
-            decoder=DecodeSettings.from_config(block.get("decoder")), augment=AugmentSettings.from_config(block.get("augment") or {}),
-            on_error=on_error,
-        )  # fmt: skip
-
-    def to_json(self) -> str:
-        return json.dumps(
-            {"preset": self.preset, "device": self.device, "decoder": self.decoder.to_json(),
-             "augment": json.loads(self.augment.to_json()), "on_error": self.on_error}, sort_keys=True,
-        )  # fmt: skip
-
-    @classmethod
-    def from_json(cls, text: str) -> GenerateSettings:
-        d = json.loads(text)
-        return cls(d["preset"], d["device"], DecodeSettings.from_config(d["decoder"]), AugmentSettings.from_config(d["augment"]), d["on_error"])
 
 
 # --------------------------------------------------------------------------- models

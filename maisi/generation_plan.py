@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from maisi.labels import label_name, resolve_label
-from maisi.models import DOWNSAMPLE, preset
 from maisi.phantom import derive_seed
+from maisi.presets import DOWNSAMPLE, preset
 from maisi.regions import BODY_REGIONS, REGION_LABELS
 from maisi.shards import shard_name
 

@@ -32,7 +32,6 @@ import json
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +43,7 @@ from maisi.checks import InputError, spacing_from_affine
 from maisi.io import current_sidecar, sha256_file, write_with_sidecar
 from maisi.models import DOWNSAMPLE, LATENT_CHANNELS, load_autoencoder, select_device
 from maisi.regions import RegionError, one_hot
+from maisi.settings import LatentSettings
 from maisi.shards import read_table, run_cases
 
 __all__ = [
@@ -85,67 +85,6 @@ LATENT_LAYOUT: dict[str, str] = {
 _STEP = "cache_latents"
 
 
-@dataclass(frozen=True)
-class LatentSettings:
-    """How images are encoded (``config["cache_latents"]`` plus ``config["model"]``)."""
-
-    preset: str = "tiny"
-    device: str = "auto"
-    #: Sliding-window encoding window in image voxels (multiples of 4); ``None`` encodes the whole volume at once.
-    roi_size: tuple[int, int, int] | None = None
-    overlap: float = 0.25
-    #: How overlapping windows are blended: ``gaussian`` (less weight at window edges) or ``constant``.
-    mode: str = "gaussian"
-
-    def __post_init__(self) -> None:
-        if self.roi_size is not None:
-            roi = tuple(int(r) for r in self.roi_size)
-            if len(roi) != 3 or any(r < DOWNSAMPLE or r % DOWNSAMPLE for r in roi):
-                raise ValueError(f"cache_latents.roi_size must be three positive multiples of {DOWNSAMPLE}, got {self.roi_size}")
-            if not 0.0 <= float(self.overlap) < 1.0:
-                raise ValueError(f"cache_latents.overlap must be in [0, 1), got {self.overlap}")
-            steps = [int(r * (1.0 - float(self.overlap))) for r in roi]
-            if any(s % DOWNSAMPLE for s in steps):
-                raise ValueError(
-                    f"cache_latents: roi_size {list(roi)} with overlap {self.overlap} moves the window by {steps} voxels; "
-                    f"the step must be a multiple of {DOWNSAMPLE} so that windows fall on the latent grid (e.g. overlap 0.25 or 0.5)"
-                )
-            object.__setattr__(self, "roi_size", roi)
-        if self.mode not in ("gaussian", "constant"):
-            raise ValueError(f"cache_latents.mode must be 'gaussian' or 'constant', got {self.mode!r}")
-        object.__setattr__(self, "overlap", float(self.overlap))
-
-    @classmethod
-    def from_config(cls, block: Mapping[str, Any] | None, model: Mapping[str, Any] | None) -> LatentSettings:
-        """``block`` = ``config["cache_latents"]`` (``roi_size``, ``overlap``, ``mode``), ``model`` = ``config["model"]``."""
-        block, model = block or {}, model or {}
-        roi = block.get("roi_size", cls.roi_size)
-        if isinstance(roi, int):
-            roi = (roi, roi, roi)
-        return cls(
-            preset=str(model.get("preset", cls.preset)),
-            device=str(model.get("device", cls.device)),
-            roi_size=tuple(int(r) for r in roi) if roi is not None else None,
-            overlap=float(block.get("overlap", cls.overlap)),
-            mode=str(block.get("mode", cls.mode)),
-        )
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> LatentSettings:
-        data = json.loads(text)
-        if data.get("roi_size") is not None:
-            data["roi_size"] = tuple(data["roi_size"])
-        return cls(**data)
-
-    def fingerprint(self) -> dict[str, Any]:
-        """The settings that decide the latents' values (the device does not)."""
-        data = asdict(self)
-        data.pop("device")
-        data["roi_size"] = list(self.roi_size) if self.roi_size is not None else None
-        return data
 
 
 @contextlib.contextmanager

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from maisi.checks import InputError, check_ct_image, check_label_matches, check_nifti_spacing, spacing_from_affine
 from maisi.io import read_json, save_nifti, sha256_file, write_json
@@ -25,10 +24,11 @@ from maisi.labels import maisi_labels
 from maisi.provenance import provenance
 
 if TYPE_CHECKING:
+    import torch
     from monai.data import MetaTensor
 
-# MONAI is imported where it is used: Snakemake imports this module (CaseInput, PreprocessSettings)
-# while planning the DAG, and importing MONAI takes seconds.
+# torch and MONAI are imported where they are used: Snakemake imports this module (CaseInput,
+# PreprocessSettings) while planning the DAG, and importing them takes seconds.
 
 __all__ = [
     "new_dim",
@@ -197,6 +197,7 @@ def preprocess_case(case: CaseInput, out_root: str | Path, settings: PreprocessS
     A case whose inputs and settings are unchanged since its sidecar was written is not
     recomputed, so a rerun shard only redoes what is missing or stale.
     """
+    import torch
     from monai.data import MetaTensor
     from monai.transforms import Orientation, Resize, ScaleIntensityRange
 

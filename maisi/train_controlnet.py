@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +32,12 @@ from maisi.models import (
     load_diffusion,
     select_device,
 )
+from maisi.settings import ControlNetSettings
 from maisi.train_diffusion import (
     Batch,
     LatentCase,
-    Patch,
-    SettingsIO,
     TrainLoop,
     check_patch,
-    check_settings,
     conditions,
     cpu_state,
     l1_loss,
@@ -57,34 +55,6 @@ log = logging.getLogger(__name__)
 STAGE = "train_controlnet"
 
 
-@dataclass(frozen=True)
-class ControlNetSettings(SettingsIO):
-    """The ``train_controlnet`` config block (plus ``model.preset`` and ``model.device``)."""
-
-    preset: str = "tiny"
-    device: str = "auto"
-    steps: int = 40
-    batch_size: int = 2
-    latent_patch: Patch | None = (16, 16, 16)  # None = whole latents
-    lr: float = 1e-4
-    lr_power: float = 2.0
-    amp: bool = True  # mixed precision, CUDA only
-    tumour_weight: float = 100.0
-    tumour_labels: tuple[int, ...] = (23, 24, 26, 27, 128, 129)
-    checkpoint_every: int = 20
-    seed: int = 0
-    #: The diffusion model's scheduler, used when its checkpoint does not record one (NVIDIA's
-    #: released files do not): the workflow fills it from ``train_diffusion.scheduler``.
-    scheduler: str = "rflow"
-
-    def __post_init__(self) -> None:
-        check_settings(self)
-        if self.scheduler not in ("rflow", "ddpm"):
-            raise ValueError(f"scheduler must be 'rflow' or 'ddpm', got {self.scheduler!r}")
-        if self.tumour_weight < 0:
-            raise ValueError(f"tumour_weight must be >= 0, got {self.tumour_weight}")
-        if any(not 0 < int(v) < 256 for v in self.tumour_labels):
-            raise ValueError(f"tumour_labels must be MAISI ids 1-255, got {self.tumour_labels}")
 
 
 class LabelCache:

@@ -18,15 +18,14 @@ The output is laid out like NVIDIA's released diffusion checkpoint, so
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 
 from maisi.latents import read_latent
 from maisi.models import build_diffusion_unet, build_scheduler, condition_tensors, preset, select_device
+from maisi.settings import DiffusionSettings, Patch, SettingsIO, check_settings
 from maisi.shards import read_table
 from maisi.training import (
     ResumeState,
@@ -67,82 +67,17 @@ log = logging.getLogger(__name__)
 STAGE = "train_diffusion"
 #: How many cases (sorted by case id) the scale factor is computed from (MAISI: the first batch).
 SCALE_FACTOR_CASES = 8
-Patch = tuple[int, int, int]
 
 
 # --------------------------------------------------------------------------- settings
 
 
-def _coerce(cls: type, values: Mapping[str, Any]) -> Any:
-    """A settings dataclass from a mapping: lists become tuples, unknown keys are an error."""
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(f"{cls.__name__}: unknown settings {', '.join(unknown)}")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
-class SettingsIO:
-    """``from_config`` / ``to_json`` / ``from_json`` shared by the training settings."""
-
-    @classmethod
-    def from_config(cls, block: Mapping[str, Any] | None, model: Mapping[str, Any] | None = None) -> Self:
-        """Settings from the stage's config block and the ``model`` block (``preset``, ``device``)."""
-        model = model or {}
-        values = {k: model[k] for k in ("preset", "device") if k in model}
-        values.update(block or {})
-        return _coerce(cls, values)
-
-    def to_json(self) -> str:
-        """Stable JSON text (a Snakemake param: any change reruns the stage)."""
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> Self:
-        """The inverse of :meth:`to_json`."""
-        return _coerce(cls, json.loads(text))
-
-    def run_fingerprint(self) -> dict[str, Any]:
-        """The settings that decide the trained weights (all but the device)."""
-        d = asdict(self)
-        d.pop("device", None)
-        return d
 
 
-def check_settings(s: Any) -> None:
-    """The checks both stages' settings share (a ValueError names the problem)."""
-    preset(s.preset)
-    if s.steps < 1 or s.batch_size < 1 or s.checkpoint_every < 1:
-        raise ValueError("steps, batch_size and checkpoint_every must be at least 1")
-    if s.latent_patch is not None and (len(s.latent_patch) != 3 or min(s.latent_patch) < 1):
-        raise ValueError(f"latent_patch must be three positive sizes or None, got {s.latent_patch!r}")
-    if not s.lr > 0 or s.lr_power < 0:
-        raise ValueError(f"lr must be > 0 and lr_power >= 0 (got {s.lr}, {s.lr_power})")
 
 
-@dataclass(frozen=True)
-class DiffusionSettings(SettingsIO):
-    """The ``train_diffusion`` config block (plus ``model.preset`` and ``model.device``)."""
-
-    preset: str = "tiny"
-    device: str = "auto"
-    scheduler: str = "rflow"  # rflow | ddpm
-    num_train_timesteps: int = 1000
-    steps: int = 60
-    batch_size: int = 2
-    latent_patch: Patch | None = (16, 16, 16)  # None = whole latents (as MAISI trains)
-    lr: float = 1e-4
-    lr_power: float = 2.0
-    amp: bool = True  # mixed precision, CUDA only
-    checkpoint_every: int = 20
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        check_settings(self)
-        if self.scheduler not in ("rflow", "ddpm"):
-            raise ValueError(f"scheduler must be 'rflow' or 'ddpm', got {self.scheduler!r}")
-        if self.num_train_timesteps < 1:
-            raise ValueError("num_train_timesteps must be at least 1")
 
 
 # --------------------------------------------------------------------------- latent records

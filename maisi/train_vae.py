@@ -20,16 +20,15 @@ import math
 import os
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from maisi.models import DOWNSAMPLE, build_autoencoder, build_discriminator, select_device
-from maisi.models import preset as model_preset
+from maisi.models import build_autoencoder, build_discriminator, select_device
 from maisi.phantom import derive_seed
+from maisi.settings import VaeSettings
 from maisi.training import (
     ResumeState,
     files_fingerprint,
@@ -71,96 +70,6 @@ class DatasetError(ValueError):
     """The datalist or one of its images cannot be used for training; the message names the file."""
 
 
-@dataclass(frozen=True)
-class VaeSettings:
-    """Settings of the autoencoder stage (``config["train_vae"]`` plus ``config["model"]``)."""
-
-    preset: str = "tiny"
-    device: str = "auto"
-    steps: int = 60
-    batch_size: int = 2
-    patch_sizes: tuple[tuple[int, int, int], ...] = ((32, 32, 32),)  # steps split evenly over them, in order
-    lr: float = 1e-4
-    kl_weight: float = 1e-7
-    adv_weight: float = 0.1
-    adv_start: int = 0  # first step that uses the adversarial loss
-    perceptual_weight: float = 0.3
-    perceptual_cache_dir: str | None = None  # torch.hub folder with checkpoints/squeezenet1_1-b8a52dc0.pth
-    checkpoint_every: int = 20  # resume-state interval in steps; 0: never
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        # Normalise types (YAML/JSON give lists, and PyYAML reads "1e-4" as a string) and validate.
-        def put(name: str, value: Any) -> None:
-            object.__setattr__(self, name, value)
-
-        try:
-            for name in ("steps", "batch_size", "adv_start", "checkpoint_every", "seed"):
-                value = getattr(self, name)
-                if isinstance(value, bool) or float(value) != int(value):
-                    raise ValueError(f"train_vae.{name} must be an integer, got {value!r}")
-                put(name, int(value))
-            for name in ("lr", "kl_weight", "adv_weight", "perceptual_weight"):
-                put(name, float(getattr(self, name)))
-            sizes = self.patch_sizes
-            if sizes and not isinstance(sizes[0], (list, tuple)):  # a single size
-                sizes = [sizes]
-            put("patch_sizes", tuple(tuple(int(n) for n in size) for size in sizes))
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"invalid train_vae settings: {exc}") from None
-        put("preset", str(self.preset))
-        put("device", str(self.device))
-        if self.perceptual_cache_dir is not None:
-            put("perceptual_cache_dir", os.fspath(self.perceptual_cache_dir))
-        autoencoder = model_preset(self.preset)["autoencoder"]  # unknown preset -> ValueError
-        problems = []
-        if self.steps < 1:
-            problems.append(f"steps must be >= 1 (got {self.steps})")
-        if self.batch_size < 1:
-            problems.append(f"batch_size must be >= 1 (got {self.batch_size})")
-        if not self.patch_sizes:
-            problems.append("patch_sizes is empty")
-        for size in self.patch_sizes:
-            if len(size) != 3 or any(n < DOWNSAMPLE or n % DOWNSAMPLE for n in size):
-                problems.append(f"patch size {list(size)} must be 3 positive multiples of {DOWNSAMPLE}")
-        # AutoencoderKlMaisi splits its convolutions' input along one axis; at the deepest level each part
-        # needs at least 3 voxels (the 'maisi' preset: 48 voxels along the second axis).
-        splits, axis = int(autoencoder.get("num_splits", 1)), int(autoencoder.get("dim_split", 0))
-        least = 3 * splits * DOWNSAMPLE
-        if splits > 1 and any(len(size) == 3 and size[axis] < least for size in self.patch_sizes):
-            problems.append(f"preset {self.preset!r} needs patch sizes of at least {least} along axis {axis}")
-        if len(self.patch_sizes) > self.steps:
-            problems.append(f"{len(self.patch_sizes)} patch sizes but only {self.steps} steps")
-        if not self.lr > 0:
-            problems.append(f"lr must be > 0 (got {self.lr})")
-        for name in ("kl_weight", "adv_weight", "perceptual_weight"):
-            if not getattr(self, name) >= 0:
-                problems.append(f"{name} must be >= 0 (got {getattr(self, name)})")
-        if self.adv_start < 0 or self.checkpoint_every < 0:
-            problems.append("adv_start and checkpoint_every must be >= 0")
-        if problems:
-            raise ValueError("invalid train_vae settings: " + "; ".join(problems))
-
-    @classmethod
-    def from_config(cls, block: Mapping[str, Any], model: Mapping[str, Any]) -> VaeSettings:
-        """From ``config["train_vae"]`` and ``config["model"]`` (whose ``preset`` and ``device`` are used)."""
-        own = {f.name for f in fields(cls)} - {"preset", "device"}
-        unknown = sorted(set(block) - own)
-        if unknown:
-            raise ValueError(f"unknown train_vae settings: {', '.join(unknown)}; expected some of {', '.join(sorted(own))}")
-        kwargs = dict(block)
-        for key in ("preset", "device"):
-            if key in model:
-                kwargs[key] = model[key]
-        return cls(**kwargs)
-
-    def to_json(self) -> str:
-        """Stable JSON text (a Snakemake param: any change reruns the stage)."""
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> VaeSettings:
-        return cls(**json.loads(text))
 
 
 # --------------------------------------------------------------------------- data

@@ -38,12 +38,13 @@ import math
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from maisi.settings import DECODE_METHODS, DecodeSettings
 
 __all__ = [
     "DecodeSettings",
@@ -56,74 +57,9 @@ __all__ = [
     "DECODE_METHODS",
 ]
 
-DECODE_METHODS = ("tsp", "monai", "sliding_window")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-@dataclass(frozen=True)
-class DecodeSettings:
-    """How latents are decoded (the ``generate.decoder`` config block).
-
-    ``method``: ``tsp`` (this module), ``monai`` (MONAI's decode, split ``num_splits`` ways along
-    ``dim_split``) or ``sliding_window`` (MONAI's sliding-window inference over latent windows of
-    ``roi`` voxels with ``overlap``). For ``tsp``: ``axis`` is the spatial axis the slabs run along,
-    ``slab`` their thickness in latent voxels (0 = automatic: 2 on the CPU, 4 on GPUs), ``devices`` the compute devices
-    (``auto`` = every visible GPU, else the CPU), ``storage`` where full-size maps live (``device``
-    = the first compute device, ``cpu`` = host memory), ``storage_dtype`` their precision.
-    """
-
-    method: str = "tsp"
-    axis: int = 0
-    slab: int = 0
-    devices: tuple[str, ...] = ("auto",)
-    storage: str = "device"
-    storage_dtype: str = "float32"
-    num_splits: int = 4
-    dim_split: int = 1
-    roi: tuple[int, int, int] = (32, 32, 32)
-    overlap: float = 0.25
-
-    def __post_init__(self) -> None:
-        if self.method not in DECODE_METHODS:
-            raise ValueError(f"decoder.method must be one of {', '.join(DECODE_METHODS)}, got {self.method!r}")
-        if self.axis not in (0, 1, 2) or self.dim_split not in (0, 1, 2):
-            raise ValueError("decoder.axis and decoder.dim_split must be 0, 1 or 2")
-        if self.slab < 0 or self.num_splits < 1:
-            raise ValueError("decoder.slab must be >= 0 and decoder.num_splits >= 1")
-        if self.storage not in ("device", "cpu"):
-            raise ValueError(f"decoder.storage must be 'device' or 'cpu', got {self.storage!r}")
-        if self.storage_dtype not in _DTYPES:
-            raise ValueError(f"decoder.storage_dtype must be one of {', '.join(_DTYPES)}, got {self.storage_dtype!r}")
-        if not self.devices:
-            raise ValueError("decoder.devices must name at least one device")
-        if len(self.roi) != 3 or min(self.roi) < 1 or not 0 <= self.overlap < 1:
-            raise ValueError("decoder.roi must be three positive sizes and decoder.overlap in [0, 1)")
-
-    @classmethod
-    def from_config(cls, block: dict[str, Any] | None) -> DecodeSettings:
-        block = dict(block or {})
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(block) - names)
-        if unknown:
-            raise ValueError(f"decoder: unknown settings {', '.join(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in block.items()})
-
-    def to_json(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    def compute_devices(self) -> list[torch.device]:
-        """The devices slabs are computed on (``auto``: every visible GPU, else the CPU)."""
-        out: list[torch.device] = []
-        for name in self.devices:
-            if name == "auto":
-                n = torch.cuda.device_count()
-                out += [torch.device("cuda", i) for i in range(n)] if n else [torch.device("cpu")]
-            else:
-                dev = torch.device(name)
-                if dev.type == "cuda" and not torch.cuda.is_available():
-                    raise RuntimeError(f"decoder device {name!r} requested but CUDA is not available")
-                out.append(dev)
-        return list(dict.fromkeys(out))
 
 
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number

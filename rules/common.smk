@@ -8,12 +8,18 @@ from snakemake.utils import min_version, validate
 from maisi import plan
 from maisi.catalog import load_catalog
 from maisi.cluster import attempt_memory, slurm_resources
-from maisi.generate import GenerateSettings
 from maisi.generation_plan import parse_requests
 from maisi.config import validate_config
-from maisi.fid import FIDSettings
 from maisi.qc import QCSettings
 from maisi.release_inputs import source_records
+from maisi.settings import (
+    ControlNetSettings,
+    DiffusionSettings,
+    FIDSettings,
+    GenerateSettings,
+    LatentSettings,
+    VaeSettings,
+)
 from maisi.preprocess import PreprocessSettings
 from maisi.totalseg import TotalSegSettings, check_weights
 
@@ -142,11 +148,6 @@ MODEL_GPUS = 0 if config["model"]["device"] == "cpu" else config["model"]["resou
 
 def stage_settings(stage):
     """The stage's settings as stable JSON (a Snakemake param: a change reruns that stage only)."""
-    from maisi.latents import LatentSettings
-    from maisi.train_controlnet import ControlNetSettings
-    from maisi.train_diffusion import DiffusionSettings
-    from maisi.train_vae import VaeSettings
-
     kinds = {"train_vae": VaeSettings, "cache_latents": LatentSettings, "train_diffusion": DiffusionSettings,
              "train_controlnet": ControlNetSettings}  # fmt: skip
     block = dict(config[stage])
