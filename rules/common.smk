@@ -228,8 +228,8 @@ QC_SHARDS = "results/qc/shards/{request}/{shard}.tsv"
 
 def qc_check_inputs(wildcards):
     """A QC shard checks its generation shard and may generate cases again (same models and masks)."""
-    table = GENERATED + "/{request}/shards/{shard}.tsv"
-    return {"table": table.format(**wildcards), "reference": "results/qc/reference.json", **generate_inputs(wildcards)}
+    table = f"{GENERATED}/{wildcards.request}/shards/{wildcards.shard}.tsv"
+    return {"table": table, "reference": "results/qc/reference.json", **generate_inputs(wildcards)}
 FID = FIDSettings.from_config({k: v for k, v in config["fid"].items() if k != "enabled"})
 RELEASES = "results/releases"
 RELEASE_NAME = config["release"]["name"] or config["run_name"]
