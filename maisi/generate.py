@@ -68,6 +68,7 @@ __all__ = [
     "case_paths",
     "generate_case",
     "generate_shard",
+    "load_request",
     "discard_case",
     "failed_row",
     "raise_on_errors",
@@ -87,8 +88,6 @@ GENERATED_COLUMNS = (
     "request", "case_id", "index", "status", "reason", "image", "label", "seed", "attempt", "mask_source", "mask_resampled",
     "top_region", "bottom_region", "size", "spacing", "anatomy", "seconds",
 )  # fmt: skip
-
-
 
 
 # --------------------------------------------------------------------------- models
@@ -120,6 +119,17 @@ def load_models(
     if controlnet:
         hashes["controlnet"] = sha256_file(controlnet)
     return Models(ae, unet.to(dev).eval(), ctrl, scale, timesteps, diffusion_scheduler(diffusion), dev, hashes)
+
+
+def load_request(
+    request: GenerationRequest, checkpoints: Mapping[str, str | None], mask_db: str | os.PathLike | None, settings: GenerateSettings
+) -> tuple[Models, list[MaskEntry] | None, str]:
+    """What generating a request's cases needs: the models (the ControlNet only for masked requests),
+    and for masked requests the mask database with its sha256."""
+    masked = bool(request.masks and mask_db)
+    models = load_models(checkpoints["autoencoder"], checkpoints["diffusion"], checkpoints.get("controlnet") if request.masks else None,
+                         settings.preset, settings.device)  # fmt: skip
+    return models, read_mask_database(mask_db) if masked else None, sha256_file(mask_db) if masked else ""
 
 
 # --------------------------------------------------------------------------- sampling and decoding
@@ -381,10 +391,7 @@ def generate_shard(
     """
     from tqdm.auto import tqdm
 
-    models = load_models(checkpoints["autoencoder"], checkpoints["diffusion"], checkpoints.get("controlnet") if request.masks else None,
-                         settings.preset, settings.device)  # fmt: skip
-    masks = read_mask_database(mask_db) if request.masks and mask_db else None
-    masks_sha = sha256_file(mask_db) if request.masks and mask_db else ""
+    models, masks, masks_sha = load_request(request, checkpoints, mask_db, settings)
     rows, errors = [], []
     for case in tqdm(cases, desc=f"generate {request.name}", unit="case", disable=not progress):
         try:

@@ -85,8 +85,6 @@ LATENT_LAYOUT: dict[str, str] = {
 _STEP = "cache_latents"
 
 
-
-
 @contextlib.contextmanager
 def float32_norms(autoencoder: torch.nn.Module) -> Iterator[None]:
     """Make MAISI's group norms return float32 for the duration.

@@ -30,12 +30,10 @@ from maisi.generate import (
     discard_case,
     failed_row,
     generate_case,
-    load_models,
+    load_request,
     raise_on_errors,
 )
 from maisi.generation_plan import GenCase, GenerationRequest
-from maisi.io import sha256_file
-from maisi.masks import read_mask_database
 from maisi.qc import QCResult, QCSettings, check_files, read_reference
 from maisi.shards import read_table, write_table
 
@@ -83,12 +81,7 @@ def check_shard(
     """
     from tqdm.auto import tqdm
 
-    @functools.cache  # loaded once, and only when a case fails
-    def loaded():
-        masked = request.masks and mask_db
-        models = load_models(checkpoints["autoencoder"], checkpoints["diffusion"], checkpoints.get("controlnet") if request.masks else None,
-                             settings.preset, settings.device)  # fmt: skip
-        return models, read_mask_database(mask_db) if masked else None, sha256_file(mask_db) if masked else ""
+    loaded = functools.cache(lambda: load_request(request, checkpoints, mask_db, settings))  # only when a case fails
 
     ranges = read_reference(qc_reference)
     by_id = {c.case_id: c for c in cases}

@@ -55,8 +55,6 @@ log = logging.getLogger(__name__)
 STAGE = "train_controlnet"
 
 
-
-
 class LabelCache:
     """The cases' uint8 label maps (loaded once, on first use); shapes are checked up front from the headers.
 

@@ -70,8 +70,6 @@ class DatasetError(ValueError):
     """The datalist or one of its images cannot be used for training; the message names the file."""
 
 
-
-
 # --------------------------------------------------------------------------- data
 
 

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from maisi.settings import DECODE_METHODS, DecodeSettings
+from maisi.settings import DECODE_METHODS, STORAGE_DTYPES, DecodeSettings
 
 __all__ = [
     "DecodeSettings",
@@ -57,9 +57,7 @@ __all__ = [
     "DECODE_METHODS",
 ]
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
+_DTYPES = {name: getattr(torch, name) for name in STORAGE_DTYPES}
 
 
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number

@@ -176,6 +176,7 @@ REQUESTS = {
     )
 }
 GENERATED = "results/generated"
+GENERATION_SHARDS = f"{GENERATED}/{{request}}/shards/{{shard}}.tsv"
 
 
 def generate_inputs(wildcards):
@@ -186,6 +187,12 @@ def generate_inputs(wildcards):
 
 
 GENERATE_SETTINGS = GenerateSettings.from_config(config["generate"], config["model"], config["on_error"]).to_json()
+
+
+def generation_resources():
+    """Placement, memory and runtime of the jobs that generate cases (generate, and qc_check when a case fails)."""
+    block = config["generate"]["resources"]
+    return {**cluster(MODEL_GPUS), "mem_mb": memory(block["mem_mb"]), "runtime": block["runtime"]}
 
 
 def request_json(wildcards):
@@ -199,7 +206,7 @@ def generate_cases_json(wildcards):
     return json.dumps([asdict(c) for c in cases], sort_keys=True)
 
 
-def generation_tables(pattern=f"{GENERATED}/{{request}}/shards/{{shard}}.tsv"):
+def generation_tables(pattern=GENERATION_SHARDS):
     return [pattern.format(request=n, shard=k) for n, r in sorted(REQUESTS.items()) for k in r.shards()]
 
 
@@ -228,8 +235,10 @@ QC_SHARDS = "results/qc/shards/{request}/{shard}.tsv"
 
 def qc_check_inputs(wildcards):
     """A QC shard checks its generation shard and may generate cases again (same models and masks)."""
-    table = f"{GENERATED}/{wildcards.request}/shards/{wildcards.shard}.tsv"
+    table = GENERATION_SHARDS.format(request=wildcards.request, shard=wildcards.shard)
     return {"table": table, "reference": "results/qc/reference.json", **generate_inputs(wildcards)}
+
+
 FID = FIDSettings.from_config({k: v for k, v in config["fid"].items() if k != "enabled"})
 RELEASES = "results/releases"
 RELEASE_NAME = config["release"]["name"] or config["run_name"]

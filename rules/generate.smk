@@ -19,16 +19,14 @@ rule generate:
     input:
         unpack(generate_inputs),
     output:
-        table=f"{GENERATED}/{{request}}/shards/{{shard}}.tsv",
+        table=GENERATION_SHARDS,
     params:
         request=request_json,
         cases=generate_cases_json,
         settings=GENERATE_SETTINGS,
     threads: config["threads"]["generate"]
     resources:
-        **cluster(MODEL_GPUS),
-        mem_mb=memory(config["generate"]["resources"]["mem_mb"]),
-        runtime=config["generate"]["resources"]["runtime"],
+        **generation_resources(),
     log:
         "logs/generate/{request}/{shard}.log",
     benchmark:

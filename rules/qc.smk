@@ -32,9 +32,7 @@ rule qc_check:
         qc=QC.check_json(),
     threads: config["threads"]["generate"]
     resources:
-        **cluster(MODEL_GPUS),
-        mem_mb=memory(config["generate"]["resources"]["mem_mb"]),
-        runtime=config["generate"]["resources"]["runtime"],
+        **generation_resources(),
     log:
         "logs/qc/{request}/{shard}.log",
     benchmark:
