@@ -20,7 +20,7 @@ run: setup
 
 lint: setup
 	$(BIN)/ruff check .
-	$(BIN)/python tests/lint_workflow.py
+	$(BIN)/python tests/helpers/lint_workflow.py
 
 test: lint
 	$(BIN)/python -m pytest -q -ra

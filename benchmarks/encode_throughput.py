@@ -1,10 +1,10 @@
-"""Encoding throughput of the cache_latents stage: MONAI's whole-volume ``encode`` vs ``maisi.latents.encode_volume``.
+"""Encoding throughput of the cache_latents stage: MONAI's whole-volume ``encode`` vs ``maisi.train.cache_latents.encode_volume``.
 
 For each volume size and device, two methods are measured, each in its own subprocess so that the
 peak memory is clean:
 
 * ``reference``: ``autoencoder.encode(x)`` on the whole volume (what MAISI's reference code does);
-* ``ours``: :func:`maisi.latents.encode_volume` with a sliding window of ``--roi`` voxels.
+* ``ours``: :func:`maisi.train.cache_latents.encode_volume` with a sliding window of ``--roi`` voxels.
 
 Both run under ``torch.no_grad`` (and float16 autocast on CUDA); on the CPU the ``maisi`` preset's
 float16 group norms are switched to float32 for both (a CPU convolution rejects the mixed types).
@@ -75,8 +75,9 @@ def worker(args: argparse.Namespace) -> dict:
     """One measurement (run in a fresh process): returns seconds per volume and peak memory."""
     import torch
 
-    from maisi.latents import LatentSettings, encode_volume, float32_norms
-    from maisi.models import build_autoencoder
+    from maisi.models.networks import build_autoencoder, float32_norms
+    from maisi.train.cache_latents import encode_volume
+    from maisi.train.settings import LatentSettings
 
     device = torch.device(args.device)
     if args.threads:

@@ -5,7 +5,7 @@ architecture (channels [64, 128, 256], float32) three ways, each in its own proc
 
 - ``monai``: MONAI's ``AutoencoderKlMaisi.decode_stage_2_outputs`` unsplit (``num_splits=1``);
 - ``monai_split4``: the same with ``num_splits=4`` along ``dim_split=1`` (MAISI's setting);
-- ``tsp``: :class:`maisi.tsp.TSPDecoder` with the same weights.
+- ``tsp``: :class:`maisi.generate.tsp.TSPDecoder` with the same weights.
 
 "Extra memory" is the process's peak resident set size minus its resident set size once the model
 and latent are loaded (on the CPU), or ``torch.cuda.max_memory_allocated`` minus the allocation
@@ -49,7 +49,7 @@ def _peak_rss_bytes() -> int:
 
 
 def _build(weights: Path):
-    from maisi.models import build_autoencoder
+    from maisi.models.networks import build_autoencoder
 
     autoencoder = build_autoencoder("maisi")
     autoencoder.load_state_dict(torch.load(str(weights), map_location="cpu", weights_only=True))
@@ -58,7 +58,7 @@ def _build(weights: Path):
 
 def worker(method: str, weights: Path, latent: Path, out: Path, device: str) -> dict:
     """One method in this process: load, measure the baseline, decode, measure the peak."""
-    from maisi.tsp import TSPDecoder, monai_decode
+    from maisi.generate.tsp import TSPDecoder, monai_decode
 
     dev = torch.device(device)
     autoencoder = _build(weights)
@@ -94,7 +94,7 @@ def worker(method: str, weights: Path, latent: Path, out: Path, device: str) -> 
 
 def run_case(size: tuple[int, int, int], device: str, workdir: Path, seed: int = 0) -> dict[str, dict]:
     """Save weights and latent, run every method in its own process, compare the outputs."""
-    from maisi.models import build_autoencoder
+    from maisi.models.networks import build_autoencoder
 
     torch.manual_seed(seed)
     weights, latent = workdir / "autoencoder.pt", workdir / f"latent_{'x'.join(map(str, size))}.pt"

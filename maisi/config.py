@@ -10,15 +10,13 @@ from typing import Any
 import jsonschema
 import yaml
 
-from maisi.regions import BODY_REGIONS
+from maisi.core.anatomy import BODY_REGIONS
+from maisi.core.checks import ConfigError
+from maisi.core.schema import SCHEMA_FILE, load_schema
+from maisi.generate.requests import RequestError, config_requests
 
-__all__ = ["ConfigError", "load_config", "validate_config", "schema_path", "key_path"]
+__all__ = ["ConfigError", "load_config", "validate_config", "check_config", "schema_path", "key_path"]
 
-SCHEMA_FILE = Path(__file__).resolve().parent.parent / "config" / "schema.yaml"
-
-
-class ConfigError(ValueError):
-    """A configuration error; the message names the offending key."""
 
 
 def schema_path() -> Path:
@@ -27,10 +25,6 @@ def schema_path() -> Path:
 
 def key_path(parts) -> str:
     return ".".join(str(p) for p in parts) or "<top level>"
-
-
-def _load_schema() -> dict:
-    return yaml.safe_load(SCHEMA_FILE.read_text(encoding="utf-8"))
 
 
 def _with_defaults(validator_class):
@@ -60,12 +54,12 @@ def validate_config(config: Mapping[str, Any]) -> dict:
     Returns a new dict; raises :class:`ConfigError` naming the key on the first problem.
     """
     cfg = copy.deepcopy(dict(config))
-    validator = _Validator(_load_schema())
+    validator = _Validator(load_schema())
     errors = sorted(validator.iter_errors(cfg), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
     if errors:
         err = jsonschema.exceptions.best_match(errors)
         raise ConfigError(f"config key '{key_path(err.absolute_path)}': {err.message}")
-    _semantic_checks(cfg)
+    check_config(cfg)
     return cfg
 
 
@@ -84,7 +78,11 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
         raise ConfigError(f"{path}: {exc}") from None
 
 
-def _semantic_checks(cfg: dict) -> None:
+def check_config(cfg: dict) -> None:
+    """The checks the schema cannot express: across keys, against the file system, the requests.
+
+    ``cfg`` is a config the schema validated (with its defaults filled); raises :class:`ConfigError` naming the key.
+    """
     _check_requests(cfg)
     for key, path in cfg.get("pretrained", {}).items():
         if path and not Path(path).is_file():
@@ -100,10 +98,7 @@ def _semantic_checks(cfg: dict) -> None:
     if not lo < hi:
         raise ConfigError(f"config key 'preprocess.hu_range': lower bound {lo} is not below upper bound {hi}")
     for name, src in cfg["sources"].items():
-        regions = src.setdefault("regions", {})
-        regions.setdefault("backend", "labels")
-        regions.setdefault("overrides", {})
-        regions.setdefault("min_voxels", 1)
+        regions = src["regions"]  # the schema fills its defaults
         where = f"sources.{name}.regions"
         if regions["backend"] == "totalsegmentator" and not cfg.get("totalsegmentator", {}).get("weights"):
             raise ConfigError(
@@ -134,14 +129,10 @@ def _semantic_checks(cfg: dict) -> None:
             raise ConfigError(f"config key 'sources.{name}.labels': pattern must contain '{{case}}'")
 
 
-
 def _check_requests(cfg: dict) -> None:
     """Impossible generation requests stop the run before any job starts."""
-    from maisi.generation_plan import RequestError, parse_requests
-
-    trained = None if cfg.get("pretrained", {}).get("diffusion") else cfg.get("train_diffusion", {}).get("scheduler", "rflow")
     try:
-        parse_requests(cfg.get("generate", {}), cfg.get("model", {}).get("preset", "tiny"), trained)
+        config_requests(cfg)
     except RequestError as exc:
         key, _, reason = str(exc).partition(": ")
         raise ConfigError(f"config key '{key}': {reason}") from None

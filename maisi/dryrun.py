@@ -6,7 +6,6 @@ import re
 
 __all__ = ["jobs_by_rule"]
 
-
 def jobs_by_rule(output: str) -> dict[str, int]:
     """The job-count table (``job  count`` ... ``total``) of a ``snakemake --dry-run`` output, by rule.
 

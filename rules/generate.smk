@@ -1,12 +1,12 @@
 # Generation: the mask database, sharded generation per request (TSP decoding), the generated set
-# (first attempts; QC checks them and generates failing cases again, see qc.smk).
+# (first attempts; QC checks them and generates failing cases again, see evaluate.smk).
 
 
 rule mask_database:
     input:
-        cases="results/prepared/cases.tsv",
+        cases=PREPARED_CASES,
     output:
-        database="results/masks/database.json",
+        database=MASK_DATABASE,
     resources:
         **cluster(),
     log:
@@ -24,6 +24,7 @@ rule generate:
         request=request_json,
         cases=generate_cases_json,
         settings=GENERATE_SETTINGS,
+        out_root=output_root(GENERATION_SHARDS),
     threads: config["threads"]["generate"]
     resources:
         **generation_resources(),

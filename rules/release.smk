@@ -3,9 +3,9 @@
 
 rule release:
     input:
-        qc="results/qc/cases.tsv",
-        qc_organs="results/qc/organs.tsv",
-        fid="results/fid/fid.tsv",
+        qc=rules.qc.output.cases,
+        qc_organs=rules.qc.output.organs,
+        fid=rules.fid.output.table,
         checkpoints=list(release_checkpoints().values()),
     output:
         record=f"{RELEASES}/{RELEASE_NAME}/{RELEASE_VERSION}.json",

@@ -4,7 +4,7 @@
 
 rule train_vae:
     input:
-        datalist="results/prepared/datalist.json",
+        datalist=rules.dataset.output.datalist,
     output:
         checkpoint=f"{MODELS}/autoencoder.pt",
         curve=report(f"{MODELS}/autoencoder_loss.png", caption="../report/loss_vae.rst", category="Training"),
@@ -13,9 +13,7 @@ rule train_vae:
         resume=f"{MODELS}/.resume/autoencoder.pt",
     threads: config["threads"]["training"]
     resources:
-        **cluster(MODEL_GPUS),
-        mem_mb=memory(config["model"]["resources"]["mem_mb"]),
-        runtime=config["model"]["resources"]["runtime"],
+        **model_resources(),
     log:
         "logs/train/train_vae.log",
     benchmark:
@@ -26,18 +24,18 @@ rule train_vae:
 
 rule cache_latents:
     input:
-        prepared="results/prepared/{source}/shards/{shard}.tsv",
-        regions="results/regions/{source}/shards/{shard}.tsv",
+        prepared=PREPARED_SHARDS,
+        regions=REGIONS_SHARDS,
         autoencoder=AUTOENCODER,
     output:
-        table="results/latents/{source}/shards/{shard}.tsv",
+        table=LATENT_SHARDS,
     params:
         settings=stage_settings("cache_latents"),
         on_error=config["on_error"],
+        out_root=output_root(LATENT_SHARDS),
     threads: config["threads"]["cache_latents"]
     resources:
-        **cluster(MODEL_GPUS),
-        mem_mb=memory(config["model"]["resources"]["mem_mb"]),
+        **model_resources(runtime=False),
     log:
         "logs/cache_latents/{source}/{shard}.log",
     benchmark:
@@ -48,7 +46,7 @@ rule cache_latents:
 
 rule train_diffusion:
     input:
-        latents=lambda w: stage_tables("results/latents/{source}/shards/{shard}.tsv"),
+        latents=lambda w: stage_tables(LATENT_SHARDS),
     output:
         checkpoint=f"{MODELS}/diffusion_unet.pt",
         curve=report(f"{MODELS}/diffusion_unet_loss.png", caption="../report/loss_diffusion.rst", category="Training"),
@@ -57,9 +55,7 @@ rule train_diffusion:
         resume=f"{MODELS}/.resume/diffusion_unet.pt",
     threads: config["threads"]["training"]
     resources:
-        **cluster(MODEL_GPUS),
-        mem_mb=memory(config["model"]["resources"]["mem_mb"]),
-        runtime=config["model"]["resources"]["runtime"],
+        **model_resources(),
     log:
         "logs/train/train_diffusion.log",
     benchmark:
@@ -70,8 +66,8 @@ rule train_diffusion:
 
 rule train_controlnet:
     input:
-        latents=lambda w: stage_tables("results/latents/{source}/shards/{shard}.tsv"),
-        cases="results/prepared/cases.tsv",
+        latents=lambda w: stage_tables(LATENT_SHARDS),
+        cases=PREPARED_CASES,
         diffusion=DIFFUSION,
     output:
         checkpoint=f"{MODELS}/controlnet.pt",
@@ -81,9 +77,7 @@ rule train_controlnet:
         resume=f"{MODELS}/.resume/controlnet.pt",
     threads: config["threads"]["training"]
     resources:
-        **cluster(MODEL_GPUS),
-        mem_mb=memory(config["model"]["resources"]["mem_mb"]),
-        runtime=config["model"]["resources"]["runtime"],
+        **model_resources(),
     log:
         "logs/train/train_controlnet.log",
     benchmark:

@@ -1,17 +1,11 @@
-"""Shared fixtures: small synthetic volumes and the real chest CTs."""
+"""Shared fixtures; the helpers they and the tests use live in ``tests/helpers/``."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import pytest
-import SimpleITK as sitk
-
-ROOT = Path(__file__).resolve().parent.parent
-REAL_CT = Path(os.environ.get("MAISI_REAL_CT", ROOT.parent / "shared" / "data" / "real-ct"))
+from helpers.paths import REAL_CT
 
 
 @pytest.fixture(scope="session")
@@ -20,46 +14,3 @@ def real_ct() -> Path:
     if not (REAL_CT / "lung1_image.nrrd").exists():
         pytest.skip(f"real CT folder {REAL_CT} is absent (expected ../shared/data/real-ct beside the checkout)")
     return REAL_CT
-
-
-def write_nifti(path: Path, array: np.ndarray, spacing=(2.0, 2.0, 3.0), affine=None) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if affine is None:
-        affine = np.diag([*spacing, 1.0])
-    nib.save(nib.Nifti1Image(array, affine), str(path))
-    return path
-
-
-def ct_volume(shape=(40, 36, 20), seed=0) -> np.ndarray:
-    """A small CT-like volume: air around a soft-tissue ellipsoid with a bony core."""
-    rng = np.random.default_rng(seed)
-    x, y, z = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
-    vol = np.full(shape, -1000.0, dtype=np.float32)
-    body = x**2 + y**2 < 0.7
-    vol[body] = 40.0
-    vol[(x**2 + (y + 0.3) ** 2) < 0.04] = 700.0
-    vol += rng.normal(0, 5, shape).astype(np.float32)
-    return vol.astype(np.int16)
-
-
-def write_dicom_series(folder: Path, vol: np.ndarray, spacing=(1.5, 1.5, 3.0)) -> Path:
-    """Write ``vol`` (x, y, z) as a CT DICOM series, one file per slice, with SimpleITK."""
-    folder.mkdir(parents=True, exist_ok=True)
-    img = sitk.GetImageFromArray(np.ascontiguousarray(vol.transpose(2, 1, 0)).astype(np.int16))
-    img.SetSpacing(spacing)
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    uid = "1.2.826.0.1.3680043.2.1125.1"
-    for z in range(img.GetDepth()):
-        sl = img[:, :, z]
-        origin = "\\".join(map(str, img.TransformIndexToPhysicalPoint((0, 0, z))))
-        tags = {
-            "0008|0060": "CT", "0020|000d": f"{uid}.1", "0020|000e": f"{uid}.2", "0020|0032": origin,
-            "0020|0037": "1\\0\\0\\0\\1\\0", "0020|0013": str(z + 1), "0028|0030": f"{spacing[1]}\\{spacing[0]}",
-            "0018|0050": str(spacing[2]), "0028|1052": "0", "0028|1053": "1", "0008|0018": f"{uid}.3.{z}",
-        }  # fmt: skip
-        for tag, value in tags.items():
-            sl.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"slice_{z:03d}.dcm"))
-        writer.Execute(sl)
-    return folder

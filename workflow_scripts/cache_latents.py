@@ -1,12 +1,12 @@
-"""Snakemake script: encode one shard's prepared images into latents (see maisi.latents)."""
+"""Snakemake script: encode one shard's prepared images into latents (see maisi.train.cache_latents)."""
 
-from pathlib import Path
 
 import torch
 
-from maisi.latents import LATENT_COLUMNS, LatentSettings, cache_shard
-from maisi.logs import from_snakemake
-from maisi.shards import read_table, write_table
+from maisi.core.logs import from_snakemake
+from maisi.core.tables import read_table, write_table
+from maisi.train.cache_latents import LATENT_COLUMNS, cache_shard
+from maisi.train.settings import LatentSettings
 
 smk = snakemake  # noqa: F821 (injected by Snakemake)
 with from_snakemake(smk):
@@ -16,7 +16,7 @@ with from_snakemake(smk):
         read_table(smk.input.regions),
         smk.input.autoencoder,
         LatentSettings.from_json(smk.params.settings),
-        out_root=Path(smk.output.table).parents[2],  # results/latents/{source}/shards/{shard}.tsv
+        out_root=smk.params.out_root,
         on_error=smk.params.on_error,
         desc=f"cache_latents {smk.wildcards.source}/{smk.wildcards.shard}",
     )

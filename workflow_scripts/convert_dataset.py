@@ -2,9 +2,9 @@
 
 from pathlib import Path
 
-from maisi.catalog import extract_entry, load_catalog
-from maisi.converters import convert_dataset
-from maisi.logs import from_snakemake
+from maisi.core.logs import from_snakemake
+from maisi.sources.catalog import extract_entry, load_catalog
+from maisi.sources.converters import convert_dataset
 
 smk = snakemake  # noqa: F821 (injected by Snakemake)
 with from_snakemake(smk):

@@ -1,7 +1,7 @@
-"""Snakemake script: assemble the MAISI datalist and the case tables (see maisi.dataset)."""
+"""Snakemake script: assemble the MAISI datalist and the case tables (see maisi.prepare.dataset)."""
 
-from maisi.dataset import write_dataset
-from maisi.logs import from_snakemake
+from maisi.core.logs import from_snakemake
+from maisi.prepare.dataset import write_dataset
 
 smk = snakemake  # noqa: F821 (injected by Snakemake)
 with from_snakemake(smk):

@@ -1,8 +1,8 @@
-"""Snakemake script: figures and HTML summary of the prepared dataset (see maisi.summary)."""
+"""Snakemake script: figures and HTML summary of the prepared dataset (see maisi.prepare.dataset_summary)."""
 
-from maisi.logs import from_snakemake
-from maisi.shards import read_table
-from maisi.summary import plot_dims_spacing, plot_montage, write_summary_html
+from maisi.core.logs import from_snakemake
+from maisi.core.tables import read_table
+from maisi.prepare.dataset_summary import plot_dims_spacing, plot_montage, write_summary_html
 
 smk = snakemake  # noqa: F821 (injected by Snakemake)
 with from_snakemake(smk):

@@ -1,8 +1,8 @@
 """Snakemake script: download a catalog dataset's archive, resumably, checksum-verified."""
 
-from maisi.catalog import load_catalog
-from maisi.download import download
-from maisi.logs import from_snakemake
+from maisi.core.logs import from_snakemake
+from maisi.sources.catalog import load_catalog
+from maisi.sources.download import download
 
 smk = snakemake  # noqa: F821 (injected by Snakemake)
 with from_snakemake(smk):

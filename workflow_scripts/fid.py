@@ -1,10 +1,11 @@
-"""Snakemake script: 2.5-D FID of the released generated cases against the real cases (see maisi.fid)."""
+"""Snakemake script: 2.5-D FID of the released generated cases against the real cases (see maisi.evaluate.fid)."""
 
 import torch
 
-from maisi.fid import FIDSettings, compute_fid, write_fid, write_fid_disabled
-from maisi.logs import from_snakemake
-from maisi.shards import read_table
+from maisi.core.logs import from_snakemake
+from maisi.core.tables import read_table
+from maisi.evaluate.fid import compute_fid, write_fid, write_fid_disabled
+from maisi.evaluate.settings import FIDSettings
 
 smk = snakemake  # noqa: F821 (injected by Snakemake)
 with from_snakemake(smk):

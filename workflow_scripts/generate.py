@@ -1,13 +1,13 @@
 """Snakemake script: generate one shard of a request (see maisi.generate)."""
 
 import json
-from pathlib import Path
 
 import torch
 
-from maisi.generate import GenerateSettings, generate_shard
-from maisi.generation_plan import GenCase, GenerationRequest
-from maisi.logs import from_snakemake
+from maisi.core.logs import from_snakemake
+from maisi.generate.requests import GenCase, GenerationRequest
+from maisi.generate.settings import GenerateSettings
+from maisi.generate.shard import generate_shard
 
 smk = snakemake  # noqa: F821 (injected by Snakemake)
 with from_snakemake(smk):
@@ -18,6 +18,6 @@ with from_snakemake(smk):
         {k: smk.input.get(k) for k in ("autoencoder", "diffusion", "controlnet")},
         smk.input.get("masks"),
         GenerateSettings.from_json(smk.params.settings),
-        out_root=Path(smk.output.table).parents[2],  # results/generated/{request}/shards/{shard}.tsv
+        out_root=smk.params.out_root,
         table=smk.output.table,
     )

@@ -1,9 +1,9 @@
-"""Snakemake script: the generated set's case table and mid-slice montage (see maisi.generated)."""
+"""Snakemake script: the generated set's case table and mid-slice montage (see maisi.generate.generated)."""
 
 import json
 
-from maisi.generated import collect_generated, plot_generated
-from maisi.logs import from_snakemake
+from maisi.core.logs import from_snakemake
+from maisi.generate.generated import collect_generated, plot_generated
 
 smk = snakemake  # noqa: F821 (injected by Snakemake)
 with from_snakemake(smk):

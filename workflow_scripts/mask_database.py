@@ -1,8 +1,8 @@
-"""Snakemake script: MAISI's mask database from the prepared dataset's label maps (see maisi.masks)."""
+"""Snakemake script: MAISI's mask database from the prepared dataset's label maps (see maisi.generate.mask_database)."""
 
-from maisi.logs import from_snakemake
-from maisi.masks import build_mask_database, write_mask_database
-from maisi.shards import read_table
+from maisi.core.logs import from_snakemake
+from maisi.core.tables import read_table
+from maisi.generate.mask_database import build_mask_database, write_mask_database
 
 smk = snakemake  # noqa: F821 (injected by Snakemake)
 with from_snakemake(smk):

@@ -1,9 +1,9 @@
-"""Snakemake script: generate one shard of procedural CT phantom cases (see maisi.phantom)."""
+"""Snakemake script: generate one shard of procedural CT phantom cases (see maisi.sources.phantom)."""
 
 import json
 
-from maisi.logs import from_snakemake
-from maisi.phantom_shard import spec_from_dict, write_phantom_shard
+from maisi.core.logs import from_snakemake
+from maisi.sources.phantom.shard import spec_from_dict, write_phantom_shard
 
 smk = snakemake  # noqa: F821 (injected by Snakemake)
 with from_snakemake(smk):

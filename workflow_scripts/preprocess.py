@@ -1,17 +1,18 @@
-"""Snakemake script: prepare one shard of cases (see maisi.preprocess)."""
+"""Snakemake script: prepare one shard of cases (see maisi.prepare.preprocess)."""
 
 import json
-from pathlib import Path
 
-from maisi.logs import from_snakemake
-from maisi.preprocess import PREPARED_COLUMNS, CaseInput, PreprocessSettings, preprocess_case
-from maisi.shards import run_cases, write_table
+from maisi.core.logs import from_snakemake
+from maisi.core.shards import run_cases
+from maisi.core.tables import write_table
+from maisi.prepare.preprocess import PREPARED_COLUMNS, PreprocessSettings, preprocess_case
+from maisi.sources.cases import CaseInput
 
 smk = snakemake  # noqa: F821 (injected by Snakemake)
 with from_snakemake(smk):
     cases = [CaseInput.from_json(c) for c in json.loads(smk.params.cases)]
     settings = PreprocessSettings.from_json(smk.params.settings)
-    out_root = Path(smk.output.table).parents[2]  # results/prepared/{source}/shards/{shard}.tsv
+    out_root = smk.params.out_root
     rows = run_cases(
         lambda case: preprocess_case(case, out_root, settings),
         cases,

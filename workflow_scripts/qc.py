@@ -1,10 +1,10 @@
-"""Snakemake script: the QC shards' verdicts gathered, pass rate per organ and QC figures (see maisi.qc_report)."""
+"""Snakemake script: the QC shards' verdicts gathered, pass rate per organ and QC figures (see maisi.evaluate.qc_report)."""
 
-from maisi.logs import from_snakemake
-from maisi.qc import QCSettings, read_reference
-from maisi.qc_report import assess_generated, plot_generated_vs_real, plot_hu_histograms
-from maisi.qc_shard import QC_SHARD_COLUMNS
-from maisi.shards import read_table, read_tables
+from maisi.core.logs import from_snakemake
+from maisi.core.tables import read_table, read_tables
+from maisi.evaluate.qc import QCSettings, read_reference
+from maisi.evaluate.qc_check import QC_SHARD_COLUMNS
+from maisi.evaluate.qc_report import assess_generated, plot_generated_vs_real, plot_hu_histograms
 
 smk = snakemake  # noqa: F821 (injected by Snakemake)
 with from_snakemake(smk):

@@ -1,15 +1,14 @@
-"""Snakemake script: check one generation shard, generating failing cases again (see maisi.qc_shard)."""
+"""Snakemake script: check one generation shard, generating failing cases again (see maisi.evaluate.qc_check)."""
 
 import json
-from pathlib import Path
 
 import torch
 
-from maisi.generate import GenerateSettings
-from maisi.generation_plan import GenCase, GenerationRequest
-from maisi.logs import from_snakemake
-from maisi.qc import QCSettings
-from maisi.qc_shard import check_shard
+from maisi.core.logs import from_snakemake
+from maisi.evaluate.qc import QCSettings
+from maisi.evaluate.qc_check import check_shard
+from maisi.generate.requests import GenCase, GenerationRequest
+from maisi.generate.settings import GenerateSettings
 
 smk = snakemake  # noqa: F821 (injected by Snakemake)
 with from_snakemake(smk):
@@ -23,6 +22,6 @@ with from_snakemake(smk):
         GenerateSettings.from_json(smk.params.settings),
         QCSettings.from_json(smk.params.qc),
         smk.input.reference,
-        root=Path(smk.output.table).parents[2] / "regenerated",  # results/qc/shards/{request}/{shard}.tsv
+        root=smk.params.regenerated,
         table=smk.output.table,
     )

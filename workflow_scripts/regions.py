@@ -1,10 +1,10 @@
-"""Snakemake script: top and bottom body regions of one shard (see maisi.regions)."""
+"""Snakemake script: top and bottom body regions of one shard (see maisi.prepare.regions)."""
 
 import json
 
-from maisi.logs import from_snakemake
-from maisi.regions import REGION_COLUMNS, shard_regions
-from maisi.shards import read_table, write_table
+from maisi.core.logs import from_snakemake
+from maisi.core.tables import read_table, write_table
+from maisi.prepare.regions import REGION_COLUMNS, shard_regions
 
 smk = snakemake  # noqa: F821 (injected by Snakemake)
 with from_snakemake(smk):

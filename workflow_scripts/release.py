@@ -2,10 +2,10 @@
 
 import json
 
-from maisi.io import write_json
-from maisi.logs import from_snakemake
-from maisi.release import build_release
-from maisi.release_inputs import labels_present, released_cases
+from maisi.core.io import write_json
+from maisi.core.logs import from_snakemake
+from maisi.release.build import build_release
+from maisi.release.inputs import labels_present, released_cases
 
 smk = snakemake  # noqa: F821 (injected by Snakemake)
 with from_snakemake(smk):

@@ -1,10 +1,10 @@
-"""Snakemake script: TotalSegmentator masks of one shard's prepared cases (see maisi.totalseg)."""
+"""Snakemake script: TotalSegmentator masks of one shard's prepared cases (see maisi.prepare.totalsegmentator)."""
 
-from pathlib import Path
 
-from maisi.logs import from_snakemake
-from maisi.shards import read_table, run_cases, write_table
-from maisi.totalseg import SEGMENTED_COLUMNS, TotalSegSettings, mask_path, segment_case
+from maisi.core.logs import from_snakemake
+from maisi.core.shards import run_cases
+from maisi.core.tables import read_table, write_table
+from maisi.prepare.totalsegmentator import SEGMENTED_COLUMNS, TotalSegSettings, mask_path, segment_case
 
 # nnU-Net starts its worker processes with 'spawn', which imports this script again: guard it.
 if __name__ == "__main__":
@@ -13,7 +13,7 @@ if __name__ == "__main__":
         settings = TotalSegSettings.from_json(smk.params.settings)
         prepared = read_table(smk.input.table)
         ok = list(prepared[prepared.status == "ok"].itertuples())
-        out_root = Path(smk.output.table).parents[2]  # results/totalseg/{source}/shards/{shard}.tsv
+        out_root = smk.params.out_root
         rows = run_cases(
             lambda r: segment_case(r.case_id, r.image_hu, mask_path(out_root, r.source, r.case_id), settings, r.label or None),
             ok,

@@ -1,10 +1,11 @@
-"""Snakemake script: train the ControlNet on the frozen diffusion UNet (see maisi.train_controlnet)."""
+"""Snakemake script: train the ControlNet on the frozen diffusion UNet (see maisi.train.controlnet)."""
 
 import torch
 
-from maisi.logs import from_snakemake
-from maisi.train_controlnet import ControlNetSettings, train_controlnet
-from maisi.train_diffusion import latent_records
+from maisi.core.logs import from_snakemake
+from maisi.train.batches import latent_records
+from maisi.train.controlnet import train_controlnet
+from maisi.train.settings import ControlNetSettings
 
 smk = snakemake  # noqa: F821 (injected by Snakemake)
 with from_snakemake(smk):

@@ -1,9 +1,11 @@
-"""Snakemake script: train the latent diffusion UNet (see maisi.train_diffusion)."""
+"""Snakemake script: train the latent diffusion UNet (see maisi.train.diffusion)."""
 
 import torch
 
-from maisi.logs import from_snakemake
-from maisi.train_diffusion import DiffusionSettings, latent_records, train_diffusion
+from maisi.core.logs import from_snakemake
+from maisi.train.batches import latent_records
+from maisi.train.diffusion import train_diffusion
+from maisi.train.settings import DiffusionSettings
 
 smk = snakemake  # noqa: F821 (injected by Snakemake)
 with from_snakemake(smk):

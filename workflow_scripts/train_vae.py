@@ -1,9 +1,10 @@
-"""Snakemake script: train the autoencoder (see maisi.train_vae)."""
+"""Snakemake script: train the autoencoder (see maisi.train.vae)."""
 
 import torch
 
-from maisi.logs import from_snakemake
-from maisi.train_vae import VaeSettings, train_vae
+from maisi.core.logs import from_snakemake
+from maisi.train.settings import VaeSettings
+from maisi.train.vae import train_vae
 
 smk = snakemake  # noqa: F821 (injected by Snakemake)
 with from_snakemake(smk):

@@ -1,0 +1,111 @@
+"""Checks of input scans: every problem is an :class:`InputError` that names the file."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import numpy as np
+
+__all__ = ["InputError", "check_ct_image", "check_label_matches", "spacing_from_affine", "check_nifti_spacing", "ConfigError"]
+
+class InputError(ValueError):
+    """A case's input is unusable; ``path`` names the file and ``problem`` says why."""
+
+    def __init__(self, path: str | os.PathLike | None, problem: str):
+        self.path = str(path) if path is not None else ""
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}" if self.path else problem)
+
+
+def spacing_from_affine(affine: np.ndarray) -> np.ndarray:
+    """Voxel spacing (mm) along each array axis: the column norms of the affine's 3x3 part."""
+    affine = np.asarray(affine, dtype=np.float64)
+    return np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+
+
+def check_ct_image(array: np.ndarray, affine: np.ndarray, path, ct_check: Mapping[str, float]) -> None:
+    """Reject images that are not usable 3-D CT volumes in Hounsfield units.
+
+    ``array`` is channel-first (C, X, Y, Z). Checks: one channel; three spatial axes of more
+    than one voxel; finite values; spacing present, finite and positive; an intensity range
+    that looks like HU (air below ``min_below`` and no value outside ``[min_value, max_value]``).
+    """
+    if array.ndim != 4:
+        raise InputError(path, f"expected a 3-D volume, got an array of {array.ndim - 1} spatial dimensions")
+    if array.shape[0] != 1:
+        raise InputError(path, f"expected one channel, got {array.shape[0]} (multi-channel or 4-D image?)")
+    spatial = array.shape[1:]
+    if min(spatial) < 2:
+        raise InputError(path, f"2-D image (shape {tuple(spatial)}); a CT volume needs three axes of more than one voxel")
+    if not np.isfinite(array).all():
+        bad = int((~np.isfinite(array)).sum())
+        raise InputError(path, f"{bad} voxel(s) are NaN or infinite")
+    spacing = spacing_from_affine(affine)
+    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 1e-6):
+        raise InputError(path, f"missing or zero voxel spacing {np.round(spacing, 6).tolist()} in the header")
+    lo, hi = float(array.min()), float(array.max())
+    if lo < ct_check["min_value"] or hi > ct_check["max_value"]:
+        raise InputError(
+            path,
+            f"intensities {lo:g}..{hi:g} outside [{ct_check['min_value']:g}, {ct_check['max_value']:g}]: "
+            "not CT in Hounsfield units",
+        )
+    if lo >= ct_check["min_below"]:
+        raise InputError(
+            path,
+            f"minimum intensity {lo:g} is not below {ct_check['min_below']:g} HU: no air in the image, so this does "
+            "not look like CT in Hounsfield units (another modality, or raw values without rescale slope/intercept?)",
+        )
+
+
+def check_label_matches(label: np.ndarray, label_affine, image: np.ndarray, image_affine, label_path, image_path) -> None:
+    """The label map must be 3-D, on the image's grid (same shape and affine) and hold integer values."""
+    if label.shape[1:] != image.shape[1:]:
+        raise InputError(
+            label_path,
+            f"label shape {tuple(label.shape[1:])} differs from image shape {tuple(image.shape[1:])} of {image_path}",
+        )
+    la, ia = np.asarray(label_affine, dtype=np.float64), np.asarray(image_affine, dtype=np.float64)
+    tol = 1e-3 * max(1.0, float(np.abs(ia[:3, :3]).max()))
+    if not np.allclose(la[:3, :3], ia[:3, :3], atol=tol) or not np.allclose(la[:3, 3], ia[:3, 3], atol=max(tol, 1e-2)):
+        raise InputError(
+            label_path, f"label affine differs from the affine of {image_path}:\n{np.round(la, 4)}\nvs\n{np.round(ia, 4)}"
+        )
+    if not np.isfinite(label).all():
+        raise InputError(label_path, "label map holds NaN or infinite values")
+    if not np.array_equal(label, np.round(label)):
+        raise InputError(label_path, "label map holds non-integer values")
+    if label.min() < 0 or label.max() > 255:
+        raise InputError(label_path, f"label values {label.min():g}..{label.max():g} outside 0..255")
+
+
+def check_nifti_spacing(path) -> None:
+    """Reject a NIfTI whose header has no usable spacing.
+
+    nibabel silently replaces zero ``pixdim`` values by 1 mm when it loads a file, so a scan
+    without spacing would otherwise be prepared at a made-up resolution. The raw header is read
+    here without that fix; a valid sform or qform defines the spacing on its own.
+    """
+    import gzip
+
+    import nibabel as nib
+
+    name = str(path).lower()
+    if not name.endswith((".nii", ".nii.gz")):
+        return
+    opener = gzip.open if name.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as fh:
+            hdr = nib.Nifti1Header.from_fileobj(fh, check=False)
+    except Exception as exc:
+        raise InputError(path, f"cannot be read ({type(exc).__name__}: {exc}); the file is corrupt or truncated") from exc
+    if int(hdr["sform_code"]) > 0 or int(hdr["qform_code"]) > 0:
+        return
+    pixdim = np.asarray(hdr["pixdim"][1:4], dtype=np.float64)
+    if not np.all(np.isfinite(pixdim)) or np.any(pixdim <= 0):
+        raise InputError(path, f"missing or zero voxel spacing {pixdim.tolist()} in the header (pixdim, no sform/qform)")
+
+
+class ConfigError(ValueError):
+    """A configuration error; the message names the offending key."""

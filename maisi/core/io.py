@@ -1,0 +1,151 @@
+"""Atomic file output, JSON sidecars and checksums.
+
+Every artefact the factory writes goes through :func:`atomic_path`: the producer writes to a
+hidden temporary file in the destination folder and the file is renamed into place only once it
+is complete, so a killed run never leaves a file that looks finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from maisi.core.provenance import provenance
+
+__all__ = ["atomic_path", "current_umask", "json_default", "write_json", "write_text", "write_with_sidecar", "sidecar_path", "current_sidecar", "sha256_file", "read_json", "save_nifti"]
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_path(dest: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside ``dest``; rename it onto ``dest`` if the block succeeds.
+
+    The temporary name keeps the destination's suffixes (``.nii.gz``, ``.tsv``...) so that
+    writers which pick a format from the file name still work. On error the temporary file
+    is removed and ``dest`` is left untouched.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if suffix is None:
+        suffix = "".join(dest.suffixes) or ".tmp"
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix, dir=dest.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        if not tmp_path.exists():
+            raise FileNotFoundError(f"writer produced no file for {dest}")
+        if tmp_path.is_file():  # mkstemp creates 0600; give the file the usual umask-based mode
+            os.chmod(tmp_path, 0o666 & ~current_umask())
+        os.replace(tmp_path, dest)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def write_text(dest: str | os.PathLike, text: str) -> Path:
+    """Atomically write ``text`` to ``dest``."""
+    with atomic_path(dest) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(dest)
+
+
+def write_json(dest: str | os.PathLike, obj: Any) -> Path:
+    """Atomically write ``obj`` as indented, key-sorted JSON (stable across runs)."""
+    return write_text(dest, json.dumps(obj, indent=2, sort_keys=True, default=json_default) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def sidecar_path(path: str | os.PathLike) -> Path:
+    """``images/case.nii.gz`` -> ``images/case.nii.gz.json``."""
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
+def current_sidecar(dest: str | os.PathLike, fingerprint: Any) -> dict[str, Any] | None:
+    """The sidecar record of ``dest`` when ``dest`` is still what ``fingerprint`` describes (the sidecar
+    holds the same ``fingerprint`` and the file's sha256 matches), else ``None``: the output must be made."""
+    dest = Path(dest)
+    sidecar = sidecar_path(dest)
+    if not (dest.is_file() and sidecar.is_file()):
+        return None
+    try:
+        record = json.loads(sidecar.read_text(encoding="utf-8"))
+    except ValueError:
+        return None
+    if record.get("fingerprint") != fingerprint or record.get("sha256") != sha256_file(dest):
+        return None
+    return record
+
+
+def write_with_sidecar(
+    dest: str | os.PathLike, writer, meta: Mapping[str, Any], step: str
+) -> Path:
+    """Write ``dest`` atomically with ``writer(tmp_path)`` then its JSON sidecar.
+
+    The sidecar holds ``meta``, the file's sha256 and the provenance of ``step`` (package
+    versions, host, time). It is written after the data file, so a sidecar never describes a
+    file that is not there.
+    """
+    dest = Path(dest)
+    with atomic_path(dest) as tmp:
+        writer(tmp)
+    record = {"file": dest.name, "sha256": sha256_file(dest), **dict(meta), "provenance": provenance(step)}
+    write_json(sidecar_path(dest), record)
+    return dest
+
+
+def save_nifti(array, affine, dest: str | os.PathLike, dtype) -> Path:
+    """Atomically save a 3-D array as NIfTI with ``dtype``, spacing in mm and the affine as both
+    qform and sform (code 1, scanner), so every reader sees the same geometry."""
+    import nibabel as nib
+    import numpy as np
+
+    affine = np.asarray(affine, dtype=np.float64)
+    img = nib.Nifti1Image(np.asarray(array).astype(dtype, copy=False), affine)
+    img.set_data_dtype(dtype)
+    img.header.set_xyzt_units("mm")
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    with atomic_path(dest) as tmp:
+        nib.save(img, str(tmp))
+    return Path(dest)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def md5_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def json_default(obj: Any) -> Any:
+    # numpy scalars and arrays, paths
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

@@ -1,0 +1,1 @@
+"""Evaluation of the generated set: quality control (with regeneration) and the 2.5-D FID."""

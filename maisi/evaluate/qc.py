@@ -1,0 +1,287 @@
+"""Quality control of generated CT: MAISI's per-organ HU check plus the checks MAISI lacks.
+
+MAISI's check (paper, section on quality control): over the real training images, take the median
+HU inside each organ; an organ's allowed range is ``[min(mean - 3 sd, 0.5th percentile),
+max(mean + 3 sd, 99.5th percentile)]`` of those medians, bone capped at 1000 HU. A generated case
+passes when the median HU of every organ present in its label map lies inside the organ's range.
+
+Added here: organs lie inside the body (found from the image), no NaN, HU within the CT range
+[-1024, 3071], and the label map on the image's grid. The reference ranges are a versioned
+artefact (:data:`REFERENCE_VERSION`) computed from the prepared data, so a release can cite them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from maisi.core.checks import InputError
+from maisi.core.labels import BODY, label_name, maisi_labels
+from maisi.core.schema import schema_default
+from maisi.core.settings import ConfigSettings
+
+__all__ = ["QCSettings", "OrganRange", "QCResult", "ORGAN_GROUPS", "REFERENCE_VERSION", "CT_RANGE", "organ_groups", "organ_medians", "load_case", "reference_ranges", "build_reference", "read_reference", "check_case", "check_files"]
+
+#: Version of the reference format and of the range rule; bumped when either changes.
+REFERENCE_VERSION = 1
+
+
+#: The HU range a CT scanner stores (12-bit, rescale intercept -1024).
+CT_RANGE = (-1024.0, 3071.0)
+
+
+_BONE_NAMES = ("vertebrae", "rib", "humerus", "scapula", "clavicula", "femur", "hip", "sacrum", "skull", "sternum")
+
+
+def _bone_ids() -> tuple[int, ...]:
+    return tuple(sorted(v for k, v in maisi_labels().items() if any(k.startswith(b) or f" {b}" in k for b in _BONE_NAMES)))
+
+
+#: MAISI's organ groups (its QC script groups kidneys, lung lobes and bones); other classes are checked one by one.
+ORGAN_GROUPS: dict[str, tuple[int, ...]] = {
+    "liver": (1,),
+    "spleen": (3,),
+    "pancreas": (4,),
+    "kidney": (5, 14),
+    "lung": (28, 29, 30, 31, 32),
+    "bone": _bone_ids(),
+    "brain": (22,),
+}
+
+
+#: Upper cap of the bone range (MAISI).
+BONE_CAP_HU = 1000.0
+
+
+@dataclass(frozen=True)
+class QCSettings(ConfigSettings):
+    """What QC checks and what happens to a case that fails it."""
+
+    SECTION: ClassVar[str] = "qc"
+
+    max_attempts: int = schema_default("qc.max_attempts")
+    on_fail: str = schema_default("qc.on_fail")  # or "flag": kept in the release, marked as failed
+    min_voxels: int = schema_default("qc.min_voxels")
+    min_reference_cases: int = schema_default("qc.min_reference_cases")
+    min_inside_body: float = schema_default("qc.min_inside_body")
+    body_threshold_hu: float = schema_default("qc.body_threshold_hu")
+    hu_range: tuple[float, float] = schema_default("qc.hu_range")
+    check_organs: bool = schema_default("qc.check_organs")
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> QCSettings:
+        """From ``config["qc"]``."""
+        return cls.from_dict(config.get("qc", {}))
+
+    @classmethod
+    def from_dict(cls, block: Mapping[str, Any]) -> QCSettings:
+        block = dict(block)
+        if "hu_range" in block:
+            block["hu_range"] = tuple(float(v) for v in block["hu_range"])
+        return cls(**block)
+
+    def reference_json(self) -> str:
+        """The settings the reference ranges depend on."""
+        return json.dumps({"min_voxels": self.min_voxels, "min_reference_cases": self.min_reference_cases}, sort_keys=True)
+
+    def check_json(self) -> str:
+        """The settings that decide whether a case passes (not the release policy ``on_fail``)."""
+        d = asdict(self)
+        d.pop("on_fail")
+        return json.dumps(d, sort_keys=True)
+
+
+@dataclass(frozen=True)
+class OrganRange:
+    """Allowed median HU of one organ, with the statistics it came from."""
+
+    organ: str
+    labels: tuple[int, ...]
+    n: int
+    mean: float
+    sd: float
+    p005: float
+    p995: float
+    low: float
+    high: float
+
+    def contains(self, value: float) -> bool:
+        return self.low <= value <= self.high
+
+
+@dataclass
+class QCResult:
+    """The verdict on one case: ``passed``, the reasons when not, and the organ medians measured."""
+
+    passed: bool
+    reasons: list[str] = field(default_factory=list)
+    medians: dict[str, float] = field(default_factory=dict)
+    unchecked: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"passed": self.passed, "reasons": list(self.reasons), "medians": dict(self.medians), "unchecked": list(self.unchecked)}
+
+
+def organ_groups(label: np.ndarray) -> dict[str, tuple[int, ...]]:
+    """The organ groups present in ``label``: MAISI's groups, then every other class by its name
+    (``body`` and placeholder classes excluded)."""
+    present = {int(v) for v in np.unique(label)} - {0, BODY}
+    out: dict[str, tuple[int, ...]] = {}
+    grouped: set[int] = set()
+    for name, ids in ORGAN_GROUPS.items():
+        hit = tuple(i for i in ids if i in present)
+        grouped |= set(ids)
+        if hit:
+            out[name] = hit
+    for i in sorted(present - grouped):
+        name = label_name(i)
+        if not name.startswith("dummy"):
+            out[name] = (i,)
+    return out
+
+
+def organ_medians(hu: np.ndarray, label: np.ndarray, min_voxels: int = 20) -> dict[str, float]:
+    """Median HU inside each organ group present in ``label`` with at least ``min_voxels`` voxels."""
+    out = {}
+    for name, ids in organ_groups(label).items():
+        values = hu[np.isin(label, ids)]
+        if values.size >= min_voxels:
+            out[name] = float(np.median(values))
+    return out
+
+
+def load_case(image: str | os.PathLike, label: str | os.PathLike, scaled: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Read an image and its label map as (hu float32, label, image affine, label affine).
+
+    ``scaled`` images hold MAISI's [0, 1] intensities (``(HU + 1000) / 2000``) and are mapped back.
+    Unreadable files raise :class:`InputError` naming the file.
+    """
+    import nibabel as nib
+
+    arrays = []
+    for path in (image, label):
+        try:
+            img = nib.load(os.fspath(path))
+            arrays.append((np.asanyarray(img.dataobj), img.affine))
+        except Exception as exc:  # nibabel raises many types for truncated or foreign files
+            raise InputError(path, f"cannot be read as NIfTI ({exc})") from exc
+    (hu, aff_i), (lab, aff_l) = arrays
+    hu = hu.astype(np.float32)
+    if scaled:
+        hu = hu * 2000.0 - 1000.0
+    if lab.ndim != 3 or not np.issubdtype(lab.dtype, np.integer) and not np.allclose(lab, np.rint(lab)):
+        raise InputError(label, "not a 3-D integer label map")
+    return hu, lab.astype(np.int32), aff_i, aff_l
+
+
+def reference_ranges(medians: Mapping[str, Sequence[float]], groups: Mapping[str, Sequence[int]], min_cases: int = 3) -> dict[str, OrganRange]:
+    """MAISI's allowed ranges from the per-case medians of each organ (organs with fewer than
+    ``min_cases`` cases get none: their spread is unknown)."""
+    out = {}
+    for organ, values in sorted(medians.items()):
+        v = np.asarray(values, dtype=np.float64)
+        if v.size < max(1, min_cases):
+            continue
+        mean, sd = float(v.mean()), float(v.std())
+        p005, p995 = (float(x) for x in np.percentile(v, [0.5, 99.5]))
+        low, high = min(mean - 3 * sd, p005), max(mean + 3 * sd, p995)
+        if organ == "bone":
+            high = min(high, BONE_CAP_HU)
+        out[organ] = OrganRange(organ, tuple(int(i) for i in groups[organ]), int(v.size), mean, sd, p005, p995, low, high)
+    return out
+
+
+def build_reference(cases: Iterable[Mapping[str, str]], settings: QCSettings, progress: bool = True) -> dict[str, Any]:
+    """Per-organ median-HU statistics and ranges over the real cases (rows with ``case_id``,
+    ``image_hu`` or ``image`` and ``label``); the returned dict is what :func:`read_reference` reads."""
+    from tqdm.auto import tqdm
+
+    medians: dict[str, list[float]] = {}
+    groups: dict[str, tuple[int, ...]] = {}
+    per_case: dict[str, dict[str, float]] = {}
+    rows = [r for r in cases if r.get("label")]
+    for r in tqdm(rows, desc="QC reference", unit="case", disable=not progress):
+        scaled = not r.get("image_hu")
+        hu, lab, _, _ = load_case(r.get("image_hu") or r["image"], r["label"], scaled=scaled)
+        if hu.shape != lab.shape:
+            raise InputError(r["label"], f"label grid {lab.shape} differs from image grid {hu.shape}")
+        found = organ_medians(hu, lab, settings.min_voxels)
+        groups.update({k: v for k, v in organ_groups(lab).items() if k in found})
+        per_case[r["case_id"]] = found
+        for organ, value in found.items():
+            medians.setdefault(organ, []).append(value)
+    ranges = reference_ranges(medians, groups, settings.min_reference_cases)
+    return {
+        "version": REFERENCE_VERSION,
+        "rule": "range = [min(mean - 3 sd, p0.5), max(mean + 3 sd, p99.5)] of per-case organ medians; bone capped at 1000 HU",
+        "n_cases": len(rows),
+        "ranges": {k: asdict(v) for k, v in ranges.items()},
+        "too_few_cases": sorted(set(medians) - set(ranges)),
+        "medians": per_case,
+    }
+
+
+def read_reference(path: str | os.PathLike) -> dict[str, OrganRange]:
+    """The organ ranges of a reference written by :func:`build_reference`."""
+    with open(path, encoding="utf-8") as fh:
+        data = json.load(fh)
+    if data.get("version") != REFERENCE_VERSION:
+        raise InputError(path, f"QC reference version {data.get('version')} is not {REFERENCE_VERSION}; rebuild it")
+    return {k: OrganRange(**{**v, "labels": tuple(v["labels"])}) for k, v in data["ranges"].items()}
+
+
+def check_case(
+    hu: np.ndarray,
+    label: np.ndarray,
+    ranges: Mapping[str, OrganRange],
+    settings: QCSettings,
+    affines: tuple[np.ndarray, np.ndarray] | None = None,
+) -> QCResult:
+    """Check one generated case; every failed check adds a reason."""
+    from maisi.core.anatomy import body_mask
+
+    reasons: list[str] = []
+    if hu.shape != label.shape:
+        return QCResult(False, [f"label grid {label.shape} differs from image grid {hu.shape}"])
+    if affines is not None and not np.allclose(affines[0], affines[1], atol=1e-3):
+        reasons.append("label affine differs from image affine")
+    n_nan = int(np.isnan(hu).sum())
+    if n_nan:
+        return QCResult(False, [*reasons, f"{n_nan} NaN voxels"])
+    lo, hi = float(hu.min()), float(hu.max())
+    if lo < settings.hu_range[0] or hi > settings.hu_range[1]:
+        reasons.append(f"HU {lo:g}..{hi:g} outside [{settings.hu_range[0]:g}, {settings.hu_range[1]:g}]")
+    body = body_mask(hu, settings.body_threshold_hu)
+    medians: dict[str, float] = {}
+    unchecked: list[str] = []
+    for organ, ids in organ_groups(label).items():
+        inside = np.isin(label, ids)
+        n = int(inside.sum())
+        if n < settings.min_voxels:
+            continue
+        frac = float(body[inside].mean())
+        if frac < settings.min_inside_body:
+            reasons.append(f"{organ}: {100 * frac:.0f}% inside the body (< {100 * settings.min_inside_body:.0f}%)")
+        medians[organ] = median = float(np.median(hu[inside]))
+        if not settings.check_organs:
+            continue
+        rng = ranges.get(organ)
+        if rng is None:
+            unchecked.append(organ)
+        elif not rng.contains(median):
+            reasons.append(f"{organ}: median {median:.1f} HU outside [{rng.low:.1f}, {rng.high:.1f}]")
+    return QCResult(not reasons, reasons, medians, unchecked)
+
+
+def check_files(image: str | os.PathLike, label: str | os.PathLike, ranges: Mapping[str, OrganRange], settings: QCSettings) -> QCResult:
+    """:func:`check_case` on files; an unreadable file fails the case with its reason."""
+    try:
+        hu, lab, aff_i, aff_l = load_case(image, label)
+    except InputError as exc:
+        return QCResult(False, [str(exc)])
+    return check_case(hu, lab, ranges, settings, (aff_i, aff_l))

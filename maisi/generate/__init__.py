@@ -1,0 +1,1 @@
+"""Generation: requests, the mask database and augmentation, latent sampling, TSP decoding, shards."""

@@ -1,0 +1,278 @@
+"""Generation requests: what a user asks the factory to synthesise, checked before any job starts.
+
+A request (one entry of ``generate.requests`` in the config) asks for ``n_cases`` volumes of one
+output size and spacing, spanning ``top_region`` to ``bottom_region``, optionally with anatomy that
+must be present (which needs mask-conditioned generation with the ControlNet). Each case has an
+id ``<request>_<index>`` and its own seed derived from the request's seed, name and index; cases
+are grouped into shards of ``cases_per_shard`` consecutive indices, so adding cases only adds
+shards (or fills the last one) and never changes another case's seed.
+
+The checks follow MAISI's inference rules: for the released architecture (preset ``maisi``) the
+output is x = y in {256, 384, 512} and z in {128, 256, ..., 768}, the spacing x = y in [0.5, 3] mm
+and z in [0.5, 5] mm, and the x field of view at least 256 mm; the ``tiny`` preset takes any size
+that is a multiple of its latent factor. The field of view along z must be able to reach from the
+top region to the bottom region (typical adult region lengths, :data:`REGION_LENGTH_MM`), and a
+required organ must lie in one of the requested regions.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from maisi.core.anatomy import BODY_REGIONS, REGION_LABELS
+from maisi.core.labels import label_name, resolve_label
+from maisi.core.seeds import derive_seed
+from maisi.core.shards import shard_name
+from maisi.models.presets import DOWNSAMPLE, preset
+
+__all__ = ["RequestError", "GenerationRequest", "GenCase", "latent_factor", "validate_request", "parse_requests", "config_requests", "REGION_LENGTH_MM", "DEFAULT_STEPS"]
+
+#: Typical cranio-caudal extent of each body region in adults (mm), for the field-of-view check.
+REGION_LENGTH_MM = {"head_neck": 250.0, "chest": 300.0, "abdomen": 250.0, "lower_body": 450.0}
+
+
+#: MAISI's default number of sampling steps per sampler.
+DEFAULT_STEPS = {"rflow": 30, "ddpm": 1000}
+
+
+MAISI_XY_SIZES = (256, 384, 512)
+
+
+MAISI_Z_SIZES = tuple(range(128, 769, 128))
+
+
+MAISI_SPACING_XY = (0.5, 3.0)
+
+
+MAISI_SPACING_Z = (0.5, 5.0)
+
+
+MAISI_MIN_FOV_X = 256.0
+
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+
+
+
+
+class RequestError(ValueError):
+    """An impossible generation request; the message names the config key and the reason."""
+
+
+def latent_factor(preset_name: str) -> int:
+    """What every output size must be a multiple of: the autoencoder's 4x times the UNet's halvings."""
+    return DOWNSAMPLE * 2 ** (len(preset(preset_name)["diffusion"]["num_channels"]) - 1)
+
+
+@dataclass(frozen=True)
+class GenCase:
+    """One case to generate: its request, index, id and seed."""
+
+    request: str
+    index: int
+    case_id: str
+    seed: int
+
+    def attempt_seed(self, attempt: int) -> int:
+        """The seed of a regeneration attempt (attempt 0 is the case's own seed)."""
+        return self.seed if attempt == 0 else derive_seed(self.seed, "attempt", attempt)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One entry of ``generate.requests``; anatomy is held as MAISI label ids."""
+
+    name: str
+    n_cases: int
+    size: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    top_region: str
+    bottom_region: str
+    anatomy: tuple[int, ...] = ()
+    masks: bool = True
+    sampler: str = "rflow"
+    steps: int = 30
+    seed: int = 0
+    cases_per_shard: int = 2
+    allow_tumour: bool = False
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return tuple(s // DOWNSAMPLE for s in self.size)  # type: ignore[return-value]
+
+    def cases(self) -> list[GenCase]:
+        return [GenCase(self.name, i, f"{self.name}_{i:05d}", derive_seed(self.seed, "generate", self.name, i)) for i in range(self.n_cases)]
+
+    def shards(self) -> dict[str, list[GenCase]]:
+        """Non-empty shards by name: shard ``k`` holds indices ``k * cases_per_shard ...`` (stable as cases are added)."""
+        out: dict[str, list[GenCase]] = {}
+        for case in self.cases():
+            out.setdefault(shard_name(case.index // self.cases_per_shard), []).append(case)
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        """The settings that decide the request's outputs (stable; a Snakemake param)."""
+        return {
+            "name": self.name, "size": list(self.size), "spacing": list(self.spacing), "top_region": self.top_region,
+            "bottom_region": self.bottom_region, "anatomy": list(self.anatomy), "masks": self.masks, "sampler": self.sampler,
+            "steps": self.steps, "seed": self.seed, "allow_tumour": self.allow_tumour,
+        }  # fmt: skip
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> GenerationRequest:
+        return cls(
+            name=d["name"], n_cases=int(d.get("n_cases", 0)), size=tuple(d["size"]), spacing=tuple(d["spacing"]),
+            top_region=d["top_region"], bottom_region=d["bottom_region"], anatomy=tuple(d["anatomy"]), masks=bool(d["masks"]),
+            sampler=d["sampler"], steps=int(d["steps"]), seed=int(d["seed"]), allow_tumour=bool(d.get("allow_tumour", False)),
+        )  # fmt: skip
+
+    def describe(self, count: bool = True) -> str:
+        anatomy = ", ".join(label_name(i) for i in self.anatomy) or "none required"
+        return (f"{f'{self.n_cases} x ' if count else ''}{'x'.join(map(str, self.size))} at {'x'.join(f'{s:g}' for s in self.spacing)} mm, "
+                f"{self.top_region} -> {self.bottom_region}, anatomy: {anatomy}, {'mask-conditioned' if self.masks else 'no mask'}, "
+                f"{self.sampler} {self.steps} steps")  # fmt: skip
+
+
+def _triple(value: Any, key: str, kind: type) -> tuple:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = [value] * 3
+    if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != 3:
+        raise RequestError(f"{key}: expected three numbers, got {value!r}")
+    try:
+        out = tuple(kind(v) for v in value)
+    except (TypeError, ValueError):
+        raise RequestError(f"{key}: expected three numbers, got {value!r}") from None
+    if kind is int and any(float(v) != int(float(v)) for v in value):
+        raise RequestError(f"{key}: sizes must be whole numbers, got {value!r}")
+    return out
+
+
+def _region(value: Any, key: str) -> str:
+    if value not in BODY_REGIONS:
+        raise RequestError(f"{key}: unknown body region {value!r}; expected one of {', '.join(BODY_REGIONS)}")
+    return str(value)
+
+
+def _organ_regions() -> dict[int, str]:
+    return {label: region for region, labels in REGION_LABELS.items() for label in labels}
+
+
+def validate_request(req: GenerationRequest, preset_name: str, where: str = "generate.requests") -> None:
+    """Refuse an impossible request with a :class:`RequestError` naming the key and the reason."""
+    key = f"{where}.{req.name}"
+    if req.n_cases < 0:
+        raise RequestError(f"{key}.n_cases: must be >= 0, got {req.n_cases}")
+    if req.cases_per_shard < 1:
+        raise RequestError(f"{key}.cases_per_shard: must be >= 1, got {req.cases_per_shard}")
+    factor = latent_factor(preset_name)
+    bad = [s for s in req.size if s < factor or s % factor]
+    if bad:
+        raise RequestError(f"{key}.size: {list(req.size)} is not a multiple of the latent factor {factor} of preset '{preset_name}' "
+                           f"(4x autoencoder downsampling x the diffusion UNet's halvings)")  # fmt: skip
+    if any(not 0 < s <= 10 for s in req.spacing):
+        raise RequestError(f"{key}.spacing: {list(req.spacing)} mm is outside (0, 10] mm")
+    if preset_name == "maisi":
+        x, y, z = req.size
+        if x != y or x not in MAISI_XY_SIZES or z not in MAISI_Z_SIZES:
+            raise RequestError(f"{key}.size: MAISI generates x = y in {list(MAISI_XY_SIZES)} and z in {list(MAISI_Z_SIZES)}, "
+                               f"got {list(req.size)}")  # fmt: skip
+        sx, sy, sz = req.spacing
+        if sx != sy or not MAISI_SPACING_XY[0] <= sx <= MAISI_SPACING_XY[1] or not MAISI_SPACING_Z[0] <= sz <= MAISI_SPACING_Z[1]:
+            raise RequestError(f"{key}.spacing: MAISI takes x = y in {list(MAISI_SPACING_XY)} mm and z in {list(MAISI_SPACING_Z)} mm, "
+                               f"got {list(req.spacing)}")  # fmt: skip
+        if x * sx < MAISI_MIN_FOV_X:
+            raise RequestError(f"{key}: the x field of view {x * sx:g} mm is below MAISI's minimum of {MAISI_MIN_FOV_X:g} mm")
+    top, bottom = BODY_REGIONS.index(req.top_region), BODY_REGIONS.index(req.bottom_region)
+    if top > bottom:
+        raise RequestError(f"{key}: top_region {req.top_region} lies below bottom_region {req.bottom_region}")
+    fov_z = req.size[2] * req.spacing[2]
+    between = sum(REGION_LENGTH_MM[r] for r in BODY_REGIONS[top + 1 : bottom])
+    spanned = sum(REGION_LENGTH_MM[r] for r in BODY_REGIONS[top : bottom + 1])
+    if fov_z < 0.8 * between:
+        raise RequestError(f"{key}: a z field of view of {fov_z:g} mm cannot reach from {req.top_region} to {req.bottom_region} "
+                           f"(the regions between need about {between:g} mm)")  # fmt: skip
+    if fov_z > 2 * spanned + 100:
+        raise RequestError(f"{key}: a z field of view of {fov_z:g} mm is far longer than {req.top_region} to {req.bottom_region} "
+                           f"(about {spanned:g} mm); widen the regions or reduce size or spacing")  # fmt: skip
+    if req.anatomy and not req.masks:
+        raise RequestError(f"{key}.anatomy: required anatomy needs mask-conditioned generation (masks: true)")
+    regions = set(BODY_REGIONS[top : bottom + 1])
+    where_organ = _organ_regions()
+    outside = [label_name(a) for a in req.anatomy if a in where_organ and where_organ[a] not in regions]
+    if outside:
+        raise RequestError(f"{key}.anatomy: {', '.join(outside)} lie outside {req.top_region} -> {req.bottom_region}")
+    if req.sampler not in DEFAULT_STEPS:
+        raise RequestError(f"{key}.sampler: expected one of {', '.join(DEFAULT_STEPS)}, got {req.sampler!r}")
+    if req.steps < 1:
+        raise RequestError(f"{key}.steps: must be >= 1, got {req.steps}")
+
+
+def parse_requests(
+    block: Mapping[str, Any], preset_name: str, trained_sampler: str | None = None, where: str = "generate"
+) -> list[GenerationRequest]:
+    """Every request of the ``generate`` config block, validated; sorted by name.
+
+    ``block`` holds ``requests`` (name -> request) and defaults for ``sampler``, ``steps``,
+    ``cases_per_shard`` and ``seed``. ``trained_sampler`` is the scheduler the diffusion model is
+    trained with, when known: a request for the other sampler is refused.
+    """
+    requests = block.get("requests") or {}
+    if not isinstance(requests, Mapping):
+        raise RequestError(f"{where}.requests: expected a mapping of request name -> settings")
+    out = []
+    for name, raw in sorted(requests.items()):
+        key = f"{where}.requests.{name}"
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise RequestError(f"{key}: request names use letters, digits, '_' and '-' only")
+        if not isinstance(raw, Mapping):
+            raise RequestError(f"{key}: expected a mapping")
+        sampler = raw.get("sampler") or block.get("sampler") or trained_sampler or "rflow"
+        if trained_sampler and sampler != trained_sampler:
+            raise RequestError(f"{key}.sampler: the diffusion model is trained with '{trained_sampler}', cannot sample with '{sampler}'")
+        steps = raw.get("steps") or block.get("steps") or DEFAULT_STEPS.get(sampler, 30)
+        anatomy = raw.get("anatomy") or []
+        if isinstance(anatomy, (str, int)):
+            anatomy = [anatomy]
+        try:
+            ids = tuple(sorted({resolve_label(a) for a in anatomy}))
+        except (KeyError, ValueError) as exc:
+            raise RequestError(f"{key}.anatomy: {exc.args[0] if exc.args else exc}") from None
+        try:
+            req = GenerationRequest(
+                name=name, n_cases=int(raw["n_cases"]), size=_triple(raw["size"], f"{key}.size", int),
+                spacing=_triple(raw["spacing"], f"{key}.spacing", float),
+                top_region=_region(raw["top_region"], f"{key}.top_region"),
+                bottom_region=_region(raw["bottom_region"], f"{key}.bottom_region"), anatomy=ids,
+                masks=bool(raw.get("masks", True)), sampler=str(sampler), steps=int(steps),
+                seed=int(raw.get("seed", block.get("seed", 0))),
+                cases_per_shard=int(raw.get("cases_per_shard", block.get("cases_per_shard", 2))),
+                allow_tumour=bool(raw.get("allow_tumour", False)),
+            )  # fmt: skip
+        except (TypeError, ValueError) as exc:
+            if isinstance(exc, RequestError):
+                raise
+            raise RequestError(f"{key}: {exc}") from None
+        validate_request(req, preset_name, f"{where}.requests")
+        out.append(req)
+    return out
+
+
+def config_requests(config: Mapping[str, Any]) -> dict[str, GenerationRequest]:
+    """The requests of a whole config by name, checked against the diffusion model's sampler.
+
+    Parsed once per process for the same config: config validation and the rules both ask.
+    """
+    trained = None if config.get("pretrained", {}).get("diffusion") else config.get("train_diffusion", {}).get("scheduler", "rflow")
+    key = json.dumps([config.get("generate", {}), config.get("model", {}).get("preset", "tiny"), trained], sort_keys=True, default=str)
+    return _parsed(key)
+
+
+@functools.lru_cache(maxsize=8)
+def _parsed(key: str) -> dict[str, GenerationRequest]:
+    block, preset_name, trained = json.loads(key)
+    return {r.name: r for r in parse_requests(block, preset_name, trained)}

@@ -1,0 +1,1 @@
+"""MAISI's networks (MONAI's implementations), presets and checkpoints in the released layouts."""

@@ -1,0 +1,98 @@
+"""Checkpoints in the released files' layout, so NVIDIA's weights load unchanged.
+
+autoencoder = a plain state dict (or ``{"autoencoder_state_dict": ...}``); diffusion =
+``{"unet_state_dict", "scale_factor", "num_train_timesteps"}``; ControlNet = ``{"controlnet_state_dict"}``.
+All are read with ``torch.load(..., weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from maisi.models.networks import build_autoencoder, build_controlnet, build_diffusion_unet
+
+__all__ = ["CheckpointError", "read_checkpoint", "load_weights", "load_autoencoder", "load_diffusion", "diffusion_scheduler", "load_controlnet"]
+
+class CheckpointError(ValueError):
+    """A checkpoint is unreadable or does not fit the chosen preset; the message names the file."""
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)`` with errors that name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    try:
+        data = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad checkpoint
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(data, Mapping):
+        raise CheckpointError(f"{path}: expected a dict of tensors, got {type(data).__name__}")
+    return dict(data)
+
+
+def _state_dict(data: Mapping[str, Any], keys: Sequence[str], path) -> Mapping[str, torch.Tensor]:
+    for key in keys:
+        if key in data and isinstance(data[key], Mapping):
+            return data[key]
+    if data and all(isinstance(v, torch.Tensor) for v in data.values()):
+        return data  # a plain state dict
+    raise CheckpointError(f"{path}: no state dict under {' / '.join(repr(k) for k in keys)} and not a plain state dict")
+
+
+def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], path, what: str) -> None:
+    """Load ``state`` strictly; a key or shape mismatch is a :class:`CheckpointError` that lists it."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [(k, tuple(state[k].shape), tuple(own[k].shape)) for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
+        if shapes:
+            k, got, want = shapes[0]
+            parts.append(f"{len(shapes)} shape mismatches (e.g. {k}: checkpoint {got}, preset {want})")
+        raise CheckpointError(f"{path}: the {what} checkpoint does not fit the chosen preset: {'; '.join(parts)}")
+    model.load_state_dict(state, strict=True)
+
+
+def load_autoencoder(path, preset_name: str):
+    data = read_checkpoint(path)
+    model = build_autoencoder(preset_name)
+    load_weights(model, _state_dict(data, ("autoencoder_state_dict", "state_dict"), path), path, "autoencoder")
+    return model
+
+
+def load_diffusion(path, preset_name: str):
+    """(unet, scale_factor, num_train_timesteps) from a diffusion checkpoint."""
+    data = read_checkpoint(path)
+    unet = build_diffusion_unet(preset_name)
+    load_weights(unet, _state_dict(data, ("unet_state_dict",), path), path, "diffusion UNet")
+    if "scale_factor" not in data:
+        raise CheckpointError(f"{path}: the diffusion checkpoint has no 'scale_factor'")
+    scale = float(torch.as_tensor(data["scale_factor"]).reshape(-1)[0])
+    return unet, scale, int(data.get("num_train_timesteps", 1000))
+
+
+def diffusion_scheduler(path: str | os.PathLike, default: str = "rflow") -> str:
+    """The scheduler a diffusion checkpoint was trained with (``default`` when it does not say, as in MAISI's release)."""
+    try:
+        data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # not a zip checkpoint: mmap is unsupported
+        data = torch.load(str(path), map_location="cpu", weights_only=True)
+    return str(data.get("scheduler", default)) if isinstance(data, Mapping) else default
+
+
+def load_controlnet(path, preset_name: str):
+    data = read_checkpoint(path)
+    controlnet = build_controlnet(preset_name)
+    load_weights(controlnet, _state_dict(data, ("controlnet_state_dict",), path), path, "ControlNet")
+    return controlnet

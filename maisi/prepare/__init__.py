@@ -1,0 +1,1 @@
+"""The prepared dataset: MAISI's preprocessing, TotalSegmentator masks, body regions, datalist and summary."""

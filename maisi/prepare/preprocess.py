@@ -1,0 +1,241 @@
+"""MAISI's preparation of diffusion-training data, one case at a time.
+
+The chain follows MAISI's reference code: load, channel first, orient to RAS, clip HU to the
+window and scale to [0, 1], and resize each axis to ``max(round(n / 128), 1) * 128`` voxels with
+trilinear interpolation (label maps with nearest neighbour). The image is resized, not resampled
+to a fixed spacing, so the new spacing is ``old_spacing * old_dim / new_dim``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from maisi.core.checks import InputError, check_ct_image, check_label_matches, check_nifti_spacing, spacing_from_affine
+from maisi.core.io import read_json, save_nifti, sha256_file, write_json
+from maisi.core.labels import maisi_labels
+from maisi.core.provenance import provenance
+from maisi.core.schema import schema_default
+from maisi.core.settings import ConfigSettings
+from maisi.sources.cases import CaseInput
+
+if TYPE_CHECKING:
+    import torch
+    from monai.data import MetaTensor
+
+__all__ = ["new_dim", "target_shape", "PreprocessSettings", "load_scan", "map_labels", "preprocess_case", "case_outputs"]
+
+log = logging.getLogger(__name__)
+
+
+def new_dim(n: int, divisor: int = 128) -> int:
+    """MAISI's target size of an axis of ``n`` voxels (Python's round: halves go to even)."""
+    return int(max(round(n / divisor), 1.0) * divisor)
+
+
+def target_shape(shape: Sequence[int], divisor: int = 128) -> tuple[int, ...]:
+    return tuple(new_dim(int(n), divisor) for n in shape)
+
+
+@dataclass(frozen=True)
+class PreprocessSettings(ConfigSettings):
+    """How MAISI prepares a case (the ``preprocess`` config block)."""
+
+    SECTION: ClassVar[str] = "preprocess"
+
+    divisor: int = schema_default("preprocess.divisor")
+    hu_range: tuple[float, float] = schema_default("preprocess.hu_range")
+    keep_hu: bool = schema_default("preprocess.keep_hu")
+    ct_check: Mapping[str, float] = field(
+        default_factory=lambda: {k: float(schema_default(f"preprocess.ct_check.{k}")) for k in ("min_below", "max_value", "min_value")}
+    )
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> PreprocessSettings:
+        """From ``config["preprocess"]``."""
+        block = config["preprocess"]
+        return cls(
+            divisor=int(block["divisor"]), hu_range=(float(block["hu_range"][0]), float(block["hu_range"][1])),
+            keep_hu=bool(block["keep_hu"]), ct_check={k: float(v) for k, v in block["ct_check"].items()},
+        )  # fmt: skip
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+
+def _reader_for(path: Path):
+    from monai.data import NibabelReader, NrrdReader, PydicomReader
+
+    name = path.name.lower()
+    if path.is_dir():
+        return PydicomReader()
+    if name.endswith((".nii", ".nii.gz")):
+        return NibabelReader()
+    if name.endswith((".nrrd", ".nhdr")):
+        return NrrdReader()
+    raise InputError(path, "unsupported file type; expected NIfTI (.nii/.nii.gz), NRRD (.nrrd/.nhdr) or a DICOM folder")
+
+
+def load_scan(path: str | Path) -> MetaTensor:
+    """Load an image or label map channel-first with MONAI's readers (affine in RAS world mm)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "file not found")
+    from monai.transforms import LoadImage
+
+    reader = _reader_for(path)
+    check_nifti_spacing(path)
+    try:
+        return LoadImage(reader=reader, image_only=True, ensure_channel_first=True, dtype=np.float32)(str(path))
+    except InputError:
+        raise
+    except Exception as exc:  # readers raise many types for corrupt or truncated files
+        raise InputError(path, f"cannot be read ({type(exc).__name__}: {exc}); the file is corrupt or truncated") from exc
+
+
+def map_labels(label: np.ndarray, label_map: Mapping[int, int] | None, path) -> np.ndarray:
+    """Map a source's label values to MAISI ids (uint8); values without a mapping are an error."""
+    values = np.unique(label).astype(np.int64)
+    if label_map is None:
+        valid = {0, *maisi_labels().values()}
+        unknown = sorted(set(values.tolist()) - valid)
+        if unknown:
+            raise InputError(path, f"label values {unknown} are not MAISI label ids; give the source a 'label_map'")
+        return label.astype(np.uint8)
+    lut = np.zeros(256, dtype=np.uint8)
+    for src, dst in label_map.items():
+        lut[int(src)] = int(dst)
+    unknown = sorted(int(v) for v in values if v != 0 and int(v) not in label_map)
+    if unknown:
+        raise InputError(path, f"label values {unknown} have no entry in the source's label_map")
+    return lut[label.astype(np.int64)]
+
+
+def case_outputs(out_root: str | Path, source: str, case_id: str) -> dict[str, Path]:
+    """Where a prepared case lives (MSD-like folders per source)."""
+    root = Path(out_root) / source
+    return {
+        "image": root / "images" / f"{case_id}.nii.gz",
+        "image_hu": root / "images_hu" / f"{case_id}.nii.gz",
+        "label": root / "labels" / f"{case_id}.nii.gz",
+        "meta": root / "cases" / f"{case_id}.json",
+    }
+
+
+def _input_fingerprint(case: CaseInput, settings: PreprocessSettings) -> str:
+    h = hashlib.sha256()
+    for p in (case.image, case.label):
+        if not p:
+            continue
+        p = Path(p)
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        for f in files:
+            h.update(f.name.encode())
+            h.update(sha256_file(f).encode())
+    h.update(json.dumps(case.to_json(), sort_keys=True).encode())
+    h.update(settings.fingerprint().encode())
+    return h.hexdigest()
+
+
+def _save_nifti(tensor: torch.Tensor, affine, dest: Path, dtype) -> None:
+    """Save a channel-first tensor's single channel (see :func:`maisi.core.io.save_nifti`)."""
+    save_nifti(tensor.detach().cpu().numpy()[0], affine, dest, dtype)
+
+
+def preprocess_case(case: CaseInput, out_root: str | Path, settings: PreprocessSettings) -> dict[str, Any]:
+    """Prepare one case; returns its table row. Raises :class:`InputError` for bad input.
+
+    A case whose inputs and settings are unchanged since its sidecar was written is not
+    recomputed, so a rerun shard only redoes what is missing or stale.
+    """
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import Orientation, Resize, ScaleIntensityRange
+
+    outs = case_outputs(out_root, case.source, case.case_id)
+    fingerprint = _input_fingerprint(case, settings)
+    if outs["meta"].exists():
+        meta = read_json(outs["meta"])
+        wanted = [outs["image"]] + ([outs["image_hu"]] if settings.keep_hu else []) + ([outs["label"]] if case.label else [])
+        if meta.get("fingerprint") == fingerprint and all(p.exists() for p in wanted):
+            log.info("case %s unchanged, kept", case.case_id)
+            return _row(meta)
+
+    image = load_scan(case.image)
+    check_ct_image(image.numpy(), image.affine.numpy(), case.image, settings.ct_check)
+    orig_dim = [int(n) for n in image.shape[1:]]
+    orig_spacing = spacing_from_affine(image.affine.numpy()).tolist()
+    label = None
+    if case.label:
+        label = load_scan(case.label)
+        check_label_matches(label.numpy(), label.affine.numpy(), image.numpy(), image.affine.numpy(), case.label, case.image)
+        mapped = map_labels(label.numpy()[0], case.label_map, case.label)
+        label = MetaTensor(torch.from_numpy(mapped[None].astype(np.float32)), meta=dict(label.meta))
+
+    orient = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))
+    image = orient(image)
+    dim = list(target_shape(image.shape[1:], settings.divisor))
+    lo, hi = settings.hu_range
+    scaled = ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)(image)
+    image01 = Resize(spatial_size=dim, mode="trilinear")(scaled)
+    affine = image01.affine.numpy()
+    _save_nifti(image01, affine, outs["image"], np.float32)
+    if settings.keep_hu:
+        hu = Resize(spatial_size=dim, mode="trilinear")(image)
+        _save_nifti(torch.round(hu), affine, outs["image_hu"], np.int16)
+    labels_present: list[int] = []
+    if label is not None:
+        label = Resize(spatial_size=dim, mode="nearest")(orient(label))
+        _save_nifti(label, affine, outs["label"], np.uint8)
+        labels_present = sorted(int(v) for v in np.unique(label.numpy()) if v != 0)
+
+    meta = {
+        "source": case.source,
+        "case_id": case.case_id,
+        "input": case.to_json(),
+        "fingerprint": fingerprint,
+        "orig_dim": orig_dim,
+        "orig_spacing": [round(s, 6) for s in orig_spacing],
+        "dim": dim,
+        "spacing": [round(float(s), 6) for s in spacing_from_affine(affine)],
+        "affine": np.round(affine, 6).tolist(),
+        "hu_range": list(settings.hu_range),
+        "labels_present": labels_present,
+        "outputs": {
+            key: {"path": str(outs[key]), "sha256": sha256_file(outs[key])}
+            for key in ("image", "image_hu", "label")
+            if outs[key].exists() and (key != "label" or label is not None) and (key != "image_hu" or settings.keep_hu)
+        },
+        "provenance": provenance("preprocess"),
+    }
+    write_json(outs["meta"], meta)
+    return _row(meta)
+
+
+def _row(meta: Mapping[str, Any]) -> dict[str, Any]:
+    outputs = meta["outputs"]
+    return {
+        "source": meta["source"],
+        "image": outputs["image"]["path"],
+        "image_hu": outputs.get("image_hu", {}).get("path", ""),
+        "label": outputs.get("label", {}).get("path", ""),
+        "meta": str(Path(outputs["image"]["path"]).parent.parent / "cases" / f"{meta['case_id']}.json"),
+        "dim": json.dumps(meta["dim"]),
+        "spacing": json.dumps(meta["spacing"]),
+        "orig_dim": json.dumps(meta["orig_dim"]),
+        "orig_spacing": json.dumps(meta["orig_spacing"]),
+        "labels_present": json.dumps(meta["labels_present"]),
+    }
+
+
+PREPARED_COLUMNS = (
+    "case_id", "source", "status", "reason", "image", "image_hu", "label", "meta",
+    "dim", "spacing", "orig_dim", "orig_spacing", "labels_present",
+)  # fmt: skip

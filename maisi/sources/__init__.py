@@ -1,0 +1,1 @@
+"""Where cases come from: the dataset catalog, downloads, converters, local folders and the phantom."""

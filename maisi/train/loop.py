@@ -1,0 +1,226 @@
+"""What the training stages share: per-step seeds, resumable state, checkpoints with sidecars,
+loss curves and progress bars.
+
+Reproducibility: every random draw of step ``k`` comes from a generator seeded with
+``derive_seed(seed, stage, k)``, so a run resumed at step ``k`` continues exactly as an
+uninterrupted run would, without saving RNG states.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from maisi.core.io import atomic_path, sha256_file, write_json
+from maisi.core.provenance import provenance
+from maisi.core.seeds import derive_seed
+
+__all__ = ["step_generator", "seed_everything", "fingerprint", "files_fingerprint", "ResumeState", "save_checkpoint", "plot_losses", "progress", "polynomial_lr", "TrainLoop"]
+
+log = logging.getLogger(__name__)
+
+
+def step_generator(seed: int, stage: str, step: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch generator for one training step, seeded from (seed, stage, step)."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(derive_seed(seed, stage, step))
+    return gen
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (model initialisation) and make CPU kernels deterministic where torch can."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def fingerprint(obj: Any) -> str:
+    """sha256 of a JSON-serialisable object (sorted keys): what a checkpoint was trained from."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def files_fingerprint(paths: Sequence[str | os.PathLike]) -> str:
+    """sha256 over the sorted files' sha256 sums (the 'data hash' of a training run)."""
+    return fingerprint(sorted((Path(p).name, sha256_file(p)) for p in paths))
+
+
+class ResumeState:
+    """The last training state of a stage, kept beside (not as) the stage's output.
+
+    Snakemake removes a failed job's outputs, so the state lives in its own file. It is reused
+    only when its fingerprint (config + data) equals the current run's.
+    """
+
+    def __init__(self, path: str | os.PathLike, run_fingerprint: str):
+        self.path = Path(path)
+        self.run_fingerprint = run_fingerprint
+
+    def load(self) -> dict[str, Any] | None:
+        if not self.path.is_file():
+            return None
+        try:
+            state = torch.load(str(self.path), map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - a broken state file is ignored, training restarts
+            log.warning("ignoring unreadable resume state %s (%s)", self.path, exc)
+            return None
+        if state.get("fingerprint") != self.run_fingerprint:
+            log.info("resume state %s belongs to another config or dataset; starting afresh", self.path)
+            return None
+        log.info("resuming from %s at step %d", self.path, state["step"])
+        return state
+
+    def save(self, step: int, payload: Mapping[str, Any]) -> None:
+        with atomic_path(self.path, suffix=".pt") as tmp:
+            torch.save({"fingerprint": self.run_fingerprint, "step": int(step), **payload}, str(tmp))
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def save_checkpoint(dest: str | os.PathLike, payload: Mapping[str, Any], meta: Mapping[str, Any], step: str) -> Path:
+    """Atomically ``torch.save`` a checkpoint dict, then its JSON sidecar (config, data hash, metrics,
+    sha256 and provenance)."""
+    dest = Path(dest)
+    with atomic_path(dest, suffix=".pt") as tmp:
+        torch.save(dict(payload), str(tmp))
+    write_json(dest.with_name(dest.name + ".json"), {"file": dest.name, "sha256": sha256_file(dest), **dict(meta), "provenance": provenance(step)})
+    return dest
+
+
+def plot_losses(history: Mapping[str, Sequence[float]], dest: str | os.PathLike, title: str) -> None:
+    """Loss curves (one line per loss, log scale when all positive) as PNG, written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    positive = True
+    for name, values in history.items():
+        values = np.asarray(values, dtype=float)
+        if values.size == 0:
+            continue
+        positive &= bool(np.all(values > 0))
+        ax.plot(np.arange(1, values.size + 1), values, label=name, lw=1)
+        if values.size >= 10:
+            k = max(values.size // 20, 2)
+            smooth = np.convolve(values, np.ones(k) / k, mode="valid")
+            ax.plot(np.arange(k, values.size + 1), smooth, lw=2, alpha=0.6, label=f"{name} (mean of {k})")
+    if positive:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(dest) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def progress(total: int, initial: int, desc: str):
+    """A tqdm bar over training steps; set the loss with ``bar.set_postfix(loss=...)``."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", mininterval=1.0, dynamic_ncols=True)
+
+
+def polynomial_lr(optimizer: torch.optim.Optimizer, total_steps: int, power: float = 2.0):
+    """MAISI's polynomial learning-rate decay over ``total_steps``."""
+    return torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=max(int(total_steps), 1), power=power)
+
+
+class TrainLoop:
+    """The loop both stages share: Adam, polynomial LR decay, AMP on CUDA, resume states, progress bar.
+
+    ``loss_fn(step, generator)`` computes one step's loss (inside autocast); the generator is
+    ``step_generator(seed, stage, step)``.
+    """
+
+    def __init__(self, stage: str, model: torch.nn.Module, settings: Any, device: torch.device, resume: ResumeState):
+        self.stage, self.model, self.settings, self.device, self.resume = stage, model, settings, device, resume
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(self.params, lr=settings.lr)
+        self.lr_scheduler = polynomial_lr(self.optimizer, settings.steps, settings.lr_power)
+        self.amp = bool(settings.amp) and device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.history: list[float] = []
+        self.start = 0
+        self.extra: dict[str, Any] = {}
+        state = resume.load()
+        if state is not None:
+            model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+            self.history = [float(v) for v in state["history"]]
+            self.start = int(state["step"])
+            self.extra = dict(state.get("extra", {}))
+
+    def _save(self, step: int, extra: Mapping[str, Any]) -> None:
+        self.resume.save(step, {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+            "history": list(self.history), "extra": dict(extra),
+        })  # fmt: skip
+
+    def run(self, loss_fn: Callable[[int, torch.Generator], torch.Tensor], extra: Mapping[str, Any] | None = None) -> list[float]:
+        """Train from the resumed (or first) step to ``settings.steps``; return the loss history."""
+        s = self.settings
+        extra = dict(extra or {})
+        self.model.train()
+        autocast = (lambda: torch.autocast("cuda", dtype=torch.float16)) if self.amp else contextlib.nullcontext
+        bar = progress(s.steps, self.start, self.stage)
+        t0, done = time.perf_counter(), 0
+        try:
+            for step in range(self.start, s.steps):
+                gen = step_generator(s.seed, self.stage, step)
+                self.optimizer.zero_grad(set_to_none=True)
+                with autocast():
+                    loss = loss_fn(step, gen)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"{self.stage}: the loss became {loss.item()} at step {step}")
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.lr_scheduler.step()
+                self.history.append(float(loss.item()))
+                done += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{self.history[-1]:.4f}", refresh=False)
+                if (step + 1) % s.checkpoint_every == 0 and step + 1 < s.steps:
+                    self._save(step + 1, extra)
+        finally:
+            bar.close()
+        if done:
+            log.info("%s: %d steps in %.1f s (%.3f s/step), final loss %.4f", self.stage, done, time.perf_counter() - t0,
+                     (time.perf_counter() - t0) / done, self.history[-1])  # fmt: skip
+        return self.history
+
+
+def loss_metrics(history: Sequence[float]) -> dict[str, float]:
+    """The sidecar's loss summary."""
+    h = np.asarray(history, dtype=float)
+    tail = h[-max(len(h) // 10, 1) :]
+    return {"final_loss": float(h[-1]), "mean_loss": float(h.mean()), "first_loss": float(h[0]), "mean_loss_last_10pct": float(tail.mean())}
+
+
+def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of a model's state dict (what checkpoints hold)."""
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}

@@ -1,0 +1,188 @@
+"""The training stages' settings (autoencoder, latent cache, diffusion, ControlNet), read from the config.
+
+Torch-free: the workflow turns them into job parameters while planning, and planning must not pay for
+importing torch (about 1.3 s of every Snakemake start).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Self
+
+from maisi.core.schema import check_values, schema_default
+from maisi.core.settings import ConfigSettings
+from maisi.models.presets import DOWNSAMPLE, preset
+
+if TYPE_CHECKING:
+    pass
+
+__all__ = ["VaeSettings", "LatentSettings", "TrainSettings", "DiffusionSettings", "ControlNetSettings", "Patch"]
+
+Patch = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class VaeSettings(ConfigSettings):
+    """Settings of the autoencoder stage (``config["train_vae"]`` plus ``config["model"]``)."""
+
+    preset: str = schema_default("model.preset")
+    device: str = schema_default("model.device")
+    steps: int = schema_default("train_vae.steps")
+    batch_size: int = schema_default("train_vae.batch_size")
+    patch_sizes: tuple[tuple[int, int, int], ...] = schema_default("train_vae.patch_sizes")  # steps split evenly over them, in order
+    lr: float = schema_default("train_vae.lr")
+    kl_weight: float = schema_default("train_vae.kl_weight")
+    adv_weight: float = schema_default("train_vae.adv_weight")
+    adv_start: int = schema_default("train_vae.adv_start")  # first step that uses the adversarial loss
+    perceptual_weight: float = schema_default("train_vae.perceptual_weight")
+    perceptual_cache_dir: str | None = schema_default("train_vae.perceptual_cache_dir")  # torch.hub folder with checkpoints/squeezenet1_1-b8a52dc0.pth
+    checkpoint_every: int = schema_default("train_vae.checkpoint_every")  # resume-state interval in steps; 0: never
+    seed: int = schema_default("train_vae.seed")
+
+    SECTION: ClassVar[str] = "train_vae"
+
+    def __post_init__(self) -> None:
+        sizes = self.patch_sizes
+        if sizes and not isinstance(sizes[0], (list, tuple)):  # a single size
+            sizes = [sizes]
+        object.__setattr__(self, "patch_sizes", tuple(tuple(int(n) for n in size) for size in sizes))
+        super().__post_init__()
+        # What the schema cannot say: sizes against the preset, and patch sizes against steps.
+        autoencoder = preset(self.preset)["autoencoder"]
+        problems = [f"patch size {list(size)} must be 3 positive multiples of {DOWNSAMPLE}"
+                    for size in self.patch_sizes if any(n < DOWNSAMPLE or n % DOWNSAMPLE for n in size)]  # fmt: skip
+        # AutoencoderKlMaisi splits its convolutions' input along one axis; at the deepest level each part
+        # needs at least 3 voxels (the 'maisi' preset: 48 voxels along the second axis).
+        splits, axis = int(autoencoder.get("num_splits", 1)), int(autoencoder.get("dim_split", 0))
+        least = 3 * splits * DOWNSAMPLE
+        if splits > 1 and any(size[axis] < least for size in self.patch_sizes):
+            problems.append(f"preset {self.preset!r} needs patch sizes of at least {least} along axis {axis}")
+        if len(self.patch_sizes) > self.steps:
+            problems.append(f"{len(self.patch_sizes)} patch sizes but only {self.steps} steps")
+        if problems:
+            raise ValueError("invalid train_vae settings: " + "; ".join(problems))
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> VaeSettings:
+        """From ``config["train_vae"]`` and ``config["model"]`` (whose ``preset`` and ``device`` are used)."""
+        return cls(**config.get("train_vae", {}), **_model(config))
+
+
+@dataclass(frozen=True)
+class LatentSettings(ConfigSettings):
+    """How images are encoded (``config["cache_latents"]`` plus ``config["model"]``)."""
+
+    preset: str = schema_default("model.preset")
+    device: str = schema_default("model.device")
+    #: Sliding-window encoding window in image voxels (multiples of 4); ``None`` encodes the whole volume at once.
+    roi_size: tuple[int, int, int] | None = schema_default("cache_latents.roi_size")
+    overlap: float = schema_default("cache_latents.overlap")
+    #: How overlapping windows are blended: ``gaussian`` (less weight at window edges) or ``constant``.
+    mode: str = schema_default("cache_latents.mode")
+
+    SECTION: ClassVar[str] = "cache_latents"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "overlap", float(self.overlap))
+        if self.roi_size is not None:
+            object.__setattr__(self, "roi_size", tuple(int(r) for r in self.roi_size))
+        super().__post_init__()
+        if self.roi_size is not None:  # windows must fall on the latent grid
+            roi = self.roi_size
+            if any(r < DOWNSAMPLE or r % DOWNSAMPLE for r in roi):
+                raise ValueError(f"cache_latents.roi_size must be three positive multiples of {DOWNSAMPLE}, got {list(roi)}")
+            steps = [int(r * (1.0 - self.overlap)) for r in roi]
+            if any(s % DOWNSAMPLE for s in steps):
+                raise ValueError(
+                    f"cache_latents: roi_size {list(roi)} with overlap {self.overlap} moves the window by {steps} voxels; "
+                    f"the step must be a multiple of {DOWNSAMPLE} so that windows fall on the latent grid (e.g. overlap 0.25 or 0.5)"
+                )
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> LatentSettings:
+        """From ``config["cache_latents"]`` (``roi_size``, ``overlap``, ``mode``) and ``config["model"]``."""
+        block = dict(config.get("cache_latents", {}))
+        if isinstance(block.get("roi_size"), int):
+            block["roi_size"] = (block["roi_size"],) * 3
+        return cls.from_dict({**block, **_model(config)})
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings that decide the latents' values (the device does not)."""
+        data = asdict(self)
+        data.pop("device")
+        data["roi_size"] = list(self.roi_size) if self.roi_size is not None else None
+        return data
+
+
+def _model(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``model`` block's ``preset`` and ``device``, which every model stage's settings carry."""
+    model = config.get("model", {})
+    return {k: model[k] for k in ("preset", "device") if k in model}
+
+
+class TrainSettings(ConfigSettings):
+    """The protocol, for the diffusion and ControlNet stages (``config[SECTION]`` plus ``config["model"]``)."""
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> Self:
+        return cls.from_dict({**config.get(cls.SECTION, {}), **_model(config)})
+
+    def run_fingerprint(self) -> dict[str, Any]:
+        """The settings that decide the trained weights (all but the device)."""
+        d = asdict(self)
+        d.pop("device", None)
+        return d
+
+
+@dataclass(frozen=True)
+class DiffusionSettings(TrainSettings):
+    """The ``train_diffusion`` config block (plus ``model.preset`` and ``model.device``)."""
+
+    SECTION: ClassVar[str] = "train_diffusion"
+
+    preset: str = schema_default("model.preset")
+    device: str = schema_default("model.device")
+    scheduler: str = schema_default("train_diffusion.scheduler")  # rflow | ddpm
+    num_train_timesteps: int = schema_default("train_diffusion.num_train_timesteps")
+    steps: int = schema_default("train_diffusion.steps")
+    batch_size: int = schema_default("train_diffusion.batch_size")
+    latent_patch: Patch | None = schema_default("train_diffusion.latent_patch")  # None = whole latents (as MAISI trains)
+    lr: float = schema_default("train_diffusion.lr")
+    lr_power: float = schema_default("train_diffusion.lr_power")
+    amp: bool = schema_default("train_diffusion.amp")  # mixed precision, CUDA only
+    checkpoint_every: int = schema_default("train_diffusion.checkpoint_every")
+    seed: int = schema_default("train_diffusion.seed")
+
+
+
+@dataclass(frozen=True)
+class ControlNetSettings(TrainSettings):
+    """The ``train_controlnet`` config block (plus ``model.preset`` and ``model.device``)."""
+
+    SECTION: ClassVar[str] = "train_controlnet"
+
+    preset: str = schema_default("model.preset")
+    device: str = schema_default("model.device")
+    steps: int = schema_default("train_controlnet.steps")
+    batch_size: int = schema_default("train_controlnet.batch_size")
+    latent_patch: Patch | None = schema_default("train_controlnet.latent_patch")  # None = whole latents
+    lr: float = schema_default("train_controlnet.lr")
+    lr_power: float = schema_default("train_controlnet.lr_power")
+    amp: bool = schema_default("train_controlnet.amp")  # mixed precision, CUDA only
+    tumour_weight: float = schema_default("train_controlnet.tumour_weight")
+    tumour_labels: tuple[int, ...] = schema_default("train_controlnet.tumour_labels")
+    checkpoint_every: int = schema_default("train_controlnet.checkpoint_every")
+    seed: int = schema_default("train_controlnet.seed")
+    #: The diffusion model's scheduler, used when its checkpoint does not record one (NVIDIA's
+    #: released files do not): ``train_diffusion.scheduler``.
+    scheduler: str = schema_default("train_diffusion.scheduler")
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> ControlNetSettings:
+        scheduler = config.get("train_diffusion", {}).get("scheduler", cls.scheduler)
+        return cls.from_dict({**config.get(cls.SECTION, {}), **_model(config), "scheduler": scheduler})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_values("train_diffusion", {"scheduler": self.scheduler})

@@ -1,0 +1,89 @@
+# Evaluation of the generated set. Quality control: organ HU ranges from the real prepared data;
+# every generated case checked per shard (a failing one generated again with a new seed); the
+# verdicts gathered, release decisions and figures. Then the 2.5-D FID of the released cases
+# against the real prepared cases, with the real-vs-real floor.
+
+
+rule qc_reference:
+    input:
+        cases=PREPARED_CASES,
+    output:
+        reference=QC_REFERENCE,
+        table=report(f"{QC_ROOT}/reference_ranges.tsv", caption="../report/qc_reference.rst", category="Quality control"),
+    params:
+        settings=QC.reference_json(),
+    resources:
+        **cluster(),
+    log:
+        "logs/qc/qc_reference.log",
+    benchmark:
+        "results/benchmarks/qc_reference.tsv"
+    script:
+        "../workflow_scripts/qc_reference.py"
+
+
+rule qc_check:
+    input:
+        unpack(qc_check_inputs),
+    output:
+        table=QC_SHARDS,
+    params:
+        request=request_json,
+        cases=generate_cases_json,
+        settings=GENERATE_SETTINGS,
+        qc=QC.check_json(),
+        regenerated=QC_REGENERATED,
+    threads: config["threads"]["generate"]
+    resources:
+        **generation_resources(),
+    log:
+        "logs/qc/{request}/{shard}.log",
+    benchmark:
+        "results/benchmarks/qc_check/{request}/{shard}.tsv"
+    script:
+        "../workflow_scripts/qc_check.py"
+
+
+rule qc:
+    input:
+        tables=generation_tables(QC_SHARDS),
+        reference=QC_REFERENCE,
+        real=PREPARED_CASES,
+    output:
+        cases=report(QC_CASES, caption="../report/qc_cases.rst", category="Quality control"),
+        organs=report(f"{QC_ROOT}/organs.tsv", caption="../report/qc_organs.rst", category="Quality control"),
+        histograms=report(f"{QC_ROOT}/hu_histograms.png", caption="../report/qc_histograms.rst", category="Quality control"),
+        montage=report(f"{QC_ROOT}/generated_vs_real.png", caption="../report/qc_montage.rst", category="Generation"),
+    params:
+        settings=QC.to_json(),
+    resources:
+        **cluster(),
+    log:
+        "logs/qc/qc.log",
+    benchmark:
+        "results/benchmarks/qc.tsv"
+    script:
+        "../workflow_scripts/qc.py"
+
+
+rule fid:
+    input:
+        qc=QC_CASES,
+        real=PREPARED_CASES,
+        autoencoder=AUTOENCODER,
+    output:
+        table=report("results/fid/fid.tsv", caption="../report/fid.rst", category="FID"),
+        record="results/fid/fid.json",
+    params:
+        settings=FID.to_json(),
+        preset=config["model"]["preset"],
+        enabled=config["fid"]["enabled"],
+    threads: config["threads"]["generate"]
+    resources:
+        **model_resources(runtime=False),
+    log:
+        "logs/fid/fid.log",
+    benchmark:
+        "results/benchmarks/fid.tsv"
+    script:
+        "../workflow_scripts/fid.py"

@@ -1,0 +1,18 @@
+# Paths, settings and input functions of the evaluate rules (evaluate.smk); what every stage needs is in common.smk.
+from maisi.evaluate.qc import QCSettings
+from maisi.evaluate.settings import FIDSettings
+
+QC_ROOT = "results/qc"
+QC_REFERENCE = f"{QC_ROOT}/reference.json"
+QC_SHARDS = f"{QC_ROOT}/shards/{{request}}/{{shard}}.tsv"
+#: Where QC puts the cases it generates again (attempt k under attempt-<k>/).
+QC_REGENERATED = f"{QC_ROOT}/regenerated"
+QC_CASES = f"{QC_ROOT}/cases.tsv"
+QC = QCSettings.from_config(config)
+FID = FIDSettings.from_config(config)
+
+
+def qc_check_inputs(wildcards):
+    """A QC shard checks its generation shard and may generate cases again (same models and masks)."""
+    table = GENERATION_SHARDS.format(request=wildcards.request, shard=wildcards.shard)
+    return {"table": table, "reference": QC_REFERENCE, **generate_inputs(wildcards)}

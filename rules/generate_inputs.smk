@@ -1,0 +1,35 @@
+# Paths, settings and input functions of the generate rules (generate.smk); what every stage needs is in common.smk.
+from dataclasses import asdict
+
+from maisi.generate.settings import GenerateSettings
+
+GENERATED = "results/generated"
+GENERATION_SHARDS = f"{GENERATED}/{{request}}/shards/{{shard}}.tsv"
+MASK_DATABASE = "results/masks/database.json"
+GENERATE_SETTINGS = GenerateSettings.from_config(config).to_json()
+
+
+def generate_inputs(wildcards):
+    inputs = {"autoencoder": AUTOENCODER, "diffusion": DIFFUSION}
+    if REQUESTS[wildcards.request].masks:
+        inputs.update(controlnet=CONTROLNET, masks=MASK_DATABASE)
+    return inputs
+
+
+def generation_resources():
+    """Placement, memory and runtime of the jobs that generate cases (generate, and qc_check when a case fails)."""
+    block = config["generate"]["resources"]
+    return {**cluster(MODEL_GPUS), "mem_mb": memory(block["mem_mb"]), "runtime": block["runtime"]}
+
+
+def request_json(wildcards):
+    return json.dumps(REQUESTS[wildcards.request].to_json(), sort_keys=True)
+
+
+def generate_cases_json(wildcards):
+    cases = REQUESTS[wildcards.request].shards().get(wildcards.shard, [])
+    return json.dumps([asdict(c) for c in cases], sort_keys=True)
+
+
+def generation_tables(pattern=GENERATION_SHARDS):
+    return [pattern.format(request=n, shard=k) for n, r in sorted(REQUESTS.items()) for k in r.shards()]

@@ -1,0 +1,31 @@
+# Paths, settings and input functions of the train rules (train.smk); what every stage needs is in common.smk.
+from maisi.train.settings import ControlNetSettings, DiffusionSettings, LatentSettings, VaeSettings
+
+MODELS = "results/models"
+LATENTS = "results/latents"
+LATENT_SHARDS = f"{LATENTS}/{{source}}/shards/{{shard}}.tsv"
+AUTOENCODER = config["pretrained"]["autoencoder"] or f"{MODELS}/autoencoder.pt"
+DIFFUSION = config["pretrained"]["diffusion"] or f"{MODELS}/diffusion_unet.pt"
+CONTROLNET = config["pretrained"]["controlnet"] or f"{MODELS}/controlnet.pt"
+MODEL_GPUS = 0 if config["model"]["device"] == "cpu" else config["model"]["resources"]["gpu"]
+SETTINGS = {"train_vae": VaeSettings, "cache_latents": LatentSettings, "train_diffusion": DiffusionSettings,
+            "train_controlnet": ControlNetSettings}  # fmt: skip
+
+
+def stage_settings(stage):
+    """The stage's settings as stable JSON (a Snakemake param: a change reruns that stage only)."""
+    return SETTINGS[stage].from_config(config).to_json()
+
+
+def training_targets():
+    """The checkpoints and loss curves `all` asks for (trained ones only; pretrained ones are inputs)."""
+    targets = [CONTROLNET]
+    for key, name in (("autoencoder", "autoencoder"), ("diffusion", "diffusion_unet"), ("controlnet", "controlnet")):
+        if not config["pretrained"][key]:
+            targets.append(f"{MODELS}/{name}_loss.png")
+    return targets
+
+
+def model_resources(runtime=True):
+    block = config["model"]["resources"]
+    return {**cluster(MODEL_GPUS), "mem_mb": memory(block["mem_mb"]), **({"runtime": block["runtime"]} if runtime else {})}

@@ -1,0 +1,222 @@
+"""Quality control: MAISI's organ HU ranges, the added structural checks, and the QC tables and figures."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from helpers.config import validated
+from helpers.volumes import write_nifti
+
+from maisi.core.checks import ConfigError, InputError
+from maisi.evaluate.qc import (
+    BONE_CAP_HU,
+    ORGAN_GROUPS,
+    QCResult,
+    QCSettings,
+    build_reference,
+    check_case,
+    check_files,
+    organ_groups,
+    organ_medians,
+    read_reference,
+    reference_ranges,
+)
+from maisi.evaluate.qc_check import verdict_columns
+from maisi.evaluate.qc_report import (
+    assess_generated,
+    plot_generated_vs_real,
+    plot_hu_histograms,
+    reference_record,
+    reference_table,
+)
+
+SHAPE = (24, 24, 16)
+
+
+def phantom(liver_hu=60.0, spleen_hu=45.0, lung_hu=-850.0, bone_hu=400.0, seed=0):
+    """A small body (soft tissue) holding liver, spleen, a lung lobe and a vertebra, with noise."""
+    rng = np.random.default_rng(seed)
+    hu = np.full(SHAPE, -1000.0, np.float32)
+    lab = np.zeros(SHAPE, np.uint8)
+    hu[2:22, 2:22, :] = 20.0
+    lab[2:22, 2:22, :] = 200
+    for (sl, value, idx) in (
+        ((slice(4, 10), slice(4, 10), slice(2, 14)), liver_hu, 1),
+        ((slice(14, 19), slice(4, 9), slice(2, 14)), spleen_hu, 3),
+        ((slice(4, 12), slice(13, 20), slice(2, 14)), lung_hu, 28),
+        ((slice(14, 18), slice(14, 18), slice(2, 14)), bone_hu, 36),
+    ):
+        hu[sl] = value
+        lab[sl] = idx
+    hu += rng.normal(0, 8, SHAPE).astype(np.float32)
+    hu[lab == 0] = -1000.0
+    return hu, lab
+
+
+def test_organ_groups_follow_maisi():
+    lab = np.zeros((4, 4, 4), np.uint8)
+    lab[0, 0, 0], lab[0, 0, 1], lab[0, 0, 2], lab[0, 0, 3] = 5, 14, 30, 36  # both kidneys, a lobe, a vertebra
+    lab[1, 0, 0], lab[1, 0, 1], lab[1, 0, 2], lab[1, 0, 3] = 115, 200, 2, 64  # heart, body, placeholder, a rib
+    groups = organ_groups(lab)
+    assert groups["kidney"] == (5, 14) and groups["lung"] == (30,) and groups["bone"] == (36, 64)
+    assert groups["heart"] == (115,)
+    assert "body" not in groups and not any(k.startswith("dummy") for k in groups)
+    assert {93, 94, 120, 97, 122}.issubset(ORGAN_GROUPS["bone"]) and 114 not in ORGAN_GROUPS["bone"]  # cartilage is not bone
+
+
+def test_reference_ranges_closed_form():
+    medians = {"liver": [50.0, 60.0, 70.0, 80.0], "bone": [600.0, 900.0, 1200.0, 300.0], "spleen": [40.0, 41.0]}
+    groups = {"liver": (1,), "bone": ORGAN_GROUPS["bone"], "spleen": (3,)}
+    ranges = reference_ranges(medians, groups, min_cases=3)
+    v = np.array(medians["liver"])
+    assert ranges["liver"].low == pytest.approx(min(v.mean() - 3 * v.std(), np.percentile(v, 0.5)))
+    assert ranges["liver"].high == pytest.approx(max(v.mean() + 3 * v.std(), np.percentile(v, 99.5)))
+    assert ranges["liver"].low == pytest.approx(65 - 3 * np.std(v))
+    assert ranges["bone"].high == BONE_CAP_HU and ranges["bone"].low < 300
+    assert "spleen" not in ranges  # two cases: spread unknown
+    # with one outlier the percentiles, not mean +- 3 sd, can set the bound
+    wide = reference_ranges({"liver": [0.0] * 50 + [1000.0]}, {"liver": (1,)}, min_cases=3)["liver"]
+    assert wide.high == pytest.approx(np.percentile([0.0] * 50 + [1000.0], 99.5))
+
+
+def test_build_reference_from_cases(tmp_path):
+    rows = []
+    for i, liver in enumerate((50.0, 60.0, 70.0, 65.0)):
+        hu, lab = phantom(liver_hu=liver, seed=i)
+        rows.append({"case_id": f"c{i}", "image_hu": str(write_nifti(tmp_path / f"i{i}.nii.gz", hu.astype(np.int16))),
+                     "image": "", "label": str(write_nifti(tmp_path / f"l{i}.nii.gz", lab))})  # fmt: skip
+    ref = build_reference(rows, QCSettings(min_reference_cases=3), progress=False)
+    assert ref["n_cases"] == 4 and set(ref["ranges"]) == {"liver", "spleen", "lung", "bone"}
+    liver = ref["ranges"]["liver"]
+    assert liver["n"] == 4 and abs(liver["mean"] - 61.25) < 2
+    path = tmp_path / "ref.json"
+    path.write_text(json.dumps(reference_record(ref)), encoding="utf-8")
+    ranges = read_reference(path)
+    assert ranges["lung"].contains(-850) and not ranges["lung"].contains(40)
+    table = reference_table(ref, tmp_path / "ranges.tsv")
+    assert list(table.organ) == ["bone", "liver", "lung", "spleen"]
+    bad = dict(ref, version=0)
+    path.write_text(json.dumps(bad), encoding="utf-8")
+    with pytest.raises(InputError, match="version"):
+        read_reference(path)
+
+
+@pytest.fixture
+def ranges(tmp_path):
+    rows = []
+    for i, liver in enumerate((50.0, 60.0, 70.0)):  # real cases vary in every organ
+        hu, lab = phantom(liver_hu=liver, spleen_hu=35.0 + 10 * i, lung_hu=-870.0 + 20 * i, bone_hu=380.0 + 20 * i, seed=i)
+        rows.append({"case_id": f"c{i}", "image_hu": str(write_nifti(tmp_path / f"r{i}.nii.gz", hu.astype(np.int16))),
+                     "label": str(write_nifti(tmp_path / f"rl{i}.nii.gz", lab))})  # fmt: skip
+    path = tmp_path / "reference.json"
+    path.write_text(json.dumps(build_reference(rows, QCSettings(), progress=False)), encoding="utf-8")
+    return read_reference(path)
+
+
+def test_check_case_passes_and_fails_with_reasons(ranges):
+    settings = QCSettings()
+    hu, lab = phantom(liver_hu=62.0, seed=9)
+    good = check_case(hu, lab, ranges, settings)
+    assert good.passed and good.reasons == [] and abs(good.medians["liver"] - 62) < 3
+    hu, lab = phantom(liver_hu=400.0, seed=9)
+    bad = check_case(hu, lab, ranges, settings)
+    assert not bad.passed and len(bad.reasons) == 1 and bad.reasons[0].startswith("liver: median")
+    assert not check_case(hu, lab, ranges, QCSettings(check_organs=False)).reasons  # structural checks only
+
+
+def test_structural_checks(ranges):
+    settings = QCSettings()
+    hu, lab = phantom(seed=3)
+    nan = hu.copy()
+    nan[5, 5, 5] = np.nan
+    assert check_case(nan, lab, ranges, settings).reasons == ["1 NaN voxels"]
+    hot = hu.copy()
+    hot[12, 12, 8] = 4000.0
+    assert any("outside [-1024, 3071]" in r for r in check_case(hot, lab, ranges, settings).reasons)
+    assert "grid" in check_case(hu, lab[:, :, :-1], ranges, settings).reasons[0]
+    shifted = np.diag([1.0, 1.0, 1.0, 1.0])
+    moved = shifted.copy()
+    moved[0, 3] = 10
+    assert "affine" in check_case(hu, lab, ranges, settings, (shifted, moved)).reasons[0]
+    outside = lab.copy()
+    outside[0:2, 0:2, :] = 3  # spleen label in the air around the body
+    reasons = check_case(hu, outside, ranges, settings).reasons
+    assert any(r.startswith("spleen:") and "inside the body" in r for r in reasons)
+
+
+def test_check_files_names_a_corrupt_file(tmp_path, ranges):
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(b"not a nifti")
+    hu, lab = phantom()
+    label = write_nifti(tmp_path / "l.nii.gz", lab)
+    result = check_files(bad, label, ranges, QCSettings())
+    assert not result.passed and str(bad) in result.reasons[0]
+
+
+def test_settings_errors_name_the_key():
+    with pytest.raises(ConfigError, match=r"'qc'.*max_attemps"):
+        validated(qc={"max_attemps": 2})
+    with pytest.raises(ConfigError, match="qc.on_fail"):
+        validated(qc={"on_fail": "drop"})
+    with pytest.raises(ValueError, match="qc.on_fail"):
+        QCSettings(on_fail="drop")
+    s = QCSettings.from_config(validated(qc={"hu_range": [-1000, 2000], "on_fail": "flag"}))
+    assert s.hu_range == (-1000.0, 2000.0) and QCSettings.from_json(s.to_json()) == s
+    assert "on_fail" not in s.check_json()
+
+
+def test_organ_medians_ignore_tiny_organs():
+    hu, lab = phantom()
+    lab[0, 0, 0] = 4  # one pancreas voxel
+    assert "pancreas" not in organ_medians(hu, lab, min_voxels=20)
+    assert "pancreas" in organ_medians(hu, lab, min_voxels=1)
+
+
+def test_assess_generated_tables_and_figures(tmp_path, ranges):
+    rows = []
+    for i, (liver, status) in enumerate(((60.0, "ok"), (500.0, "ok"), (60.0, "failed"))):
+        hu, lab = phantom(liver_hu=liver, seed=20 + i)
+        rows.append({"request": "r", "case_id": f"r_{i:05d}", "status": status, "reason": "no mask" if status == "failed" else "",
+                     "attempt": "1", "image": str(write_nifti(tmp_path / f"g{i}.nii.gz", hu.astype(np.int16))),
+                     "label": str(write_nifti(tmp_path / f"gl{i}.nii.gz", lab)), "spacing": "[2.0, 2.0, 3.0]"})  # fmt: skip
+        verdict = check_files(rows[-1]["image"], rows[-1]["label"], ranges, QCSettings()) if status == "ok" else QCResult(False, ["no mask"])
+        rows[-1].update(verdict_columns(verdict))
+    generated = pd.DataFrame(rows)
+    for on_fail, expected in (("exclude", ["include", "excluded", "excluded"]), ("flag", ["include", "flagged", "excluded"])):
+        cases, organs = assess_generated(generated, ranges, QCSettings(on_fail=on_fail), tmp_path / "c.tsv", tmp_path / "o.tsv")
+        assert list(cases.release) == expected
+    assert list(cases.qc_status) == ["pass", "fail", "fail"] and "liver: median" in cases.qc_reasons[1]
+    assert cases.qc_reasons[2] == "no mask" and list(cases.image) == [r["image"] for r in rows]
+    liver = organs.set_index("organ").loc["liver"]
+    assert liver.n_cases == 2 and liver.n_pass == 1 and liver.pass_rate == 0.5
+    assert organs.set_index("organ").loc["spleen"].pass_rate == 1.0
+    real = pd.DataFrame([{"case_id": f"real{i}", "image_hu": r["image"], "image": "", "label": r["label"], "spacing": r["spacing"]}
+                         for i, r in enumerate(rows[:2])])  # fmt: skip
+    plot_hu_histograms(generated, real, ranges, tmp_path / "h.png")
+    plot_generated_vs_real(generated, real, tmp_path / "m.png")
+    from PIL import Image
+
+    for name in ("h.png", "m.png"):
+        with Image.open(tmp_path / name) as im:
+            assert im.size[0] > 300 and im.size[1] > 200 and len(set(im.convert("L").getdata())) > 10
+
+
+def test_real_chest_ct_passes_structural_checks_and_its_own_range(real_ct, tmp_path):
+    """A real CT (pyradiomics lung1) with its lesion mask as MAISI's lung tumour: within CT's HU range,
+    lesion inside the body; a copy shifted far above CT's range fails."""
+    import SimpleITK as sitk
+
+    img = sitk.ReadImage(str(real_ct / "lung1_image.nrrd"))
+    hu = sitk.GetArrayFromImage(img).transpose(2, 1, 0).astype(np.float32)
+    lesion = sitk.GetArrayFromImage(sitk.ReadImage(str(real_ct / "lung1_label.nrrd"))).transpose(2, 1, 0)
+    lab = np.where(lesion > 0, 23, 0).astype(np.uint8)
+    median = float(np.median(hu[lab == 23]))
+    ranges = reference_ranges({"lung tumor": [median - 30, median, median + 30]}, {"lung tumor": (23,)})
+    result = check_case(hu, lab, ranges, QCSettings())
+    assert result.passed, result.reasons
+    assert -200 < result.medians["lung tumor"] < 200  # a soft-tissue lesion
+    result = check_case(hu + 3500, lab, ranges, QCSettings())
+    assert not result.passed and any("outside [-1024, 3071]" in r for r in result.reasons)

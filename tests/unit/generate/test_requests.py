@@ -1,0 +1,100 @@
+"""Generation requests: validation before any job starts, per-case seeds and stable shards."""
+
+from __future__ import annotations
+
+import pytest
+
+from maisi.config import validate_config
+from maisi.core.checks import ConfigError
+from maisi.generate.requests import RequestError, latent_factor, parse_requests
+
+BASE = {"n_cases": 5, "size": [128, 128, 128], "spacing": [3.0, 3.0, 3.0], "top_region": "chest", "bottom_region": "abdomen"}
+
+
+def one(preset="tiny", trained=None, **changes):
+    return parse_requests({"requests": {"r": {**BASE, **changes}}}, preset, trained)[0]
+
+
+def test_defaults_and_anatomy_names():
+    req = one(anatomy=["liver", 3])
+    assert req.anatomy == (1, 3)
+    assert (req.sampler, req.steps, req.masks) == ("rflow", 30, True)
+    assert req.latent_shape == (32, 32, 32)
+    assert one(sampler="ddpm").steps == 1000
+
+
+def test_case_seeds_are_per_case_and_stable_when_cases_are_added():
+    small, large = one(n_cases=3), one(n_cases=7)
+    assert [c.seed for c in small.cases()] == [c.seed for c in large.cases()][:3]
+    assert len({c.seed for c in large.cases()}) == 7
+    assert large.cases()[0].case_id == "r_00000"
+    # Full shards do not change when cases are added; new cases only add shards or fill the last one.
+    assert small.shards()["0000"] == large.shards()["0000"]
+    assert list(large.shards()) == ["0000", "0001", "0002", "0003"]
+    assert one(seed=1).cases()[0].seed != small.cases()[0].seed
+    case = small.cases()[0]
+    assert case.attempt_seed(0) == case.seed != case.attempt_seed(1)
+
+
+@pytest.mark.parametrize(
+    "changes,preset,match",
+    [
+        ({"size": [120, 128, 128]}, "tiny", "multiple of the latent factor 16"),
+        ({"size": [128, 128, 128]}, "maisi", "x = y in"),
+        ({"size": [256, 256, 256], "spacing": [0.4, 0.4, 1.0]}, "maisi", "spacing"),
+        ({"size": [256, 256, 256], "spacing": [0.8, 0.8, 1.0]}, "maisi", "field of view"),
+        ({"anatomy": ["unicorn"]}, "tiny", "unknown MAISI class"),
+        ({"anatomy": ["brain"]}, "tiny", "brain lie outside chest -> abdomen"),
+        ({"anatomy": ["liver"], "masks": False}, "tiny", "needs mask-conditioned"),
+        ({"top_region": "abdomen", "bottom_region": "chest"}, "tiny", "lies below"),
+        ({"top_region": "head_neck", "bottom_region": "lower_body", "spacing": [3, 3, 2]}, "tiny", "cannot reach"),
+        ({"top_region": "chest", "bottom_region": "chest", "spacing": [3, 3, 10]}, "tiny", "far longer"),
+        ({"top_region": "pelvis"}, "tiny", "unknown body region"),
+        ({"spacing": [3, 3]}, "tiny", "three numbers"),
+    ],
+)
+def test_impossible_requests_are_refused(changes, preset, match):
+    with pytest.raises(RequestError, match=match):
+        one(preset, **changes)
+
+
+def test_unknown_request_keys_are_config_errors():
+    cfg = {"sources": {"p": {"type": "phantom", "n_cases": 1}}, "generate": {"requests": {"r": {**BASE, "colour": "red"}}}}
+    with pytest.raises(ConfigError, match=r"generate\.requests\.r.*'colour' was unexpected"):
+        validate_config(cfg)
+
+
+def test_released_architecture_accepts_maisi_sizes():
+    req = one("maisi", size=[512, 512, 768], spacing=[0.8, 0.8, 1.0], top_region="chest", bottom_region="lower_body")
+    assert req.latent_shape == (128, 128, 192)
+    assert latent_factor("maisi") == 32 and latent_factor("tiny") == 16
+
+
+def test_sampler_must_match_the_trained_model():
+    with pytest.raises(RequestError, match="trained with 'rflow'"):
+        one(trained="rflow", sampler="ddpm")
+
+
+def test_config_error_names_the_request_key():
+    cfg = {"sources": {"p": {"type": "phantom", "n_cases": 1}},
+           "generate": {"requests": {"bad": {**BASE, "size": [100, 128, 128]}}}}  # fmt: skip
+    with pytest.raises(ConfigError, match=r"config key 'generate\.requests\.bad\.size'"):
+        validate_config(cfg)
+    cfg["generate"]["requests"]["bad"]["size"] = [128, 128, 128]
+    assert validate_config(cfg)["generate"]["decoder"]["method"] == "tsp"
+
+
+def test_requests_are_parsed_once_per_config(monkeypatch):
+    """Config validation and the rules both ask for the requests; they are parsed once."""
+    import maisi.generate.requests as requests
+
+    calls = []
+    real = requests.parse_requests
+    monkeypatch.setattr(requests, "parse_requests", lambda *a, **k: calls.append(a) or real(*a, **k))
+    requests._parsed.cache_clear()
+    cfg = validate_config({"sources": {"p": {"type": "phantom", "n_cases": 1}}, "generate": {"requests": {"r": BASE}}})
+    again = requests.config_requests(cfg)
+    assert list(again) == ["r"] and again["r"].n_cases == 5
+    assert len(calls) == 1
+    other = {**cfg, "generate": {**cfg["generate"], "requests": {"r": {**BASE, "n_cases": 2}}}}
+    assert requests.config_requests(other)["r"].n_cases == 2 and len(calls) == 2

@@ -1,0 +1,182 @@
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from helpers.volumes import ct_volume, write_dicom_series, write_nifti
+
+from maisi.core.checks import InputError
+from maisi.prepare.preprocess import PreprocessSettings, load_scan, new_dim, preprocess_case, target_shape
+from maisi.sources.cases import CaseInput
+
+
+@pytest.mark.parametrize(
+    "n,expected",
+    [(1, 128), (48, 128), (64, 128), (128, 128), (192, 256), (320, 256), (384, 384), (448, 512), (576, 512), (640, 640), (768, 768)],
+)
+def test_new_dim_follows_maisi_rounding(n, expected):
+    assert new_dim(n) == expected
+
+
+def test_target_shape_other_divisor():
+    assert target_shape((40, 100, 17), divisor=32) == (32, 96, 32)
+
+
+def _case(tmp_path, image, label=None, label_map=None):
+    return CaseInput("src", "c1", str(image), str(label) if label else None, label_map)
+
+
+def test_small_case_end_to_end(tmp_path):
+    vol = ct_volume((40, 36, 20))
+    lab = np.zeros(vol.shape, np.uint8)
+    lab[vol > 500] = 1
+    img = write_nifti(tmp_path / "in/img.nii.gz", vol, spacing=(2.0, 2.5, 3.0))
+    lbl = write_nifti(tmp_path / "in/lab.nii.gz", lab, spacing=(2.0, 2.5, 3.0))
+    row = preprocess_case(_case(tmp_path, img, lbl, {1: 33}), tmp_path / "out", PreprocessSettings(divisor=32))
+    assert json.loads(row["dim"]) == [32, 32, 32]
+    out = nib.load(row["image"])
+    assert out.shape == (32, 32, 32)
+    # new spacing = old * old_dim / new_dim
+    np.testing.assert_allclose(out.header.get_zooms(), [2.0 * 40 / 32, 2.5 * 36 / 32, 3.0 * 20 / 32], rtol=1e-5)
+    data = out.get_fdata()
+    assert data.min() >= 0.0 and data.max() <= 1.0
+    hu = nib.load(row["image_hu"])
+    assert hu.get_data_dtype() == np.int16
+    assert np.asanyarray(hu.dataobj).min() <= -990
+    label = np.asanyarray(nib.load(row["label"]).dataobj)
+    assert label.dtype == np.uint8 and set(np.unique(label)) == {0, 33}
+    meta = json.loads(open(row["meta"], encoding="utf-8").read())
+    assert meta["orig_dim"] == [40, 36, 20] and meta["labels_present"] == [33]
+    assert set(meta["outputs"]) == {"image", "image_hu", "label"}
+    assert "monai" in meta["provenance"]["versions"]
+
+
+def test_orientation_is_ras(tmp_path):
+    vol = ct_volume((32, 32, 32))
+    vol[0, :, :] = 1500  # a marker plane at the first stored x index
+    affine = np.diag([-2.0, 2.0, 2.0, 1.0])  # stored x axis runs right-to-left (L)
+    img = write_nifti(tmp_path / "img.nii.gz", vol, affine=affine)
+    row = preprocess_case(_case(tmp_path, img), tmp_path / "out", PreprocessSettings(divisor=32))
+    out = nib.load(row["image_hu"])
+    assert nib.aff2axcodes(out.affine) == ("R", "A", "S")
+    data = np.asanyarray(out.dataobj)
+    # the marker was at the left-most world x, so after reorientation it lies at the last index
+    assert data[-1].mean() > 1000 and data[0].mean() < 1000
+
+
+def test_unchanged_case_is_not_recomputed(tmp_path):
+    img = write_nifti(tmp_path / "img.nii.gz", ct_volume())
+    settings = PreprocessSettings(divisor=32)
+    row = preprocess_case(_case(tmp_path, img), tmp_path / "out", settings)
+    mtime = (tmp_path / "out/src/images/c1.nii.gz").stat().st_mtime_ns
+    preprocess_case(_case(tmp_path, img), tmp_path / "out", settings)
+    assert (tmp_path / "out/src/images/c1.nii.gz").stat().st_mtime_ns == mtime
+    preprocess_case(_case(tmp_path, img), tmp_path / "out", PreprocessSettings(divisor=64))
+    assert nib.load(row["image"]).shape == (64, 64, 64)
+
+
+def test_real_chest_ct_becomes_512x512x128(real_ct, tmp_path):
+    case = CaseInput("real", "lung1", str(real_ct / "lung1_image.nrrd"), str(real_ct / "lung1_label.nrrd"), {1: 23})
+    row = preprocess_case(case, tmp_path, PreprocessSettings())
+    assert json.loads(row["dim"]) == [512, 512, 128]
+    img = nib.load(row["image"])
+    assert img.shape == (512, 512, 128)
+    np.testing.assert_allclose(img.header.get_zooms(), [0.5703125, 0.5703125, 5.0 * 48 / 128], rtol=1e-5)
+    lab = np.asanyarray(nib.load(row["label"]).dataobj)
+    assert set(np.unique(lab)) == {0, 23}
+    assert json.loads(row["labels_present"]) == [23]
+
+
+# ---- bad input: each names the file and the problem, and writes nothing ----
+
+
+def _expect_error(tmp_path, case, match):
+    with pytest.raises(InputError, match=match) as err:
+        preprocess_case(case, tmp_path / "out", PreprocessSettings(divisor=32))
+    assert not list((tmp_path / "out").rglob("*.nii.gz")), "nothing may be written for a rejected case"
+    return err.value
+
+
+def test_corrupt_file(tmp_path):
+    path = tmp_path / "broken.nii.gz"
+    path.write_bytes(b"\x1f\x8b\x08\x00 definitely not a NIfTI")
+    err = _expect_error(tmp_path, _case(tmp_path, path), "corrupt or truncated")
+    assert err.path == str(path)
+
+
+def test_truncated_file(tmp_path):
+    good = write_nifti(tmp_path / "good.nii.gz", ct_volume((64, 64, 40)))
+    bad = tmp_path / "truncated.nii.gz"
+    bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    _expect_error(tmp_path, _case(tmp_path, bad), "truncated.nii.gz: cannot be read")
+
+
+def test_2d_image(tmp_path):
+    path = write_nifti(tmp_path / "flat.nii.gz", ct_volume((40, 36, 1)))
+    _expect_error(tmp_path, _case(tmp_path, path), "2-D image")
+
+
+def test_nans(tmp_path):
+    vol = ct_volume().astype(np.float32)
+    vol[3, 3, 3] = np.nan
+    path = write_nifti(tmp_path / "nan.nii.gz", vol)
+    _expect_error(tmp_path, _case(tmp_path, path), "NaN")
+
+
+def test_non_ct_range(tmp_path):
+    mr = np.random.default_rng(0).uniform(0, 1200, (40, 36, 20)).astype(np.float32)
+    path = write_nifti(tmp_path / "mr.nii.gz", mr)
+    _expect_error(tmp_path, _case(tmp_path, path), "does not look like CT")
+
+
+def test_zero_spacing(tmp_path):
+    img = nib.Nifti1Image(ct_volume(), None)
+    img.header.set_zooms((0.0, 1.0, 1.0))  # pixdim without a spacing, no qform/sform
+    path = tmp_path / "nospacing.nii.gz"
+    nib.save(img, str(path))
+    _expect_error(tmp_path, _case(tmp_path, path), "zero voxel spacing")
+
+
+def test_label_shape_mismatch(tmp_path):
+    img = write_nifti(tmp_path / "img.nii.gz", ct_volume((40, 36, 20)))
+    lbl = write_nifti(tmp_path / "lab.nii.gz", np.zeros((40, 36, 21), np.uint8))
+    err = _expect_error(tmp_path, _case(tmp_path, img, lbl), "label shape")
+    assert err.path == str(lbl)
+
+
+def test_label_affine_mismatch(tmp_path):
+    img = write_nifti(tmp_path / "img.nii.gz", ct_volume(), spacing=(2, 2, 3))
+    lbl = write_nifti(tmp_path / "lab.nii.gz", np.zeros((40, 36, 20), np.uint8), spacing=(2, 2, 5))
+    _expect_error(tmp_path, _case(tmp_path, img, lbl), "affine differs")
+
+
+def test_unmapped_label_value(tmp_path):
+    img = write_nifti(tmp_path / "img.nii.gz", ct_volume())
+    lab = np.zeros((40, 36, 20), np.uint8)
+    lab[1, 1, 1] = 7
+    lbl = write_nifti(tmp_path / "lab.nii.gz", lab)
+    _expect_error(tmp_path, _case(tmp_path, img, lbl, {1: 3}), r"\[7\] have no entry")
+
+
+def test_unsupported_format(tmp_path):
+    path = tmp_path / "scan.png"
+    path.write_bytes(b"png")
+    _expect_error(tmp_path, _case(tmp_path, path), "unsupported file type")
+
+
+def test_load_scan_missing(tmp_path):
+    with pytest.raises(InputError, match="file not found"):
+        load_scan(tmp_path / "nope.nii.gz")
+
+
+def test_dicom_series_matches_nifti(tmp_path):
+    vol = ct_volume((40, 36, 20))
+    series = write_dicom_series(tmp_path / "dicom" / "c1", vol, spacing=(1.5, 1.5, 3.0))
+    # DICOM is LPS: the same voxels as a NIfTI whose x and y axes point left and posterior
+    nifti = write_nifti(tmp_path / "c1.nii.gz", vol, affine=np.diag([-1.5, -1.5, 3.0, 1.0]))
+    settings = PreprocessSettings(divisor=32)
+    a = preprocess_case(CaseInput("dcm", "c1", str(series)), tmp_path / "a", settings)
+    b = preprocess_case(CaseInput("nii", "c1", str(nifti)), tmp_path / "b", settings)
+    assert a["spacing"] == b["spacing"] == json.dumps([1.875, 1.6875, 1.875])
+    np.testing.assert_array_equal(np.asanyarray(nib.load(a["image_hu"]).dataobj), np.asanyarray(nib.load(b["image_hu"]).dataobj))
+    np.testing.assert_allclose(nib.load(a["image"]).affine, nib.load(b["image"]).affine, atol=1e-4)

@@ -1,0 +1,192 @@
+"""End-to-end run of the real workflow on the embedded default configuration (the CT phantom): the
+prepared dataset, the models, the generated cases and the release, and the run through SLURM.
+The shared run and its SLURM cluster are fixtures of tests/workflow/conftest.py."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from helpers import slurm_runner
+from helpers.workflow_runner import PREPARED, make_workdir, planned_jobs, snakemake
+
+from maisi.core.anatomy import BODY_REGIONS, one_hot
+from maisi.sources.cases import phantom_specs
+
+pytestmark = pytest.mark.e2e
+
+
+GPU_RULES = {"train_vae", "cache_latents", "train_diffusion", "train_controlnet", "generate", "qc_check", "fid"}
+
+
+def test_default_builds_prepared_phantom_dataset(default_run):
+    work, cfg = default_run
+    datalist = json.loads((work / "results/prepared/datalist.json").read_text(encoding="utf-8"))["training"]
+    assert len(datalist) == cfg["sources"]["phantom"]["n_cases"] == 8
+    planned = {s.case_id: s for s in phantom_specs("phantom", cfg["sources"]["phantom"], cfg["seed"])}
+    tops, bottoms = set(), set()
+    for e in datalist:
+        spec = planned[e["case_id"]]
+        # MAISI's region rule on the prepared label map finds the regions the phantom was planned with
+        assert e["top_region_index"] == one_hot(spec.top_region), e["case_id"]
+        assert e["bottom_region_index"] == one_hot(spec.bottom_region), e["case_id"]
+        tops.add(spec.top_region)
+        bottoms.add(spec.bottom_region)
+        assert all(d % 128 == 0 for d in e["dim"])
+        img = nib.load(work / "results/prepared" / e["image"])
+        assert list(img.shape) == e["dim"]
+        np.testing.assert_allclose(img.header.get_zooms(), e["spacing"], rtol=1e-4)
+        assert nib.aff2axcodes(img.affine) == ("R", "A", "S")
+        lab = nib.load(work / "results/prepared" / e["label"])
+        assert lab.shape == img.shape and lab.get_data_dtype() == np.uint8
+        assert 0 <= e["fold"] < cfg["dataset"]["folds"]
+    assert tops == bottoms == set(BODY_REGIONS)
+    cases = pd.read_csv(work / "results/prepared/cases.tsv", sep="\t")
+    assert len(cases) == 8 and (cases.region_backend == "labels").all()
+    assert pd.read_csv(work / "results/prepared/rejected.tsv", sep="\t").empty
+    meta = json.loads((work / "results/prepared/phantom/cases/phantom_0000.json").read_text(encoding="utf-8"))
+    assert {"dim", "spacing", "source", "outputs", "provenance"} <= set(meta)
+    assert len(meta["outputs"]["image"]["sha256"]) == 64
+    html = (work / "results/prepared/summary/summary.html").read_text(encoding="utf-8")
+    assert html.count("data:image/png;base64") == 2 and "phantom_0007" in html
+    for job_benchmark in (work / "results/benchmarks/preprocess/phantom").glob("*.tsv"):
+        assert "max_rss" in job_benchmark.read_text(encoding="utf-8")
+
+
+def test_default_trains_every_model(default_run):
+    """`all` on the embedded default goes through the three training stages and latent caching."""
+    work, _ = default_run
+    models = work / "results/models"
+    for name in ("autoencoder", "diffusion_unet", "controlnet"):
+        assert (models / f"{name}.pt").is_file() and (models / f"{name}_loss.png").is_file()
+        assert json.loads((models / f"{name}.pt.json").read_text(encoding="utf-8"))["settings"]["preset"] == "tiny"
+    assert len(list((work / "results/latents/phantom").glob("*.npz"))) == 8
+
+
+def test_default_generates_with_and_without_masks(default_run):
+    """The default requests end in generated cases, mask-conditioned (liver required) and unconditioned."""
+    work, cfg = default_run
+    cases = pd.read_csv(work / "results/generated/cases.tsv", sep="\t", keep_default_na=False)
+    requests = cfg["generate"]["requests"]
+    assert len(cases) == sum(r["n_cases"] for r in requests.values()) and (cases.status == "ok").all()
+    for r in cases.itertuples():
+        image = nib.load(work / r.image)
+        assert list(image.shape) == requests[r.request]["size"]
+        labels = np.asanyarray(nib.load(work / r.label).dataobj)
+        if requests[r.request]["masks"]:
+            assert r.mask_source and (labels == 1).any()
+        else:
+            assert set(np.unique(labels)) <= {0, 200}
+    assert (work / "results/generated/montage.png").is_file()
+
+
+def test_nothing_reruns_and_one_more_case_reruns_one_shard(default_run):
+    work, cfg = default_run
+    assert planned_jobs(work, "all") == {}
+    config_file = work / "config" / "config.yaml"
+    original = config_file.read_text(encoding="utf-8")
+    try:
+        more = yaml.safe_load(original)
+        more["sources"]["phantom"]["n_cases"] = 9
+        config_file.write_text(yaml.safe_dump(more), encoding="utf-8")
+        jobs = planned_jobs(work, "all")
+        # one shard of each data stage; the autoencoder is trained again on the larger dataset, so every
+        # shard's latents are encoded again, and the diffusion UNet and ControlNet trained again
+        latent_shards = len(list((work / "results/latents/phantom/shards").glob("*.tsv")))
+        # and the generated cases again with the new models (and the mask database of the larger dataset),
+        # checked against QC ranges of the larger dataset, scored and released
+        assert jobs == {"phantom": 1, "preprocess": 1, "regions": 1, "dataset": 1, "dataset_summary": 1, "train_vae": 1,
+                        "cache_latents": latent_shards, "train_diffusion": 1, "train_controlnet": 1, "mask_database": 1,
+                        "generate": 2, "qc_check": 2, "generated": 1, "qc_reference": 1, "qc": 1, "fid": 1, "release": 1, "all": 1}  # fmt: skip
+        coarser = yaml.safe_load(original)
+        coarser["preprocess"]["divisor"] = 64
+        config_file.write_text(yaml.safe_dump(coarser), encoding="utf-8")
+        jobs = planned_jobs(work, "all")
+        shards = len(list((work / "results/prepared/phantom/shards").glob("*.tsv")))
+        assert jobs.get("preprocess") == shards and "phantom" not in jobs
+    finally:
+        config_file.write_text(original, encoding="utf-8")
+
+
+def test_rerun_is_reproducible(default_run, tmp_path):
+    """The same config gives the same phantom and prepared data, byte for byte in the arrays."""
+    work, cfg = default_run
+    small = dict(cfg)
+    small["sources"] = {"phantom": dict(cfg["sources"]["phantom"], n_cases=1)}
+    other = make_workdir(tmp_path / "again", small)
+    snakemake(other, *PREPARED)
+    for sub in ("images", "labels", "images_hu"):
+        a = np.asanyarray(nib.load(work / f"results/prepared/phantom/{sub}/phantom_0000.nii.gz").dataobj)
+        b = np.asanyarray(nib.load(other / f"results/prepared/phantom/{sub}/phantom_0000.nii.gz").dataobj)
+        np.testing.assert_array_equal(a, b)
+
+
+def test_default_ends_in_a_release_with_qc_and_fid(default_run):
+    """`all` on the embedded default checks the generated cases, scores them and publishes release 0.1.0."""
+    work, cfg = default_run
+    n = sum(r["n_cases"] for r in cfg["generate"]["requests"].values())
+    qc = pd.read_csv(work / "results/qc/cases.tsv", sep="\t", keep_default_na=False)
+    assert len(qc) == n and set(qc.release) <= {"include", "flagged"}  # qc.on_fail: flag keeps every case
+    ranges = json.loads((work / "results/qc/reference.json").read_text(encoding="utf-8"))["ranges"]
+    assert {"liver", "lung", "bone"} <= set(ranges) and ranges["bone"]["high"] <= 1000
+    fid = pd.read_csv(work / "results/fid/fid.tsv", sep="\t")
+    assert list(fid.plane) == ["axial", "coronal", "sagittal", "average"] and np.isfinite(fid.fid).all()
+    release = work / "results/releases/default/0.1.0"
+    dataset = json.loads((release / "dataset.json").read_text(encoding="utf-8"))
+    assert dataset["numTraining"] == n and dataset["release"] == "0.1.0"
+    manifest = json.loads((release / "manifest.json").read_text(encoding="utf-8"))
+    assert len(manifest["content_digest"]) == 64 and f"imagesTr/{qc.case_id[0]}.nii.gz" in manifest["files"]
+    assert "NOT FOR CLINICAL USE" in (release / "DATACARD.md").read_text(encoding="utf-8")
+    for figure in ("hu_histograms.png", "generated_vs_real.png"):
+        assert (work / "results/qc" / figure).stat().st_size > 10_000
+
+
+# --------------------------------------------------------------------------- through SLURM
+
+
+def test_slurm_gpu_rules_on_the_gpu_partition(slurm_run):
+    """GPU rules were submitted to the GPU partition with a GPU request; every other rule to the CPU partition without."""
+    assert slurm_run.jobs, slurm_run.output[-3000:]
+    rules = {j.rule for j in slurm_run.jobs.values()}
+    assert GPU_RULES <= rules and {"phantom", "preprocess", "regions", "qc", "release"} <= rules
+    for job in slurm_run.jobs.values():
+        if job.rule in GPU_RULES:
+            assert job.partition == "gpu" and "gpu:1" in job.gpus, job
+        else:
+            assert job.partition == "cpu" and "gpu" not in job.gpus, job
+    assert "dataset" not in rules and "all" not in rules  # local rules run on the submit host
+
+
+def test_slurm_gpu_jobs_see_their_gpu(slurm_run, default_run):
+    """A GPU job ran in a SLURM job with CUDA_VISIBLE_DEVICES set, recorded in its output's provenance."""
+    work, _ = default_run
+    job = json.loads((work / "results/models/autoencoder.pt.json").read_text(encoding="utf-8"))["provenance"]["job"]
+    assert job["slurm_partition"] == "gpu" and job["cuda_visible_devices"] == "0" and job["slurm_job_id"] in slurm_run.jobs
+    sidecar = json.loads((work / "results/prepared/phantom/cases/phantom_0000.json").read_text(encoding="utf-8"))
+    assert sidecar["provenance"]["job"]["slurm_partition"] == "cpu" and "cuda_visible_devices" not in sidecar["provenance"]["job"]
+
+
+def test_slurm_cancelled_job_is_retried_without_partial_outputs(slurm_run, default_run):
+    """The train_vae job cancelled mid-run with scancel was resubmitted and the run still completed."""
+    work, _ = default_run
+    assert len(slurm_run.cancelled) == 1
+    cancelled = slurm_run.jobs[slurm_run.cancelled[0]]
+    assert cancelled.rule == "train_vae" and cancelled.state == "CANCELLED"
+    retried = [j for j in slurm_run.of_rule("train_vae") if j.job_id != cancelled.job_id]
+    assert [j.state for j in retried] == ["COMPLETED"]
+    assert int(retried[0].job_id) > int(cancelled.job_id)
+    hidden = [p for p in (work / "results").rglob(".*") if p.is_file() and ".resume" not in p.parts]
+    leftovers = [p for p in hidden if not p.name.startswith(".lock-")]  # the releases' lock files stay by design
+    assert leftovers == [], leftovers  # atomic writers leave no temporary file behind
+    assert (work / "results/models/autoencoder.pt").is_file()
+
+
+def test_slurm_second_run_submits_nothing(slurm_run, default_run):
+    work, _ = default_run
+    again = slurm_runner.run_workflow(work, "all")
+    assert again.returncode == 0, again.output[-3000:]
+    assert again.jobs == {} and "Nothing to be done" in again.output

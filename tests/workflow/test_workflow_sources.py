@@ -1,0 +1,122 @@
+"""End-to-end runs of the real workflow on a local folder of real CTs and on a downloaded dataset."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import yaml
+from helpers.http_server import make_tar, serve, write_msd_task
+from helpers.paths import ROOT
+from helpers.volumes import ct_volume, write_nifti
+from helpers.workflow_runner import PREPARED, make_workdir, planned_jobs, snakemake
+
+pytestmark = pytest.mark.e2e
+
+
+def test_local_real_ct_and_bad_cases(real_ct, tmp_path):
+    bad = tmp_path / "bad_scans"
+    (bad / "images").mkdir(parents=True)
+    (bad / "images" / "corrupt.nii.gz").write_bytes(b"\x1f\x8b\x08\x00 truncated")
+    write_nifti(bad / "images" / "mr_like.nii.gz", np.full((20, 20, 20), 300, np.int16))
+    write_nifti(bad / "images" / "good.nii.gz", ct_volume((40, 36, 20)))
+    cfg = {
+        "run_name": "realct",
+        "on_error": "skip",
+        "shards": 2,
+        "sources": {
+            "realct": {
+                "type": "local",
+                "path": str(real_ct),
+                "images": "{case}_image.nrrd",
+                "labels": "{case}_label.nrrd",
+                "label_map": {1: "lung tumor"},
+                "regions": {"backend": "manual", "top": "chest", "bottom": "chest"},
+            },
+            "mixed": {
+                "type": "local",
+                "path": str(bad),
+                "images": "images/{case}.nii.gz",
+                "labels": None,
+                "regions": {"backend": "manual", "top": "abdomen", "bottom": "abdomen"},
+            },
+        },
+    }
+    work = make_workdir(tmp_path / "work", cfg)
+    snakemake(work, *PREPARED)
+    datalist = json.loads((work / "results/prepared/datalist.json").read_text(encoding="utf-8"))["training"]
+    by_case = {e["case_id"]: e for e in datalist}
+    assert set(by_case) == {"lung1", "lung2", "good"}
+    for case in ("lung1", "lung2"):
+        e = by_case[case]
+        assert e["dim"] == [512, 512, 128]
+        assert e["top_region_index"] == [0, 1, 0, 0] and e["bottom_region_index"] == [0, 1, 0, 0]
+        img = nib.load(work / "results/prepared" / e["image"])
+        assert img.shape == (512, 512, 128)
+        lab = np.asanyarray(nib.load(work / "results/prepared" / e["label"]).dataobj)
+        assert 23 in np.unique(lab)
+    assert "label" not in by_case["good"]
+    rejected = (work / "results/prepared/rejected.tsv").read_text(encoding="utf-8")
+    assert "corrupt.nii.gz: cannot be read" in rejected
+    assert "mr_like.nii.gz: minimum intensity 300 is not below -500" in rejected
+    for name in ("dims_spacing.png", "montage.png", "summary.html"):
+        assert (work / "results/prepared/summary" / name).stat().st_size > 1000
+    assert planned_jobs(work, *PREPARED) == {}, "a second run has nothing to do"
+
+    # one more case in a local folder reruns only its shard (and the dataset-level rules)
+    write_nifti(bad / "images" / "good2.nii.gz", ct_volume((40, 36, 20), seed=3))
+    jobs = planned_jobs(work, *PREPARED)
+    assert jobs.get("preprocess") == 1 and jobs.get("regions") == 1, jobs
+    assert set(jobs) == {"preprocess", "regions", "dataset", "dataset_summary"}
+
+
+def test_stop_on_bad_input_names_the_file(tmp_path):
+    scans = tmp_path / "scans"
+    write_nifti(scans / "images" / "nan.nii.gz", np.full((20, 20, 20), np.nan, np.float32))
+    cfg = {"sources": {"s": {"type": "local", "path": str(scans), "labels": None, "regions": {"backend": "manual", "top": "chest", "bottom": "chest"}}}}
+    work = make_workdir(tmp_path / "work", cfg)
+    proc = snakemake(work, *PREPARED, check=False)
+    assert proc.returncode != 0
+    assert "nan.nii.gz: 8000 voxel(s) are NaN or infinite" in proc.stdout + proc.stderr
+    assert not (work / "results/prepared/s/shards").exists() or not list((work / "results/prepared/s/shards").glob("*.tsv"))
+
+
+def test_config_error_stops_before_any_job(tmp_path):
+    work = make_workdir(tmp_path / "work", {"sources": {"p": {"type": "phantom", "n_cases": 2, "spacing_z": [5, 1]}}})
+    proc = snakemake(work, *PREPARED, check=False)
+    assert proc.returncode != 0
+    assert "sources.p.spacing_z" in proc.stdout + proc.stderr
+    assert not (work / "results").exists()
+
+
+def test_catalog_dataset_over_http(tmp_path):
+    src = tmp_path / "archive_src"
+    write_msd_task(src, n_cases=2, n_test=1)
+    archive = make_tar(src, tmp_path / "Task09_Spleen.tar")
+    data = archive.read_bytes()
+    with serve() as server:
+        url = server.add("Task09_Spleen.tar", data)
+        catalog = yaml.safe_load((ROOT / "config/datasets.yaml").read_text(encoding="utf-8"))
+        entry = catalog["datasets"]["msd_task09_spleen"]
+        entry.update(url=url, md5=hashlib.md5(data).hexdigest())
+        (tmp_path / "catalog.yaml").write_text(yaml.safe_dump(catalog), encoding="utf-8")
+        cfg = {
+            "on_error": "skip",
+            "catalog": str(tmp_path / "catalog.yaml"),
+            "sources": {"spleen": {"type": "dataset", "dataset": "msd_task09_spleen"}},
+            "preprocess": {"divisor": 32},
+        }
+        work = make_workdir(tmp_path / "work", cfg)
+        snakemake(work, *PREPARED)
+    assert (work / "resources/downloads/msd_task09_spleen/Task09_Spleen.tar").exists()
+    datalist = json.loads((work / "results/prepared/datalist.json").read_text(encoding="utf-8"))["training"]
+    assert sorted(e["case_id"] for e in datalist) == ["spleen_1", "spleen_2"]
+    for e in datalist:
+        lab = np.asanyarray(nib.load(work / "results/prepared" / e["label"]).dataobj)
+        assert set(np.unique(lab)) == {0, 3}, "MSD spleen 1 becomes MAISI spleen 3"
+        assert e["top_region_index"] == [0, 0, 1, 0]
+    rejected = (work / "results/prepared/rejected.tsv").read_text(encoding="utf-8")
+    assert "spleen_3" in rejected  # the unlabelled all-zero test image is no CT
