@@ -67,22 +67,23 @@ def stage_tables(pattern):
     return [pattern.format(source=s, shard=k) for s in SOURCES for k in source_shards(s)]
 
 
-def output_root(shards):
-    """A param: the folder a stage writes its per-case files under, read off the job's shard table path.
+def output_root(pattern, root=None, key="table"):
+    """A param: the folder a stage writes its per-case files under, read off the job's output path.
 
-    ``shards`` is the stage's shard-table pattern (``<root>/.../shards/{shard}.tsv``, its one
-    definition); the root is what precedes its first wildcard in the job's output path, so it follows
-    the output wherever Snakemake places it (``snakemake --lint``: a hard-coded prefix breaks under
-    remote storage).
+    ``pattern`` is the path pattern of the job's output ``key`` (its one definition, e.g.
+    ``<root>/{source}/shards/{shard}.tsv``) and ``root`` the folder it lies under (by default what
+    precedes the pattern's first wildcard); the param is the part of the job's output path before
+    the rest of the pattern, so it follows the output wherever Snakemake places it
+    (``snakemake --lint``: a hard-coded prefix breaks under remote storage).
     """
-    root = shards.split("{", 1)[0].rstrip("/")
-    tail = shards[len(root) :]
+    root = pattern.split("{", 1)[0].rstrip("/") if root is None else root
+    tail = pattern[len(root) :]
 
     def param(wildcards, output):
-        path = str(output.table)
+        path = str(getattr(output, key))
         suffix = tail.format(**wildcards)
         if not path.endswith(suffix):
-            raise ValueError(f"output {path} does not end in {suffix} (pattern {shards})")
+            raise ValueError(f"output {path} does not end in {suffix} (pattern {pattern})")
         return path[: -len(suffix)]
 
     return param

@@ -8,7 +8,7 @@ rule release:
         fid=rules.fid.output.table,
         checkpoints=list(release_checkpoints().values()),
     output:
-        record=f"{RELEASES}/{RELEASE_NAME}/{RELEASE_VERSION}.json",
+        record=RELEASE_RECORD,
     params:
         name=RELEASE_NAME,
         version=RELEASE_VERSION,
@@ -18,7 +18,7 @@ rule release:
         checkpoints=lambda w: json.dumps(release_checkpoints(), sort_keys=True),
         config=lambda w: json.dumps(config, sort_keys=True, default=str),
         sources=lambda w: json.dumps(source_records(config["sources"], CATALOG), sort_keys=True),
-        repo=workflow.basedir,
+        root=output_root(RELEASE_RECORD, root=RELEASES, key="record"),
     resources:
         **cluster(),
     log:

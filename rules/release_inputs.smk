@@ -4,6 +4,8 @@ from maisi.release.inputs import source_records
 RELEASES = "results/releases"
 RELEASE_NAME = config["release"]["name"] or config["run_name"]
 RELEASE_VERSION = config["release"]["version"]
+#: The record of a built release (its folder is <RELEASES>/<name>/<version>/).
+RELEASE_RECORD = f"{RELEASES}/{RELEASE_NAME}/{RELEASE_VERSION}.json"
 
 
 def release_checkpoints():

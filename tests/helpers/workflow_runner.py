@@ -30,9 +30,11 @@ def make_workdir(path: Path, config: dict) -> Path:
     return path
 
 
-def snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
+def snakemake(
+    workdir: Path, *args: str, check: bool = True, timeout: int = 900, snakefile: Path = ROOT / "Snakefile"
+) -> subprocess.CompletedProcess:
     cmd = [
-        sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir),
+        sys.executable, "-m", "snakemake", "--snakefile", str(snakefile), "--directory", str(workdir),
         "--cores", "2", "--show-failed-logs", *args,
     ]  # fmt: skip
     env = {**os.environ, "PYTHONIOENCODING": "utf-8"}  # progress bars print non-ASCII even under a C locale
@@ -42,9 +44,9 @@ def snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 900)
     return proc
 
 
-def planned_jobs(workdir: Path, *args: str) -> dict[str, int]:
+def planned_jobs(workdir: Path, *args: str, snakefile: Path = ROOT / "Snakefile") -> dict[str, int]:
     """Jobs a dry run would execute, by rule (empty when nothing is to be done)."""
-    proc = snakemake(workdir, "--dry-run", *args)
+    proc = snakemake(workdir, "--dry-run", *args, snakefile=snakefile)
     return jobs_by_rule(proc.stdout + proc.stderr)
 
 

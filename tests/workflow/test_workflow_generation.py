@@ -68,8 +68,11 @@ def test_all_ends_in_a_release_with_qc_and_fid(default_run):
     card = (release / "DATACARD.md").read_text(encoding="utf-8")
     assert "NOT FOR CLINICAL USE" in card and "maisi-autoencoder-encoder" in card and "QC pass rate" in card
     provenance = json.loads((release / "provenance.json").read_text(encoding="utf-8"))
-    sidecar = json.loads((generated / f"results/generated/{MASKED}/imagesTr/{MASKED}_00000.nii.gz.json").read_text(encoding="utf-8"))
+    # the released attempt of the case (QC may have generated it again with a new seed) and its sidecar
+    released = qc.set_index("case_id").loc[f"{MASKED}_00000"]
+    sidecar = json.loads((generated / f"{released.image}.json").read_text(encoding="utf-8"))
     assert provenance["content"]["cases"][f"{MASKED}_00000"]["seed"] == sidecar["seed"]
+    assert sidecar["attempt"] == int(released.attempt)
     assert provenance["build"]["packages"]["monai"] and len(provenance["content"]["checkpoints"]) == 3
     proc = subprocess.run([sys.executable, "-m", "maisi.release", "verify", str(release)], capture_output=True, encoding="utf-8")
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -165,43 +168,48 @@ def test_qc_threshold_reruns_qc_and_release_not_generation(default_run):
     assert jobs == {"qc_check": _n_generation_shards(generated), "qc": 1, "fid": 1, "release": 1, "all": 1}
 
 
-def test_touched_script_reruns_its_stage_only(default_run):
-    """Snakemake reruns a script rule whose script is newer than its outputs, and nothing unrelated."""
+def test_touched_script_reruns_its_stage_only(default_run, tmp_path):
+    """Snakemake reruns a script rule whose script is newer than its outputs, and nothing unrelated.
+
+    The workflow's code is copied (file times kept) and the copy's script touched, so the checkout
+    that other tests run from is never changed."""
     import os
+    import shutil
 
     from helpers.paths import ROOT
 
     generated, _ = default_run
-    script = ROOT / "workflow_scripts" / "dataset_summary.py"
-    stat = script.stat()
-    assert planned_jobs(generated, "all") == {}
-    os.utime(script)
-    try:
-        assert planned_jobs(generated, "all") == {"dataset_summary": 1, "all": 1}
-    finally:
-        os.utime(script, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    assert planned_jobs(generated, "all") == {}
+    code = tmp_path / "code"
+    code.mkdir()
+    shutil.copy2(ROOT / "Snakefile", code / "Snakefile")
+    for folder in ("rules", "workflow_scripts", "report", "config"):
+        shutil.copytree(ROOT / folder, code / folder)  # copy2: file times kept
+    snakefile = code / "Snakefile"
+    assert planned_jobs(generated, "all", snakefile=snakefile) == {}
+    os.utime(code / "workflow_scripts" / "dataset_summary.py")
+    assert planned_jobs(generated, "all", snakefile=snakefile) == {"dataset_summary": 1, "all": 1}
+    assert planned_jobs(generated, "all") == {}  # the checkout's own scripts are untouched
 
 
 def test_more_cases_add_shards_only(default_copy):
     """One more case of a request adds one generation shard (run on a copy of the default run)."""
     generated = default_copy
-    first = generated / f"results/generated/{MASKED}/imagesTr/{MASKED}_00000.nii.gz"
+    first = generated / f"results/generated/{FREE}/imagesTr/{FREE}_00000.nii.gz"
     before = first.stat().st_mtime_ns
     path = generated / "config" / "config.yaml"
     original = path.read_text(encoding="utf-8")
     cfg = yaml.safe_load(original)
-    cfg["generate"]["requests"][MASKED]["n_cases"] = 3
+    cfg["generate"]["requests"][FREE]["n_cases"] = 3
     cfg["release"] = {"version": "0.2.0"}  # new content, new release version
     path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
     try:
         assert planned_jobs(generated, "all") == {"generate": 1, "qc_check": 1, "generated": 1, "qc": 1, "fid": 1, "release": 1, "all": 1}
         snakemake(generated, "all", timeout=900)
         assert first.stat().st_mtime_ns == before  # the existing cases are untouched
-        assert (generated / f"results/generated/{MASKED}/imagesTr/{MASKED}_00002.nii.gz").is_file()
+        assert (generated / f"results/generated/{FREE}/imagesTr/{FREE}_00002.nii.gz").is_file()
         releases = generated / "results/releases/default"
-        assert (releases / f"0.2.0/imagesTr/{MASKED}_00002.nii.gz").is_file()
-        assert not (releases / f"0.1.0/imagesTr/{MASKED}_00002.nii.gz").exists()  # the earlier version is unchanged
+        assert (releases / f"0.2.0/imagesTr/{FREE}_00002.nii.gz").is_file()
+        assert not (releases / f"0.1.0/imagesTr/{FREE}_00002.nii.gz").exists()  # the earlier version is unchanged
     finally:
         path.write_text(original, encoding="utf-8")
 
