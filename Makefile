@@ -23,7 +23,7 @@ lint: setup
 	$(BIN)/python tests/helpers/lint_workflow.py
 
 test: lint
-	$(BIN)/python -m pytest -q -ra -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -q -ra
 
 clean:
 	rm -rf results resources logs .snakemake

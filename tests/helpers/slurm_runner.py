@@ -14,11 +14,10 @@ from helpers.paths import ROOT
 
 SCRIPT = Path(__file__).with_name("slurm_cluster.sh")
 #: What a test run passes besides the profile: no accounting on the test cluster (so no sacct), and
-#: short status intervals (the plugin's default first check comes after 40 s, then one round every 10 s;
-#: the default run's chain of some 25 dependent jobs would wait minutes for them).
+#: short status intervals (the plugin's default first check comes after 40 s).
 SLURM_ARGS = (
     "--slurm-no-account", "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "2",
-    "--seconds-between-status-checks", "2", "--max-status-checks-per-second", "5", "--latency-wait", "10",
+    "--latency-wait", "10",
 )  # fmt: skip
 
 

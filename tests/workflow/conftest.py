@@ -18,17 +18,6 @@ from helpers import slurm_runner
 from helpers.paths import ROOT
 from helpers.workflow_runner import make_workdir, snakemake
 
-#: The pytest-xdist group of the tests that read the shared default run: one worker runs them all,
-#: so the run (and its SLURM cluster) happens once while the other worker takes the remaining tests.
-DEFAULT_RUN_GROUP = "default_run"
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if "default_run_record" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group(DEFAULT_RUN_GROUP))
-
 
 @pytest.fixture(scope="session")
 def cluster():
