@@ -49,17 +49,23 @@ def load_schema() -> dict[str, Any]:
     return copy.deepcopy(_schema())
 
 
-def schema_default(key: str) -> Any:
-    """The schema's default of a dotted config key, e.g. ``"train_vae.steps"`` (lists as tuples).
-
-    Raises ``KeyError`` naming the key when the schema has no such key or no default for it.
-    """
+def _node(key: str) -> dict[str, Any]:
+    """The schema of a dotted config key (``KeyError`` naming the key when the schema has none)."""
     node = _schema()
     for part in key.split("."):
         props = node.get("properties", {})
         if part not in props:
             raise KeyError(f"config/schema.yaml has no key {key!r}")
         node = props[part]
+    return node
+
+
+def schema_default(key: str) -> Any:
+    """The schema's default of a dotted config key, e.g. ``"train_vae.steps"`` (lists as tuples).
+
+    Raises ``KeyError`` naming the key when the schema has no such key or no default for it.
+    """
+    node = _node(key)
     if "default" not in node:
         raise KeyError(f"config/schema.yaml gives no default for {key!r}")
     return as_tuples(copy.deepcopy(node["default"]))
@@ -78,20 +84,14 @@ def source_default(source_type: str, key: str) -> Any:
 
 def schema_enum(key: str) -> tuple[Any, ...]:
     """The values the schema allows for a dotted config key (its ``enum``), in the schema's order."""
-    node = _schema()
-    for part in key.split("."):
-        node = node["properties"][part]
-    return tuple(node["enum"])
+    return tuple(_node(key)["enum"])
 
 
 @functools.cache
 def _key_validator(key: str) -> Any:
     import jsonschema
 
-    node = _schema()
-    for part in key.split("."):
-        node = node["properties"][part]
-    return jsonschema.Draft202012Validator({"$defs": _schema().get("$defs", {}), **node})
+    return jsonschema.Draft202012Validator({"$defs": _schema().get("$defs", {}), **_node(key)})
 
 
 def check_values(section: str, values: Mapping[str, Any]) -> None:
@@ -100,10 +100,7 @@ def check_values(section: str, values: Mapping[str, Any]) -> None:
     Settings built in Python (not from a validated config) get the same constraints, written once in the
     schema; a ``ValueError`` names the config key. Keys the section does not define are not checked.
     """
-    props = _schema()
-    for part in section.split("."):
-        props = props["properties"][part]
-    for key in props.get("properties", {}):
+    for key in _node(section).get("properties", {}):
         if key in values:
             error = next(iter(_key_validator(f"{section}.{key}").iter_errors(plain(values[key]))), None)
             if error is not None:
