@@ -4,7 +4,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup run test lint clean
+.PHONY: setup profiles run test lint clean
 
 $(VENV)/.installed: requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +14,10 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	touch $@
 
 setup: $(VENV)/.installed
+
+# The local and slurm profiles by name (snakemake --profile slurm): links in Snakemake's profile folder.
+profiles: setup
+	$(BIN)/python -m maisi.profiles install
 
 run: setup
 	$(BIN)/snakemake --profile profiles/local all

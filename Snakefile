@@ -1,5 +1,5 @@
 # Synthetic CT data factory (MAISI): the workflow's entry point.
-# Run: snakemake --profile profiles/local all
+# Run: snakemake --profile local all   (after `make profiles`; or --profile profiles/local)
 
 
 configfile: "config/config.yaml"

@@ -10,7 +10,7 @@ from helpers.paths import ROOT
 #: The stages in the order data flows through them; a stage may import itself and the stages before it.
 STAGES = ("core", "sources", "prepare", "models", "train", "generate", "evaluate", "release")
 #: Workflow-level modules that wire the stages together (the config's checks need every stage's vocabulary).
-TOP_LEVEL = {"maisi", "maisi.config", "maisi.dryrun"}
+TOP_LEVEL = {"maisi", "maisi.config", "maisi.dryrun", "maisi.profiles"}
 
 
 def _modules() -> dict[str, Path]:
