@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,12 +14,12 @@ from pathlib import Path
 from helpers.paths import ROOT
 
 SCRIPT = Path(__file__).with_name("slurm_cluster.sh")
-#: What a test run passes besides the profile: no accounting on the test cluster (so no sacct), and
-#: short status intervals (the plugin's default first check comes after 40 s).
-SLURM_ARGS = (
-    "--slurm-no-account", "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "2",
-    "--latency-wait", "10",
-)  # fmt: skip
+STEADY_POLLING = Path(__file__).with_name("snakemake_steady_polling.py")
+#: The site arguments the README gives for a cluster without accounting (no slurmdbd, so no sacct).
+SITE_ARGS = ("--slurm-no-account", "--slurm-status-command", "squeue")
+#: What the test run adds: a first status check after 2 s (the plugin's default waits 40 s) and a short
+#: latency wait (the test cluster's file system is local).
+QUICK_ARGS = ("--slurm-init-seconds-before-status-checks", "2", "--latency-wait", "10")
 
 
 def cluster_unavailable() -> str | None:
@@ -70,6 +71,7 @@ class SlurmRun:
     output: str
     jobs: dict[str, SlurmJob]
     cancelled: list[str]
+    env: dict[str, str]  # the environment it ran in (the installed profiles)
 
     def of_rule(self, rule: str) -> list[SlurmJob]:
         return [j for j in self.jobs.values() if j.rule == rule]
@@ -94,29 +96,69 @@ def all_jobs() -> dict[str, SlurmJob]:
     return jobs
 
 
-def run_workflow(
-    workdir: Path, *args: str, cancel_rule: str | None = None, cancel_after_s: float = 3.0, timeout: int = 3000
-) -> SlurmRun:
-    """Run ``snakemake --profile profiles/slurm`` in ``workdir``; returns the SLURM jobs it submitted.
+def install_profiles(home: Path) -> dict[str, str]:
+    """Install the factory's profiles by name (``python -m maisi.profiles install``, as the README says) into
+    ``home``; returns the environment under which ``snakemake --profile slurm`` finds them."""
+    env = {**os.environ, "XDG_CONFIG_HOME": str(home), "PYTHONIOENCODING": "utf-8"}
+    subprocess.run(
+        [sys.executable, "-m", "maisi.profiles", "install"], check=True, env=env, capture_output=True, encoding="utf-8"
+    )
+    return env
 
-    With ``cancel_rule``, the first job of that rule that has been running for ``cancel_after_s``
-    seconds is cancelled with ``scancel``, as an operator or a failing node would.
+
+def command(*args: str, steady_polling: bool = True) -> list[str]:
+    """The README's command for a working directory of one's own, run in that directory.
+
+    ``snakemake --snakefile <checkout>/Snakefile --profile slurm --slurm-no-account --slurm-status-command squeue ARGS``
+    with the ``snakemake`` program itself; with ``steady_polling``, through Snakemake's own command line with a
+    steady status interval (tests/helpers/snakemake_steady_polling.py) and :data:`QUICK_ARGS`.
     """
-    cmd = [
-        sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir),
-        "--profile", str(ROOT / "profiles" / "slurm"), *SLURM_ARGS, *args,
-    ]  # fmt: skip
+    if steady_polling:
+        return [
+            sys.executable,
+            str(STEADY_POLLING),
+            "--snakefile",
+            str(ROOT / "Snakefile"),
+            "--profile",
+            "slurm",
+            *SITE_ARGS,
+            *QUICK_ARGS,
+            *args,
+        ]
+    snakemake = str(Path(sys.executable).with_name("snakemake"))
+    return [snakemake, "--snakefile", str(ROOT / "Snakefile"), "--profile", "slurm", *SITE_ARGS, *args]
+
+
+def run_workflow(
+    workdir: Path,
+    *args: str,
+    env: dict[str, str],
+    steady_polling: bool = True,
+    cancel_rule: str | None = None,
+    cancel_after_s: float = 3.0,
+    timeout: int = 3000,
+    stop: threading.Event | None = None,
+) -> SlurmRun:
+    """Run ``snakemake --profile slurm ARGS`` (:func:`command`) in ``workdir``; returns the SLURM jobs it submitted.
+
+    ``env`` is the environment of :func:`install_profiles`. With ``cancel_rule``, the first job of that
+    rule that has been running for ``cancel_after_s`` seconds is cancelled with ``scancel``, as an
+    operator or a failing node would. A set ``stop`` ends the run and cancels its jobs.
+    """
+    cmd = command(*args, steady_polling=steady_polling)
     log = workdir / "slurm_run.log"
     before = set(all_jobs())
     running_since: dict[str, float] = {}
     cancelled: list[str] = []
     start = time.monotonic()
     with open(log, "w", encoding="utf-8") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+        proc = subprocess.Popen(cmd, cwd=workdir, stdout=fh, stderr=subprocess.STDOUT, env=env)
         try:
             while proc.poll() is None:
                 if time.monotonic() - start > timeout:
                     raise TimeoutError(f"the SLURM run did not finish in {timeout} s; see {log}")
+                if stop is not None and stop.is_set():
+                    raise RuntimeError(f"the SLURM run was stopped before it finished; see {log}")
                 if cancel_rule and not cancelled:
                     queue = subprocess.run(["squeue", "-h", "-o", "%i|%k|%T"], capture_output=True, encoding="utf-8").stdout
                     for line in queue.splitlines():
@@ -134,4 +176,4 @@ def run_workflow(
                 proc.kill()
                 subprocess.run(["scancel", "--user", str(os.getuid())], capture_output=True)
     jobs = {k: v for k, v in all_jobs().items() if k not in before}
-    return SlurmRun(proc.returncode, log.read_text(encoding="utf-8", errors="replace"), jobs, cancelled)
+    return SlurmRun(proc.returncode, log.read_text(encoding="utf-8", errors="replace"), jobs, cancelled, env)

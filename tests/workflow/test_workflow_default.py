@@ -5,6 +5,7 @@ The shared run and its SLURM cluster are fixtures of tests/workflow/conftest.py.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -12,6 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 from helpers import slurm_runner
+from helpers.paths import ROOT
 from helpers.workflow_runner import PREPARED, make_workdir, planned_jobs, snakemake
 
 from maisi.core.anatomy import BODY_REGIONS, one_hot
@@ -187,6 +189,12 @@ def test_slurm_cancelled_job_is_retried_without_partial_outputs(slurm_run, defau
 
 def test_slurm_second_run_submits_nothing(slurm_run, default_run):
     work, _ = default_run
-    again = slurm_runner.run_workflow(work, "all")
+    # the `snakemake` program itself, with the profile found by name, as the README gives the command
+    again = slurm_runner.run_workflow(work, "all", env=slurm_run.env, steady_polling=False)
     assert again.returncode == 0, again.output[-3000:]
     assert again.jobs == {} and "Nothing to be done" in again.output
+    readme = "snakemake --profile slurm --configfile my_site.yaml --slurm-no-account --slurm-status-command squeue all"
+    assert readme in (ROOT / "README.md").read_text(encoding="utf-8")
+    cmd = slurm_runner.command("all", steady_polling=False)
+    assert Path(cmd[0]).name == "snakemake" and cmd[1:3] == ["--snakefile", str(ROOT / "Snakefile")]
+    assert cmd[3:] == readme.replace(" --configfile my_site.yaml", "").split()[1:]  # the config is the working directory's
