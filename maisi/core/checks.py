@@ -7,7 +7,17 @@ from collections.abc import Mapping
 
 import numpy as np
 
-__all__ = ["InputError", "check_ct_image", "check_label_matches", "spacing_from_affine", "check_nifti_spacing", "ConfigError"]
+__all__ = [
+    "InputError",
+    "SPACING_RANGE",
+    "check_ct_image",
+    "check_label_matches",
+    "check_spacing",
+    "spacing_from_affine",
+    "check_nifti_spacing",
+    "ConfigError",
+]
+
 
 class InputError(ValueError):
     """A case's input is unusable; ``path`` names the file and ``problem`` says why."""
@@ -41,9 +51,7 @@ def check_ct_image(array: np.ndarray, affine: np.ndarray, path, ct_check: Mappin
     if not np.isfinite(array).all():
         bad = int((~np.isfinite(array)).sum())
         raise InputError(path, f"{bad} voxel(s) are NaN or infinite")
-    spacing = spacing_from_affine(affine)
-    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 1e-6):
-        raise InputError(path, f"missing or zero voxel spacing {np.round(spacing, 6).tolist()} in the header")
+    check_spacing(spacing_from_affine(affine), path)
     lo, hi = float(array.min()), float(array.max())
     if lo < ct_check["min_value"] or hi > ct_check["max_value"]:
         raise InputError(
@@ -60,7 +68,10 @@ def check_ct_image(array: np.ndarray, affine: np.ndarray, path, ct_check: Mappin
 
 
 def check_label_matches(label: np.ndarray, label_affine, image: np.ndarray, image_affine, label_path, image_path) -> None:
-    """The label map must be 3-D, on the image's grid (same shape and affine) and hold integer values."""
+    """The label map must be 3-D, on the image's grid (same shape and affine) and hold non-negative integers.
+
+    Values above 255 (other segmenters' outputs) are allowed here: the source's ``label_map`` maps them to MAISI ids.
+    """
     if label.shape[1:] != image.shape[1:]:
         raise InputError(
             label_path,
@@ -76,16 +87,34 @@ def check_label_matches(label: np.ndarray, label_affine, image: np.ndarray, imag
         raise InputError(label_path, "label map holds NaN or infinite values")
     if not np.array_equal(label, np.round(label)):
         raise InputError(label_path, "label map holds non-integer values")
-    if label.min() < 0 or label.max() > 255:
-        raise InputError(label_path, f"label values {label.min():g}..{label.max():g} outside 0..255")
+    if label.min() < 0:
+        raise InputError(label_path, f"label map holds negative values (minimum {label.min():g})")
+
+
+#: Voxel spacings outside this range (mm) are header errors, not CT: 10 µm to 100 mm.
+SPACING_RANGE = (0.01, 100.0)
+
+
+def check_spacing(spacing, path, where: str = "the header") -> None:
+    """Spacing (mm per axis) must be finite and within :data:`SPACING_RANGE`; ``where`` names the header field."""
+    spacing = np.asarray(spacing, dtype=np.float64)
+    lo, hi = SPACING_RANGE
+    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise InputError(
+            path,
+            f"missing or zero voxel spacing {np.round(spacing, 6).tolist()} in {where} (each axis needs a finite spacing above 0)",
+        )
+    if np.any(spacing < lo) or np.any(spacing > hi):
+        raise InputError(path, f"voxel spacing {np.round(spacing, 6).tolist()} mm in {where} is outside [{lo:g}, {hi:g}] mm")
 
 
 def check_nifti_spacing(path) -> None:
-    """Reject a NIfTI whose header has no usable spacing.
+    """Reject a NIfTI whose header gives no usable spacing, in whichever field defines it.
 
     nibabel silently replaces zero ``pixdim`` values by 1 mm when it loads a file, so a scan
     without spacing would otherwise be prepared at a made-up resolution. The raw header is read
-    here without that fix; a valid sform or qform defines the spacing on its own.
+    here without that fix. The spacing is the sform's column norms where ``sform_code > 0``, else
+    ``pixdim`` (which is also the qform's scaling where ``qform_code > 0``).
     """
     import gzip
 
@@ -100,11 +129,12 @@ def check_nifti_spacing(path) -> None:
             hdr = nib.Nifti1Header.from_fileobj(fh, check=False)
     except Exception as exc:
         raise InputError(path, f"cannot be read ({type(exc).__name__}: {exc}); the file is corrupt or truncated") from exc
-    if int(hdr["sform_code"]) > 0 or int(hdr["qform_code"]) > 0:
+    if int(hdr["sform_code"]) > 0:
+        srow = np.stack([hdr["srow_x"], hdr["srow_y"], hdr["srow_z"]]).astype(np.float64)
+        check_spacing(np.sqrt((srow[:, :3] ** 2).sum(axis=0)), path, "the header's sform (srow_x/y/z)")
         return
-    pixdim = np.asarray(hdr["pixdim"][1:4], dtype=np.float64)
-    if not np.all(np.isfinite(pixdim)) or np.any(pixdim <= 0):
-        raise InputError(path, f"missing or zero voxel spacing {pixdim.tolist()} in the header (pixdim, no sform/qform)")
+    field = "the header's pixdim (the qform's scaling)" if int(hdr["qform_code"]) > 0 else "the header's pixdim (no sform/qform)"
+    check_spacing(np.asarray(hdr["pixdim"][1:4], dtype=np.float64), path, field)
 
 
 class ConfigError(ValueError):

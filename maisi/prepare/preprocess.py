@@ -18,7 +18,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from maisi.core.checks import InputError, check_ct_image, check_label_matches, check_nifti_spacing, spacing_from_affine
+from maisi.core.checks import (
+    InputError,
+    check_ct_image,
+    check_label_matches,
+    check_nifti_spacing,
+    check_spacing,
+    spacing_from_affine,
+)
 from maisi.core.io import read_json, save_nifti, sha256_file, write_json
 from maisi.core.labels import maisi_labels
 from maisi.core.provenance import provenance
@@ -92,12 +99,56 @@ def load_scan(path: str | Path) -> MetaTensor:
 
     reader = _reader_for(path)
     check_nifti_spacing(path)
+    check_nrrd_spacing(path)
+    if path.is_dir():
+        check_dicom_slices(path)
     try:
         return LoadImage(reader=reader, image_only=True, ensure_channel_first=True, dtype=np.float32)(str(path))
     except InputError:
         raise
     except Exception as exc:  # readers raise many types for corrupt or truncated files
         raise InputError(path, f"cannot be read ({type(exc).__name__}: {exc}); the file is corrupt or truncated") from exc
+
+
+def check_nrrd_spacing(path: Path) -> None:
+    """An NRRD header must say where its voxels are: 'space directions' (or 'spacings'), non-zero and finite."""
+    if not path.name.lower().endswith((".nrrd", ".nhdr")):
+        return
+    import nrrd
+
+    try:
+        header = nrrd.read_header(str(path))
+    except Exception as exc:
+        raise InputError(path, f"cannot be read ({type(exc).__name__}: {exc}); the NRRD header is corrupt or truncated") from exc
+    if "space directions" in header:
+        rows = [d for d in header["space directions"] if d is not None and not np.all(np.isnan(np.asarray(d, float)))]
+        if len(rows) < 3:
+            raise InputError(path, f"the NRRD header's 'space directions' give {len(rows)} spatial axes, not 3")
+        check_spacing(np.sqrt((np.asarray(rows, float) ** 2).sum(axis=1)), path, "the NRRD header's 'space directions'")
+    elif "spacings" in header:
+        check_spacing(np.asarray(header["spacings"], float)[:3], path, "the NRRD header's 'spacings'")
+    else:
+        raise InputError(path, "the NRRD header has no 'space directions' (nor 'spacings'): the voxel spacing is missing")
+
+
+def check_dicom_slices(folder: Path) -> None:
+    """Every file of a DICOM series must be a readable slice with a position; the first that is not is named.
+
+    MONAI's DICOM reader skips a slice it cannot place (with a warning), which would leave a gap in the volume.
+    """
+    import pydicom
+
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    if not files:
+        raise InputError(folder, "the DICOM folder holds no file")
+    for file in files:
+        try:
+            ds = pydicom.dcmread(str(file), stop_before_pixels=True)
+        except Exception as exc:
+            raise InputError(file, f"slice of the DICOM series {folder} cannot be read ({type(exc).__name__}: {exc})") from exc
+        missing = [tag for tag in ("InstanceNumber", "ImagePositionPatient", "PixelSpacing") if tag not in ds]
+        if missing:
+            raise InputError(file, f"slice of the DICOM series {folder} lacks {', '.join(missing)} (truncated or not an image slice)")
 
 
 def map_labels(label: np.ndarray, label_map: Mapping[int, int] | None, path) -> np.ndarray:
@@ -109,13 +160,13 @@ def map_labels(label: np.ndarray, label_map: Mapping[int, int] | None, path) -> 
         if unknown:
             raise InputError(path, f"label values {unknown} are not MAISI label ids; give the source a 'label_map'")
         return label.astype(np.uint8)
-    lut = np.zeros(256, dtype=np.uint8)
-    for src, dst in label_map.items():
-        lut[int(src)] = int(dst)
     unknown = sorted(int(v) for v in values if v != 0 and int(v) not in label_map)
     if unknown:
         raise InputError(path, f"label values {unknown} have no entry in the source's label_map")
-    return lut[label.astype(np.int64)]
+    # Source values may exceed 255 (other segmenters' outputs): map the values present, not a 256-entry table.
+    present, inverse = np.unique(label.astype(np.int64), return_inverse=True)
+    mapped = np.array([label_map.get(int(v), 0) for v in present], dtype=np.uint8)
+    return mapped[inverse].reshape(label.shape)
 
 
 def case_outputs(out_root: str | Path, source: str, case_id: str) -> dict[str, Path]:

@@ -137,6 +137,59 @@ def test_zero_spacing(tmp_path):
     _expect_error(tmp_path, _case(tmp_path, path), "zero voxel spacing")
 
 
+def _with_header(path, vol, *, pixdim=(1.0, 1.0, 1.0), qform=0, sform=None):
+    """A NIfTI whose header fields are written as given (nibabel's own fixes bypassed)."""
+    img = nib.Nifti1Image(vol, None)
+    hdr = img.header
+    hdr["pixdim"][1:4] = pixdim
+    hdr["qform_code"], hdr["sform_code"] = qform, 0
+    if sform is not None:
+        hdr["sform_code"] = 1
+        hdr["srow_x"], hdr["srow_y"], hdr["srow_z"] = sform
+    img.to_filename(str(path))
+    return path
+
+
+@pytest.mark.parametrize(
+    "name,fields,match",
+    [
+        ("qform_zero_z", {"pixdim": (3.0, 3.0, 0.0), "qform": 1}, r"zero voxel spacing \[3.0, 3.0, 0.0\] in the header's pixdim \(the qform"),
+        ("qform_negative", {"pixdim": (3.0, -3.0, 1.0), "qform": 1}, "zero voxel spacing"),
+        ("pixdim_nan", {"pixdim": (np.nan, 1.0, 1.0)}, "zero voxel spacing"),
+        ("sform_zero_column", {"sform": ((2, 0, 0, 0), (0, 2, 0, 0), (0, 0, 0, 0))}, r"in the header's sform"),
+        ("absurd", {"pixdim": (1.0, 1.0, 500.0), "qform": 1}, r"500.0\] mm in the header's pixdim .*outside \[0.01, 100\] mm"),
+        ("tiny", {"sform": ((1e-4, 0, 0, 0), (0, 1, 0, 0), (0, 0, 1, 0))}, r"outside \[0.01, 100\] mm"),
+    ],
+)
+def test_bad_spacing_in_any_header_field_names_the_file(tmp_path, name, fields, match):
+    """A zero, negative, NaN or absurd spacing is an error wherever the header keeps it (pixdim, qform, sform)."""
+    path = _with_header(tmp_path / f"{name}.nii.gz", ct_volume((40, 36, 20)), **fields)
+    err = _expect_error(tmp_path, _case(tmp_path, path), match)
+    assert err.path == str(path)
+
+
+def test_qform_spacing_is_used_when_valid(tmp_path):
+    path = _with_header(tmp_path / "ok.nii.gz", ct_volume((40, 36, 20)), pixdim=(2.0, 2.5, 3.0), qform=1)
+    row = preprocess_case(_case(tmp_path, path), tmp_path / "out", PreprocessSettings(divisor=32))
+    assert json.loads(row["orig_spacing"]) == pytest.approx([2.0, 2.5, 3.0])
+
+
+def test_label_values_above_255_map_through_the_label_map(tmp_path):
+    """Other segmenters' values (here 300 and 1000) become MAISI ids; an unmapped one above 255 is named."""
+    img = write_nifti(tmp_path / "img.nii.gz", ct_volume((40, 36, 20)))
+    lab = np.zeros((40, 36, 20), np.int16)
+    lab[5:15, 5:15, 5:15] = 300
+    lab[20:30, 20:30, 5:15] = 1000
+    lbl = write_nifti(tmp_path / "lab.nii.gz", lab)
+    preprocess_case(_case(tmp_path, img, lbl, {300: 1, 1000: 3}), tmp_path / "out", PreprocessSettings(divisor=32))
+    out = np.asanyarray(nib.load(tmp_path / "out/src/labels/c1.nii.gz").dataobj)
+    assert set(np.unique(out).tolist()) == {0, 1, 3}
+    lab[0, 0, 0] = 400
+    write_nifti(tmp_path / "lab2.nii.gz", lab)
+    _expect_error(tmp_path / "x", _case(tmp_path, img, tmp_path / "lab2.nii.gz", {300: 1, 1000: 3}), r"\[400\] have no entry")
+    _expect_error(tmp_path / "y", _case(tmp_path, img, tmp_path / "lab2.nii.gz"), r"\[300, 400, 1000\] are not MAISI label ids")
+
+
 def test_label_shape_mismatch(tmp_path):
     img = write_nifti(tmp_path / "img.nii.gz", ct_volume((40, 36, 20)))
     lbl = write_nifti(tmp_path / "lab.nii.gz", np.zeros((40, 36, 21), np.uint8))
@@ -180,3 +233,27 @@ def test_dicom_series_matches_nifti(tmp_path):
     assert a["spacing"] == b["spacing"] == json.dumps([1.875, 1.6875, 1.875])
     np.testing.assert_array_equal(np.asanyarray(nib.load(a["image_hu"]).dataobj), np.asanyarray(nib.load(b["image_hu"]).dataobj))
     np.testing.assert_allclose(nib.load(a["image"]).affine, nib.load(b["image"]).affine, atol=1e-4)
+
+
+def test_nrrd_without_or_with_zero_spacing_says_what_is_missing(tmp_path):
+    import nrrd
+
+    vol = ct_volume((40, 36, 20))
+    nrrd.write(str(tmp_path / "none.nrrd"), vol, {"space": "left-posterior-superior"})
+    err = _expect_error(tmp_path, _case(tmp_path, tmp_path / "none.nrrd"), "no 'space directions' \\(nor 'spacings'\\): the voxel spacing is missing")
+    assert "corrupt" not in str(err)
+    flat = {"space": "left-posterior-superior", "space directions": np.diag([1.0, 1.0, 0.0]), "space origin": np.zeros(3)}
+    nrrd.write(str(tmp_path / "flat.nrrd"), vol, flat)
+    _expect_error(tmp_path, _case(tmp_path, tmp_path / "flat.nrrd"), "zero voxel spacing .* in the NRRD header's 'space directions'")
+    ok = dict(flat, **{"space directions": np.diag([1.5, 1.5, 3.0])})
+    nrrd.write(str(tmp_path / "ok.nrrd"), vol, ok)
+    row = preprocess_case(_case(tmp_path, tmp_path / "ok.nrrd"), tmp_path / "out", PreprocessSettings(divisor=32))
+    assert json.loads(row["orig_spacing"]) == pytest.approx([1.5, 1.5, 3.0])
+
+
+def test_dicom_series_with_a_broken_slice_names_the_slice(tmp_path):
+    folder = write_dicom_series(tmp_path / "series", ct_volume((16, 16, 6)))
+    broken = folder / "slice_003.dcm"
+    broken.write_bytes(broken.read_bytes()[:400])  # truncated mid-header
+    err = _expect_error(tmp_path, _case(tmp_path, folder), "slice of the DICOM series .*series (cannot be read|lacks)")
+    assert err.path == str(broken)
