@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +14,10 @@ from maisi.core.anatomy import BODY_REGIONS
 from maisi.core.checks import ConfigError
 from maisi.core.schema import SCHEMA_FILE, load_schema
 from maisi.generate.requests import RequestError, config_requests
+from maisi.sources.cases import resolve_label_map
+from maisi.sources.catalog import default_catalog_path, load_catalog
 
-__all__ = ["ConfigError", "load_config", "validate_config", "check_config", "schema_path", "key_path"]
-
+__all__ = ["ConfigError", "load_config", "validate_config", "check_schema", "check_config", "schema_path", "key_path"]
 
 
 def schema_path() -> Path:
@@ -46,6 +47,19 @@ def _with_defaults(validator_class):
 
 
 _Validator = _with_defaults(jsonschema.Draft202012Validator)
+
+
+def check_schema(config: Mapping[str, Any], files: Sequence[str | Path] = ()) -> None:
+    """The schema's check alone, with a one-line error: the key, the problem and the config file(s).
+
+    Snakemake's own ``validate`` reports the same problem followed by the whole schema and config
+    (about 2,000 lines); the workflow calls this first, so that the first and last lines say what is wrong.
+    """
+    errors = list(_Validator(load_schema()).iter_errors(copy.deepcopy(dict(config))))
+    if errors:
+        err = jsonschema.exceptions.best_match(errors)
+        where = f" (in {', '.join(map(str, files))})" if files else ""
+        raise ConfigError(f"config key '{key_path(err.absolute_path)}': {err.message}{where}")
 
 
 def validate_config(config: Mapping[str, Any]) -> dict:
@@ -88,7 +102,9 @@ def check_config(cfg: dict) -> None:
         if path and not Path(path).is_file():
             raise ConfigError(f"config key 'pretrained.{key}': checkpoint file {path} does not exist")
     if cfg["fid"]["enabled"] and not cfg["preprocess"]["keep_hu"]:
-        raise ConfigError("config key 'fid.enabled': FID reads the real cases in HU; set 'preprocess.keep_hu: true' or 'fid.enabled: false'")
+        raise ConfigError(
+            "config key 'fid.enabled': FID reads the real cases in HU; set 'preprocess.keep_hu: true' or 'fid.enabled: false'"
+        )
     if cfg["fid"]["enabled"] and cfg["fid"]["extractor"] == "radimagenet_resnet50":
         weights = cfg["fid"]["weights"]
         if not weights or not Path(weights).is_file():
@@ -118,7 +134,12 @@ def check_config(cfg: dict) -> None:
                 raise ConfigError(f"config key '{key}': top region '{top}' lies below bottom region '{bottom}'")
         for key in src.get("label_map") or {}:
             if not str(key).isdigit():
-                raise ConfigError(f"config key 'sources.{name}.label_map.{key}': source label values must be integers")
+                raise ConfigError(
+                    f"config key 'sources.{name}.label_map.{key}': source label values must be non-negative integers"
+                )
+        resolve_label_map(src.get("label_map"), f"sources.{name}.label_map")  # every target a MAISI class name or id
+        if src["type"] == "dataset":
+            _check_catalog_dataset(cfg, name, src)
         if src["type"] == "phantom":
             for key in ("spacing_xy", "spacing_z"):
                 if key in src and src[key][0] > src[key][1]:
@@ -127,6 +148,20 @@ def check_config(cfg: dict) -> None:
             raise ConfigError(f"config key 'sources.{name}.images': pattern must contain '{{case}}'")
         if src["type"] == "local" and src.get("labels") and "{case}" not in src["labels"]:
             raise ConfigError(f"config key 'sources.{name}.labels': pattern must contain '{{case}}'")
+
+
+def _check_catalog_dataset(cfg: dict, name: str, src: dict) -> None:
+    """A dataset source names an entry of the catalog (``catalog``, read here; its own errors name its file)."""
+    path = cfg.get("catalog") or default_catalog_path()
+    try:
+        entries = load_catalog(path)
+    except FileNotFoundError:
+        raise ConfigError(f"config key 'catalog': catalog file {path} does not exist") from None
+    if src["dataset"] not in entries:
+        raise ConfigError(
+            f"config key 'sources.{name}.dataset': {src['dataset']!r} is not a dataset of the catalog {path}; "
+            f"its datasets are: {', '.join(sorted(entries))}"
+        )
 
 
 def _check_requests(cfg: dict) -> None:

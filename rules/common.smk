@@ -3,19 +3,24 @@
 # All logic lives in the `maisi` package; the rule files only adapt it to Snakemake.
 import functools
 import json
+import sys
 
 from snakemake.utils import min_version, validate
 
 import maisi.sources.cases as plan
-from maisi.config import check_config
+from maisi.config import ConfigError, check_config, check_schema
 from maisi.core.cluster import attempt_memory, slurm_resources
 from maisi.generate.requests import config_requests
 
 min_version("9.0")
 
 
-validate(config, "../config/schema.yaml")  # fills the schema's defaults
-check_config(config)  # what the schema cannot express
+try:  # one line naming the key and the file (Snakemake's validate would dump the schema and config: ~2,000 lines)
+    check_schema(config, workflow.configfiles)
+    validate(config, "../config/schema.yaml")  # fills the schema's defaults
+    check_config(config)  # what the schema cannot express
+except ConfigError as exc:
+    sys.exit(f"Error: {exc}" + (f" (in {', '.join(workflow.configfiles)})" if " (in " not in str(exc) else ""))
 SOURCES = sorted(config["sources"])
 # Requests were checked with the config (maisi.config); impossible ones never reach a job.
 REQUESTS = config_requests(config)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import glob
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -27,7 +28,21 @@ from maisi.sources.phantom.spec import PhantomOptions, plan_phantom_cases
 if TYPE_CHECKING:
     pass
 
-__all__ = ["RESOURCES", "RESULTS", "local_cases", "phantom_specs", "phantom_cases", "table_cases", "n_shards", "shards_of", "resolve_label_map", "CaseInput"]
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "RESOURCES",
+    "RESULTS",
+    "local_cases",
+    "phantom_specs",
+    "phantom_cases",
+    "table_cases",
+    "n_shards",
+    "shards_of",
+    "resolve_label_map",
+    "CaseInput",
+]
 
 RESOURCES = "resources"
 
@@ -51,6 +66,10 @@ def resolve_label_map(label_map: Mapping | None, where: str) -> dict[int, int] |
         raise ConfigError(f"config key '{where}': {exc}") from None
 
 
+#: What a case id may be: it names output files and is a Snakemake wildcard value (no braces, no path parts).
+CASE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+
+
 def _pattern_regex(pattern: str) -> re.Pattern:
     head, _, tail = pattern.partition("{case}")
     return re.compile(re.escape(head) + r"(?P<case>[^/]+?)" + re.escape(tail.rstrip("/")) + r"/?$")
@@ -72,6 +91,12 @@ def local_cases(name: str, src: Mapping[str, Any]) -> list[CaseInput]:
         if not m:
             continue
         case = m.group("case")
+        if not CASE_ID.fullmatch(case):
+            raise ConfigError(
+                f"config key 'sources.{name}.images': {path} gives the case id {case!r}; case ids are made of letters, "
+                "digits, '_', '-', '+' and '.', start with a letter or digit and name output files (rename the file, "
+                "or choose a pattern that leaves such characters outside {case})"
+            )
         label = None
         if src.get("labels"):
             candidate = root / src["labels"].replace("{case}", case)
@@ -79,6 +104,17 @@ def local_cases(name: str, src: Mapping[str, Any]) -> list[CaseInput]:
         cases.append(CaseInput(source=name, case_id=case, image=str(Path(path)), label=label, label_map=label_map))
     if not cases:
         raise ConfigError(f"config key 'sources.{name}.images': no file matches {root / image_pattern}")
+    if src.get("labels"):
+        unlabelled = [c.case_id for c in cases if c.label is None]
+        if len(unlabelled) == len(cases):
+            raise ConfigError(
+                f"config key 'sources.{name}.labels': no case has a label map: nothing matches {root / src['labels']} "
+                f"(for case {cases[0].case_id}: {root / src['labels'].replace('{case}', cases[0].case_id)}); "
+                "fix the pattern, or set labels: null for a source without label maps"
+            )
+        if unlabelled:
+            log.warning("source %s: %d of %d cases have no label map at %s: %s", name, len(unlabelled), len(cases),
+                        root / src["labels"], ", ".join(unlabelled))  # fmt: skip
     return cases
 
 

@@ -90,6 +90,13 @@ def test_config_error_stops_before_any_job(tmp_path):
     assert proc.returncode != 0
     assert "sources.p.spacing_z" in proc.stdout + proc.stderr
     assert not (work / "results").exists()
+    # an unknown key: one line naming the key and the config file, not Snakemake's dump of schema and config
+    make_workdir(work, {"colour": "blue", "sources": {"p": {"type": "phantom", "n_cases": 2}}})
+    proc = snakemake(work, *PREPARED, check=False)
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    assert proc.returncode != 0 and len(lines) < 5, lines[:10]
+    for line in (lines[0], lines[-1]):
+        assert "config key '<top level>'" in line and "'colour' was unexpected" in line and "config/config.yaml" in line
 
 
 def test_catalog_dataset_over_http(tmp_path):

@@ -34,6 +34,12 @@ def test_default_config_is_valid_and_filled():
             "sources.phantom.regions",
         ),
         (lambda c: c["sources"].update(loc={"type": "local", "path": "x", "images": "*.nii.gz"}), "sources.loc.images"),
+        (lambda c: c.update(run_name=".."), "run_name"),
+        (lambda c: c.update(run_name=".hidden"), "run_name"),
+        (lambda c: c["sources"].update(loc={"type": "local", "path": "x", "images": "{case}.nii.gz", "label_map": {1: "not an organ"}}),
+         "sources.loc.label_map"),  # fmt: skip
+        (lambda c: c["sources"].update(loc={"type": "local", "path": "x", "images": "{case}.nii.gz", "label_map": {"-1": "liver"}}),
+         "sources.loc.label_map.-1"),  # fmt: skip
     ],
 )
 def test_config_errors_name_the_key(mutate, key):
@@ -49,3 +55,25 @@ def test_yaml_error_names_file(tmp_path):
     path.write_text("sources: [unclosed\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="c.yaml: not valid YAML"):
         load_config(path)
+
+
+def test_label_map_keys_above_255_are_valid():
+    cfg = _default()
+    cfg["sources"]["loc"] = {"type": "local", "path": "x", "images": "{case}.nii.gz", "label_map": {300: "liver", 1000: 3}}
+    assert validate_config(cfg)["sources"]["loc"]["label_map"] == {300: "liver", 1000: 3}
+
+
+def test_unknown_catalog_dataset_names_the_key_the_catalog_and_the_choices():
+    cfg = _default()
+    cfg["catalog"] = str(ROOT / "config/datasets.yaml")
+    cfg["sources"]["spleen"] = {"type": "dataset", "dataset": "msd_task99_nothing"}
+    with pytest.raises(ConfigError) as err:
+        validate_config(cfg)
+    msg = str(err.value)
+    assert "'sources.spleen.dataset'" in msg and "'msd_task99_nothing'" in msg and "datasets.yaml" in msg
+    assert "msd_task09_spleen" in msg  # the valid names
+    cfg["sources"]["spleen"]["dataset"] = "msd_task09_spleen"
+    validate_config(cfg)
+    cfg["catalog"] = str(ROOT / "config/nope.yaml")
+    with pytest.raises(ConfigError, match="'catalog': catalog file .*nope.yaml does not exist"):
+        validate_config(cfg)

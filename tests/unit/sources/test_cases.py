@@ -40,3 +40,37 @@ def test_shards_only_non_empty(tmp_path):
     cases = local_cases("s", {"path": str(tmp_path), "images": "images/{case}.nii.gz", "labels": None})
     groups = shards_of(cases, 64)
     assert 1 <= len(groups) <= 3 and sum(len(v) for v in groups.values()) == 3
+
+
+def test_labels_pattern_matching_no_file_is_a_config_error(tmp_path, caplog):
+    """A mistyped labels pattern would drop every label silently; some cases without a label are logged by name."""
+    for c in ("a", "b", "c"):
+        write_nifti(tmp_path / "images" / f"{c}.nii.gz", ct_volume((8, 8, 3)))
+    write_nifti(tmp_path / "labels" / "a.nii.gz", np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(ConfigError, match=r"'sources.s.labels': no case has a label map: nothing matches .*lables/\{case\}.nii.gz"):
+        local_cases("s", {"path": str(tmp_path), "images": "images/{case}.nii.gz", "labels": "lables/{case}.nii.gz"})
+    with caplog.at_level("WARNING", logger="maisi.sources.cases"):
+        cases = local_cases("s", {"path": str(tmp_path), "images": "images/{case}.nii.gz", "labels": "labels/{case}.nii.gz"})
+    assert [c.case_id for c in cases if c.label] == ["a"]
+    assert "2 of 3 cases have no label map" in caplog.text and "b, c" in caplog.text
+
+
+@pytest.mark.parametrize("name,case", [("brace{x}.nii.gz", "brace{x}"), ("x...nii.gz", ".."), ("x.hidden.nii.gz", ".hidden")])
+def test_case_ids_that_cannot_name_outputs_are_refused_by_file(tmp_path, name, case):
+    """Braces (Snakemake wildcards) and ids made of dots stop the listing with the file and the allowed characters."""
+    write_nifti(tmp_path / "ok1.nii.gz", ct_volume((8, 8, 3)))
+    write_nifti(tmp_path / name, ct_volume((8, 8, 3)))
+    pattern = "x{case}.nii.gz" if name.startswith("x") else "{case}.nii.gz"
+    with pytest.raises(ConfigError) as err:
+        local_cases("s", {"path": str(tmp_path), "images": pattern, "labels": None})
+    msg = str(err.value)
+    assert "'sources.s.images'" in msg and str(tmp_path / name) in msg and repr(case) in msg and "letters, digits" in msg
+
+
+def test_temporary_names_keep_only_the_format_suffix(tmp_path):
+    from maisi.core.io import save_nifti, temp_suffix
+
+    assert temp_suffix("a/...nii.gz") == ".nii.gz" and temp_suffix("a/x.y.tsv") == ".tsv" and temp_suffix("a/...") == ".tmp"
+    dest = tmp_path / "...nii.gz"  # an id of dots can no longer reach a file name, and still would be written
+    save_nifti(np.zeros((2, 2, 2), np.uint8), np.eye(4), dest, np.uint8)
+    assert dest.is_file() and [p.name for p in tmp_path.iterdir()] == ["...nii.gz"]
