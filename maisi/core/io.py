@@ -11,6 +11,8 @@ import contextlib
 import hashlib
 import json
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -18,12 +20,51 @@ from typing import Any
 
 from maisi.core.provenance import provenance
 
-__all__ = ["atomic_path", "current_umask", "json_default", "write_json", "write_text", "write_with_sidecar", "sidecar_path", "current_sidecar", "sha256_file", "read_json", "save_nifti"]
+__all__ = ["atomic_path", "remove_stale_temporaries", "temp_suffix", "current_umask", "json_default", "write_json", "write_text", "write_with_sidecar", "sidecar_path", "current_sidecar", "sha256_file", "read_json", "save_nifti"]
 
 def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+#: Compression suffixes kept together with the format suffix before them (``.nii.gz``).
+_COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
+
+
+def temp_suffix(dest: str | os.PathLike) -> str:
+    """The format suffix of ``dest`` for its temporary name: ``.nii.gz``, ``.tsv``, else ``.tmp``.
+
+    Only the last suffix, and the one before a compression suffix, count: the rest of the name (a case
+    id such as ``...`` or ``a.b``) never reaches the temporary name's suffix.
+    """
+    def plain(s: str) -> bool:
+        return len(s) > 1 and s[1:].isalnum()
+
+    dest = Path(dest)
+    last = dest.suffix
+    if not plain(last):
+        return ".tmp"
+    before = Path(dest.stem).suffix
+    return before + last if last in _COMPRESSED and plain(before) else last
+
+
+def remove_stale_temporaries(dest: str | os.PathLike, suffix: str | None = None) -> list[Path]:
+    """Remove the temporary files a killed writer of ``dest`` left beside it (``.<name>.<8 random chars><suffix>``).
+
+    A process killed with SIGKILL cannot clean up; the next write of the same output (the job's rerun)
+    removes what it left. Each output has one writer at a time, so such a file is never in use.
+    """
+    dest = Path(dest)
+    suffix = temp_suffix(dest) if suffix is None else suffix
+    pattern = re.compile(re.escape(f".{dest.name}.") + r"[A-Za-z0-9_]{8}" + re.escape(suffix))
+    removed = []
+    if dest.parent.is_dir():
+        for path in dest.parent.iterdir():
+            if pattern.fullmatch(path.name):
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
 
 
 @contextlib.contextmanager
@@ -37,7 +78,8 @@ def atomic_path(dest: str | os.PathLike, suffix: str | None = None) -> Iterator[
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     if suffix is None:
-        suffix = "".join(dest.suffixes) or ".tmp"
+        suffix = temp_suffix(dest)
+    remove_stale_temporaries(dest, suffix)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix, dir=dest.parent)
     os.close(fd)
     tmp_path = Path(tmp)
