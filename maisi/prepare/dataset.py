@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
 
+from maisi.core.checks import InputError
 from maisi.core.io import write_json
 from maisi.core.provenance import provenance
 from maisi.core.shards import shard_of
 from maisi.core.tables import read_table, write_table
 
-__all__ = ["assemble", "write_dataset", "CASE_COLUMNS", "REJECTED_COLUMNS"]
+__all__ = ["assemble", "check_not_all_rejected", "write_dataset", "CASE_COLUMNS", "REJECTED_COLUMNS"]
+
+log = logging.getLogger(__name__)
 
 CASE_COLUMNS = (
     "source", "case_id", "fold", "image", "image_hu", "label", "dim", "spacing", "orig_dim", "orig_spacing",
@@ -84,8 +88,24 @@ def datalist(cases: pd.DataFrame, root: str | os.PathLike) -> dict:
     return {"training": entries}
 
 
+def check_not_all_rejected(cases: pd.DataFrame, rejected: pd.DataFrame) -> None:
+    """Every case rejected (``on_error: skip``) stops the run here, not at training: the commonest reasons, each case logged."""
+    if not cases.empty or rejected.empty:
+        return
+    for r in rejected.itertuples():
+        log.error("rejected %s/%s at %s: %s", r.source, r.case_id, r.stage, r.reason)
+    reasons = rejected.reason.str.replace(r"^\S+: ", "", regex=True).value_counts()  # the reason without the file
+    common = "; ".join(f"{n} x {reason}" for reason, n in reasons.head(3).items())
+    raise InputError(
+        None,
+        f"every case was rejected ({len(rejected)} of {len(rejected)}), so there is no dataset to train on. "
+        f"Commonest reasons: {common}. Each case and its reason is in this job's log (on_error: skip left them out).",
+    )
+
+
 def write_dataset(prepared_tables, region_tables, folds: int, datalist_path, cases_path, rejected_path, run_name: str) -> pd.DataFrame:
     cases, rejected = assemble(prepared_tables, region_tables, folds)
+    check_not_all_rejected(cases, rejected)
     write_table(cases.to_dict("records"), cases_path, "dataset", CASE_COLUMNS)
     write_table(rejected.to_dict("records"), rejected_path, "dataset", REJECTED_COLUMNS)
     dl = datalist(cases, Path(datalist_path).parent)
