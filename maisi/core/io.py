@@ -18,6 +18,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from maisi.core.logs import TERMINATED
 from maisi.core.provenance import provenance
 
 __all__ = ["atomic_path", "remove_stale_temporaries", "temp_suffix", "current_umask", "json_default", "write_json", "write_text", "write_with_sidecar", "sidecar_path", "current_sidecar", "sha256_file", "read_json", "save_nifti"]
@@ -89,6 +90,8 @@ def atomic_path(dest: str | os.PathLike, suffix: str | None = None) -> Iterator[
             raise FileNotFoundError(f"writer produced no file for {dest}")
         if tmp_path.is_file():  # mkstemp creates 0600; give the file the usual umask-based mode
             os.chmod(tmp_path, 0o666 & ~current_umask())
+        if TERMINATED.is_set():  # the job got SIGTERM: a worker thread abandons its case here
+            raise SystemExit(f"{dest}: not written, the job was terminated")
         os.replace(tmp_path, dest)
     except BaseException:
         tmp_path.unlink(missing_ok=True)

@@ -10,7 +10,12 @@ import threading
 import warnings
 from collections.abc import Iterator
 
-__all__ = ["log_to_file", "from_snakemake", "exit_on_sigterm"]
+__all__ = ["log_to_file", "from_snakemake", "exit_on_sigterm", "TERMINATED"]
+
+#: Set when this process got SIGTERM or SIGINT inside :func:`exit_on_sigterm`. A signal is process state:
+#: the main thread leaves with ``SystemExit``, and the shard's worker threads, which Python cannot
+#: interrupt, read this flag: no new case starts, and the case in flight renames nothing into place.
+TERMINATED = threading.Event()
 
 @contextlib.contextmanager
 def log_to_file(path: str | os.PathLike | None) -> Iterator[None]:
@@ -44,24 +49,29 @@ def log_to_file(path: str | os.PathLike | None) -> Iterator[None]:
 
 @contextlib.contextmanager
 def exit_on_sigterm() -> Iterator[None]:
-    """Turn SIGTERM (``scancel``, a job's time limit, Snakemake stopping its jobs) into ``SystemExit``.
+    """Turn SIGTERM (``scancel``, a job's time limit, Snakemake stopping its jobs) and SIGINT into ``SystemExit``.
 
     Python's default for SIGTERM ends the process at once; raising instead runs the ``finally``
     blocks of the atomic writers (:func:`maisi.core.io.atomic_path`), so a cancelled job leaves no
-    temporary files beside its outputs.
+    temporary files beside its outputs. It also sets :data:`TERMINATED`: a shard's worker threads then
+    start no case, and the cases in flight are abandoned at their next write (nothing is renamed into
+    place after the signal), so a job stops within one case's longest stretch between two writes.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def terminate(signum, frame):
+        TERMINATED.set()
         raise SystemExit(f"terminated by {signal.Signals(signum).name} (job cancelled or out of time)")
 
-    previous = signal.signal(signal.SIGTERM, terminate)
+    TERMINATED.clear()
+    previous = {sig: signal.signal(sig, terminate) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ import dask
 from tqdm.dask import TqdmCallback
 
 from maisi.core.checks import InputError
+from maisi.core.logs import TERMINATED
 
 __all__ = ["shard_of", "shard_name", "group_by_shard", "run_cases", "CaseFailure", "run_in_turn", "raise_first"]
 
@@ -65,6 +66,8 @@ def run_cases(
     """
 
     def one(case):
+        if TERMINATED.is_set():  # SIGTERM: start no further case
+            raise SystemExit(f"case {case_id(case)} not started: the job was terminated")
         try:
             return {"case_id": case_id(case), "status": "ok", "reason": "", **func(case)}
         except InputError as exc:

@@ -39,3 +39,35 @@ def test_table_roundtrip(tmp_path):
     write_table([{"case_id": "a", "v": 1}], tmp_path / "t.tsv", "test", ("case_id", "v"))
     assert read_table(tmp_path / "t.tsv").to_dict("records") == [{"case_id": "a", "v": "1"}]
     assert (tmp_path / "t.tsv.json").exists()
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_signal_stops_a_shard_without_finishing_its_cases(tmp_path, sig):
+    """SIGTERM (scancel, a time limit) or SIGINT mid-shard: no further case starts, the case in flight
+    renames nothing into place, and the job ends without waiting for that case's remaining work."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import sys, time\nfrom pathlib import Path\nfrom maisi.core.io import write_text\n"
+        "from maisi.core.logs import exit_on_sigterm\nfrom maisi.core.shards import run_cases\n"
+        "out = Path(sys.argv[1])\n"
+        "def case(c):\n"
+        "    write_text(out / f'{c}.first', 'a'); print('started', c, flush=True)\n"
+        "    time.sleep(4)\n"
+        "    write_text(out / f'{c}.second', 'b')\n"
+        "    return {}\n"
+        "with exit_on_sigterm():\n"
+        "    run_cases(case, ['c1', 'c2', 'c3'], case_id=str, threads=1)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8")
+    first = proc.stdout.readline().split()  # dask picks the order
+    assert first[0] == "started"
+    start = time.monotonic()
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and f"terminated by {sig}" in err, err[-2000:]
+    assert time.monotonic() - start < 6  # the case in flight's sleep, not the shard's other cases
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{first[1]}.first"]  # nothing after the signal, no temporary file
