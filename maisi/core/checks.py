@@ -51,7 +51,7 @@ def check_ct_image(array: np.ndarray, affine: np.ndarray, path, ct_check: Mappin
     if not np.isfinite(array).all():
         bad = int((~np.isfinite(array)).sum())
         raise InputError(path, f"{bad} voxel(s) are NaN or infinite")
-    check_spacing(spacing_from_affine(affine), path)
+    check_spacing(spacing_from_affine(affine), path, "the image's affine (from its header; DICOM: PixelSpacing and the slice positions)")
     lo, hi = float(array.min()), float(array.max())
     if lo < ct_check["min_value"] or hi > ct_check["max_value"]:
         raise InputError(

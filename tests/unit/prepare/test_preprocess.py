@@ -257,3 +257,17 @@ def test_dicom_series_with_a_broken_slice_names_the_slice(tmp_path):
     broken.write_bytes(broken.read_bytes()[:400])  # truncated mid-header
     err = _expect_error(tmp_path, _case(tmp_path, folder), "slice of the DICOM series .*series (cannot be read|lacks)")
     assert err.path == str(broken)
+
+
+@pytest.mark.parametrize("tag,value", [("ImagePositionPatient", [0, 0, 0]), ("PixelSpacing", [0, 0])])
+def test_dicom_series_with_zero_pixel_or_slice_spacing(tmp_path, tag, value):
+    """Every slice at one position, or a zero PixelSpacing: zero spacing, named, never a made-up one."""
+    import pydicom
+
+    folder = write_dicom_series(tmp_path / "series", ct_volume((16, 16, 6)))
+    for path in sorted(folder.iterdir()):
+        ds = pydicom.dcmread(path)
+        setattr(ds, tag, value)
+        ds.save_as(path)
+    err = _expect_error(tmp_path, _case(tmp_path, folder), r"zero voxel spacing .* in the image's affine .*DICOM: PixelSpacing")
+    assert err.path == str(folder)
