@@ -15,12 +15,17 @@ from maisi.generate.requests import config_requests
 min_version("9.0")
 
 
-try:  # one line naming the key and the file (Snakemake's validate would dump the schema and config: ~2,000 lines)
+def stop_on_config_error(exc):
+    """One line naming the key and the config file (Snakemake's validate would dump the schema and config: ~2,000 lines)."""
+    sys.exit(f"Error: {exc}" + ("" if " (in " in str(exc) else f" (in {', '.join(workflow.configfiles)})"))
+
+
+try:
     check_schema(config, workflow.configfiles)
     validate(config, "../config/schema.yaml")  # fills the schema's defaults
     check_config(config)  # what the schema cannot express
 except ConfigError as exc:
-    sys.exit(f"Error: {exc}" + (f" (in {', '.join(workflow.configfiles)})" if " (in " not in str(exc) else ""))
+    stop_on_config_error(exc)
 SOURCES = sorted(config["sources"])
 # Requests were checked with the config (maisi.config); impossible ones never reach a job.
 REQUESTS = config_requests(config)
@@ -57,6 +62,14 @@ def source_cases(source):
 @functools.cache  # every job's input functions ask; a source is listed and sharded once per process
 def source_shards(source):
     return plan.shards_of(source_cases(source), plan.n_shards(config, source))
+
+
+try:  # local folders are listed when the workflow starts: a bad pattern or file name is one line, before any job
+    for name in SOURCES:
+        if config["sources"][name]["type"] == "local":
+            source_shards(name)
+except ConfigError as exc:
+    stop_on_config_error(exc)
 
 
 def shard_cases(source, shard):

@@ -84,6 +84,61 @@ def test_stop_on_bad_input_names_the_file(tmp_path):
     assert not (work / "results/prepared/s/shards").exists() or not list((work / "results/prepared/s/shards").glob("*.tsv"))
 
 
+def _local(path, **extra):
+    return {"type": "local", "path": str(path), "labels": None, "regions": {"backend": "manual", "top": "chest", "bottom": "chest"}, **extra}
+
+
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("labels_pattern", "config key 'sources.s.labels': no case has a label map: nothing matches"),
+        ("brace_id", "config key 'sources.s.images': {scans}/brace{{x}}.nii.gz gives the case id 'brace{{x}}'"),
+        ("dots_id", "config key 'sources.s.images': {scans}/x...nii.gz gives the case id '..'"),
+        ("catalog", "config key 'sources.s.dataset': 'msd_task99_nothing' is not a dataset of the catalog"),
+        ("run_name", "config key 'run_name': '..' does not match"),
+    ],
+)
+def test_bad_sources_and_names_stop_before_any_job(tmp_path, case, message):
+    """Faults found when the workflow starts: one line naming the key (and the file), no job, nothing written."""
+    scans = tmp_path / "scans"
+    write_nifti(scans / "ok.nii.gz", ct_volume((20, 20, 20)))
+    source = _local(scans, images="{case}.nii.gz")
+    cfg = {"sources": {"s": source}}
+    if case == "labels_pattern":
+        write_nifti(scans / "labels" / "ok.nii.gz", np.zeros((20, 20, 20), np.uint8))
+        source["labels"] = "lables/{case}.nii.gz"
+    elif case == "brace_id":
+        write_nifti(scans / "brace{x}.nii.gz", ct_volume((20, 20, 20)))
+    elif case == "dots_id":
+        write_nifti(scans / "x...nii.gz", ct_volume((20, 20, 20)))
+        source["images"] = "x{case}.nii.gz"
+        write_nifti(scans / "xok.nii.gz", ct_volume((20, 20, 20)))
+    elif case == "catalog":
+        cfg["sources"] = {"s": {"type": "dataset", "dataset": "msd_task99_nothing"}}
+    else:
+        cfg["run_name"] = ".."
+    work = make_workdir(tmp_path / "work", cfg)
+    proc = snakemake(work, *PREPARED, "all", check=False)
+    out = (proc.stdout + proc.stderr).strip()
+    assert proc.returncode != 0 and message.format(scans=scans) in out, out[-3000:]
+    assert len(out.splitlines()) < 5 and "Traceback" not in out
+    assert not (work / "results").exists() and not (work / "resources").exists()
+
+
+def test_every_case_rejected_stops_at_the_dataset_job(tmp_path):
+    """on_error: skip with no usable case: the dataset job fails with the reasons; the shard tables are kept."""
+    scans = tmp_path / "scans"
+    for name in ("a", "b"):
+        write_nifti(scans / f"{name}.nii.gz", np.full((20, 20, 20), 300, np.int16))  # no air: not CT
+    work = make_workdir(tmp_path / "work", {"on_error": "skip", "sources": {"s": _local(scans, images="{case}.nii.gz")}})
+    proc = snakemake(work, *PREPARED, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "every case was rejected (2 of 2)" in out
+    assert "2 x minimum intensity 300 is not below -500 HU" in out
+    assert list((work / "results/prepared/s/shards").glob("*.tsv"))  # what was made is kept
+    assert not (work / "results/prepared/datalist.json").exists()
+
+
 def test_config_error_stops_before_any_job(tmp_path):
     work = make_workdir(tmp_path / "work", {"sources": {"p": {"type": "phantom", "n_cases": 2, "spacing_z": [5, 1]}}})
     proc = snakemake(work, *PREPARED, check=False)
