@@ -94,7 +94,7 @@ def check_not_all_rejected(cases: pd.DataFrame, rejected: pd.DataFrame) -> None:
         return
     for r in rejected.itertuples():
         log.error("rejected %s/%s at %s: %s", r.source, r.case_id, r.stage, r.reason)
-    reasons = rejected.reason.str.replace(r"^\S+: ", "", regex=True).value_counts()  # the reason without the file
+    reasons = rejected.reason.str.replace(r"\S*/\S*: ", "", regex=True).value_counts()  # the reasons without the files
     common = "; ".join(f"{n} x {reason}" for reason, n in reasons.head(3).items())
     raise InputError(
         None,
