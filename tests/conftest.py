@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers.default_run import DefaultRun, needs_default_run, order_items, yield_cpu_to_the_default_run
+from helpers.default_run import DefaultRun, DefaultRunRecord, needs_default_run, order_items, yield_cpu_to_the_default_run
 from helpers.paths import REAL_CT
 
 
@@ -23,6 +23,14 @@ def _default_run_in_background(request, tmp_path_factory):
         yield_cpu_to_the_default_run()
     yield
     run.close()
+
+
+@pytest.fixture(scope="session")
+def default_run_record(request) -> DefaultRunRecord:
+    """The embedded default config run once (see :class:`helpers.default_run.DefaultRunRecord`); tests/workflow/conftest.py
+    builds the fixtures the workflow tests use on it."""
+    run: DefaultRun = request.config.stash[DefaultRun.KEY]
+    return run.result()
 
 
 @pytest.fixture(scope="session")

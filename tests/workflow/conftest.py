@@ -15,14 +15,6 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from helpers.default_run import DefaultRun, DefaultRunRecord
-
-
-@pytest.fixture(scope="session")
-def default_run_record(request) -> DefaultRunRecord:
-    """The embedded default config run once (see :class:`helpers.default_run.DefaultRunRecord`)."""
-    run: DefaultRun = request.config.stash[DefaultRun.KEY]
-    return run.result()
 
 
 @pytest.fixture(scope="session")
