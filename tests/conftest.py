@@ -5,22 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers.default_run import DefaultRun, DefaultRunRecord, needs_default_run, order_items, yield_cpu_to_the_default_run
+from helpers.default_run import DefaultRun, DefaultRunRecord, order_items
 from helpers.paths import REAL_CT
 
 
 def pytest_collection_modifyitems(config, items):
-    order_items(items)  # the tests that need the shared default run last, so the others run while it does
+    order_items(items)  # the tests that need the shared default run last, after every other test
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _default_run_in_background(request, tmp_path_factory):
-    """Start the shared default run (tests/helpers/default_run.py) with the session's first test, if any test needs it."""
+    """The shared default run (tests/helpers/default_run.py): made by the first test that needs it, its cluster stopped at the end."""
     run = DefaultRun(tmp_path_factory.mktemp("default"))
     request.config.stash[DefaultRun.KEY] = run
-    if any(needs_default_run(item) for item in request.session.items):
-        run.start()
-        yield_cpu_to_the_default_run()
     yield
     run.close()
 

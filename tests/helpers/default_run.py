@@ -1,9 +1,8 @@
-"""The shared end-to-end run of the embedded default config, started in the background.
+"""The shared end-to-end run of the embedded default config, made in a thread by the first test that needs it.
 
-Most of that run's time is its jobs' wait between SLURM status checks, submissions and Python start-ups,
-when the two cores are idle. So the run starts in a thread when the session's first test starts (a
-session fixture of tests/conftest.py), the tests that need it are ordered after every other test
-(:func:`order_items`), and the others run meanwhile; the first test that needs the run waits for it.
+The tests that need it are ordered after every other test (:func:`order_items`). Running the other tests
+beside it (at normal priority, nice 19 or SCHED_IDLE) shortened the suite by up to 28 %, but twice left a
+subprocess hanging (TotalSegmentator's worker processes, a signal test), so the run is made alone.
 """
 
 from __future__ import annotations
@@ -98,20 +97,6 @@ class DefaultRun:
         if run.returncode != 0:
             raise RuntimeError(f"snakemake --profile slurm all failed ({run.returncode}):\n{run.output[-8000:]}")
         return DefaultRunRecord(work, cfg, run, None)
-
-
-def yield_cpu_to_the_default_run() -> None:
-    """Run this (the main) thread, and every process it starts from now on, only on CPU the shared run leaves idle.
-
-    The shared run is the longest path of the session. Beside tests at equal priority, or at nice 19, its
-    training jobs burned five times their CPU time (PyTorch's threads waiting for a partner thread that
-    had lost its core) and took seven times as long. Linux's SCHED_IDLE policy gives a core to such a
-    thread only when no other thread wants it, and any other thread that wakes takes the core back at
-    once. A policy belongs to the thread on Linux, so the run's own thread, the Snakemake it started and
-    its SLURM jobs (slurmd's) keep theirs.
-    """
-    if hasattr(os, "SCHED_IDLE"):
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
 
 def needs_default_run(item: pytest.Item) -> bool:
