@@ -55,8 +55,13 @@ def check_schema(config: Mapping[str, Any], files: Sequence[str | Path] = ()) ->
     Snakemake's own ``validate`` reports the same problem followed by the whole schema and config
     (about 2,000 lines); the workflow calls this first, so that the first and last lines say what is wrong.
     """
-    errors = list(_Validator(load_schema()).iter_errors(copy.deepcopy(dict(config))))
+    _raise_schema_error(list(_Validator(load_schema()).iter_errors(copy.deepcopy(dict(config)))), files)
+
+
+def _raise_schema_error(errors: list, files: Sequence[str | Path] = ()) -> None:
+    """The most relevant schema error (if any) as a :class:`ConfigError` naming the key (and the file)."""
     if errors:
+        errors = sorted(errors, key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
         err = jsonschema.exceptions.best_match(errors)
         where = f" (in {', '.join(map(str, files))})" if files else ""
         raise ConfigError(f"config key '{key_path(err.absolute_path)}': {err.message}{where}")
@@ -69,10 +74,7 @@ def validate_config(config: Mapping[str, Any]) -> dict:
     """
     cfg = copy.deepcopy(dict(config))
     validator = _Validator(load_schema())
-    errors = sorted(validator.iter_errors(cfg), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
-    if errors:
-        err = jsonschema.exceptions.best_match(errors)
-        raise ConfigError(f"config key '{key_path(err.absolute_path)}': {err.message}")
+    _raise_schema_error(list(validator.iter_errors(cfg)))  # also fills the defaults into cfg
     check_config(cfg)
     return cfg
 
