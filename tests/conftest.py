@@ -14,7 +14,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _default_run_in_background(request, tmp_path_factory):
+def _shared_default_run(request, tmp_path_factory):
     """The shared default run (tests/helpers/default_run.py): made by the first test that needs it, its cluster stopped at the end."""
     run = DefaultRun(tmp_path_factory.mktemp("default"))
     request.config.stash[DefaultRun.KEY] = run
