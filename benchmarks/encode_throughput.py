@@ -6,7 +6,7 @@ peak memory is clean:
 * ``reference``: ``autoencoder.encode(x)`` on the whole volume (what MAISI's reference code does);
 * ``ours``: :func:`maisi.train.cache_latents.encode_volume` with a sliding window of ``--roi`` voxels.
 
-Both run under ``torch.no_grad`` (and float16 autocast on CUDA); on the CPU the ``maisi`` preset's
+Both run under ``torch.no_grad`` (and float16 autocast on CUDA); on the CPU the released variants'
 float16 group norms are switched to float32 for both (a CPU convolution rejects the mixed types).
 Peak memory is the increase above the state after the model and the input are loaded: on the CPU
 the peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs`` where the kernel allows it)
@@ -14,7 +14,7 @@ minus the resident set then; on CUDA ``torch.cuda.max_memory_allocated`` minus t
 
 Usage::
 
-    python benchmarks/encode_throughput.py --sizes 128 256 --preset maisi --devices cpu cuda --repeats 2 --roi 64
+    python benchmarks/encode_throughput.py --sizes 128 256 --variant rflow-ct --devices cpu cuda --repeats 2 --roi 64
 
 The last lines are machine-readable::
 
@@ -83,7 +83,7 @@ def worker(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = build_autoencoder(args.preset).to(device).eval()
+    model = build_autoencoder(args.variant).to(device).eval()
     image = _volume(args.size)
     if args.method == "reference":
         x = torch.from_numpy(image).to(device)[None, None]
@@ -96,7 +96,7 @@ def worker(args: argparse.Namespace) -> dict:
                 mu, sigma = model.encode(x)
                 mu.float().cpu(), sigma.float().cpu()
     else:
-        settings = LatentSettings(preset=args.preset, device=args.device, roi_size=(args.roi,) * 3, overlap=args.overlap)
+        settings = LatentSettings(variant=args.variant, device=args.device, roi_size=(args.roi,) * 3, overlap=args.overlap)
 
         def run() -> None:
             encode_volume(model, image, settings, device)
@@ -127,7 +127,7 @@ def worker(args: argparse.Namespace) -> dict:
         peak_total = _status_kb("VmHWM") * 1024
         note = "VmHWM (reset)" if reset else "VmHWM (not reset: includes model building)"
     return {
-        "size": args.size, "device": args.device, "method": args.method, "preset": args.preset,
+        "size": args.size, "device": args.device, "method": args.method, "variant": args.variant,
         "roi": args.roi if args.method == "ours" else None, "overlap": args.overlap if args.method == "ours" else None,
         "seconds": times, "sec_per_vol": min(times), "vol_per_s": 1.0 / min(times),
         "peak_mb": (peak_total - base) / 2**20, "base_mb": base / 2**20, "peak_total_mb": peak_total / 2**20,
@@ -140,7 +140,7 @@ def measure(args: argparse.Namespace, size: int, device: str, method: str) -> di
     warmup = args.warmup if args.warmup is not None else (1 if device.startswith("cuda") else 0)
     cmd = [
         sys.executable, str(Path(__file__).resolve()), "--worker", "--size", str(size), "--device", device, "--method", method,
-        "--preset", args.preset, "--repeats", str(args.repeats), "--roi", str(args.roi), "--overlap", str(args.overlap),
+        "--variant", args.variant, "--repeats", str(args.repeats), "--roi", str(args.roi), "--overlap", str(args.overlap),
         "--warmup", str(warmup), "--threads", str(args.threads),
     ]  # fmt: skip
     t0 = time.perf_counter()
@@ -164,7 +164,7 @@ def _fmt(value: float | None, spec: str = ".3g") -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256], help="cube edge lengths in voxels")
-    parser.add_argument("--preset", default="maisi", choices=["tiny", "maisi"])
+    parser.add_argument("--variant", default="rflow-ct", choices=["tiny", "ddpm-ct", "rflow-ct"])
     parser.add_argument("--devices", nargs="+", default=["cpu", "cuda"], help="cuda is skipped when not available")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per measurement (the fastest counts)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed runs first (default: 1 on CUDA, 0 on the CPU)")

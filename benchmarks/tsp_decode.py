@@ -51,7 +51,7 @@ def _peak_rss_bytes() -> int:
 def _build(weights: Path):
     from maisi.models.networks import build_autoencoder
 
-    autoencoder = build_autoencoder("maisi")
+    autoencoder = build_autoencoder("rflow-ct")
     autoencoder.load_state_dict(torch.load(str(weights), map_location="cpu", weights_only=True))
     return autoencoder.eval()
 
@@ -99,7 +99,7 @@ def run_case(size: tuple[int, int, int], device: str, workdir: Path, seed: int =
     torch.manual_seed(seed)
     weights, latent = workdir / "autoencoder.pt", workdir / f"latent_{'x'.join(map(str, size))}.pt"
     if not weights.exists():
-        torch.save(build_autoencoder("maisi").state_dict(), str(weights))
+        torch.save(build_autoencoder("rflow-ct").state_dict(), str(weights))
     torch.save(torch.randn(1, 4, *(s // 4 for s in size), generator=torch.Generator().manual_seed(seed)), str(latent))
     results: dict[str, dict] = {}
     for method in METHODS:

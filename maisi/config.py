@@ -16,6 +16,7 @@ from maisi.core.schema import SCHEMA_FILE, load_schema
 from maisi.generate.requests import RequestError, config_requests
 from maisi.sources.cases import resolve_label_map
 from maisi.sources.catalog import default_catalog_path, load_catalog
+from maisi.train.settings import resolve_scheduler
 
 __all__ = ["ConfigError", "load_config", "validate_config", "check_schema", "check_config", "schema_path", "key_path"]
 
@@ -99,10 +100,18 @@ def check_config(cfg: dict) -> None:
 
     ``cfg`` is a config the schema validated (with its defaults filled); raises :class:`ConfigError` naming the key.
     """
+    try:
+        resolve_scheduler(cfg["model"]["variant"], cfg["train_diffusion"]["scheduler"])
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     _check_requests(cfg)
     for key, path in cfg.get("pretrained", {}).items():
         if path and not Path(path).is_file():
             raise ConfigError(f"config key 'pretrained.{key}': checkpoint file {path} does not exist")
+    qc = cfg["qc"]
+    if qc["reference"] == "nvidia" and not (qc["nvidia_statistics"] and Path(qc["nvidia_statistics"]).is_file()):
+        raise ConfigError(f"config key 'qc.nvidia_statistics': qc.reference 'nvidia' needs NVIDIA's statistics file "
+                          f"(configs/image_median_statistics_ct.json of the release), got {qc['nvidia_statistics']!r}")  # fmt: skip
     if cfg["fid"]["enabled"] and not cfg["preprocess"]["keep_hu"]:
         raise ConfigError(
             "config key 'fid.enabled': FID reads the real cases in HU; set 'preprocess.keep_hu: true' or 'fid.enabled: false'"

@@ -76,7 +76,7 @@ rule fid:
         record="results/fid/fid.json",
     params:
         settings=FID.to_json(),
-        preset=config["model"]["preset"],
+        variant=config["model"]["variant"],
         enabled=config["fid"]["enabled"],
     threads: config["threads"]["generate"]
     resources:

@@ -1,15 +1,18 @@
-"""Snakemake script: per-organ median-HU ranges from the real prepared cases (see maisi.evaluate.qc)."""
+"""Snakemake script: per-organ median-HU ranges from the real prepared cases, or NVIDIA's statistics (see maisi.evaluate.qc)."""
 
 
 from maisi.core.io import write_json
 from maisi.core.logs import from_snakemake
 from maisi.core.tables import read_table
-from maisi.evaluate.qc import QCSettings, build_reference
+from maisi.evaluate.qc import QCSettings, build_reference, nvidia_reference
 from maisi.evaluate.qc_report import reference_record, reference_table
 
 smk = snakemake  # noqa: F821 (injected by Snakemake)
 with from_snakemake(smk):
     settings = QCSettings.from_json(smk.params.settings)
-    reference = build_reference(read_table(smk.input.cases).to_dict("records"), settings)
+    if settings.reference == "nvidia":
+        reference = nvidia_reference(settings.nvidia_statistics)
+    else:
+        reference = build_reference(read_table(smk.input.cases).to_dict("records"), settings)
     write_json(smk.output.reference, reference_record(reference))
     reference_table(reference, smk.output.table)

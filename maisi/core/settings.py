@@ -23,7 +23,7 @@ __all__ = ["ConfigSettings"]
 class ConfigSettings:
     """Mixin of the settings protocol: ``from_config``, ``to_dict``, ``to_json``, ``from_dict``, ``from_json``.
 
-    ``SECTION`` names the settings' config block: every field the schema defines there (and ``preset`` and
+    ``SECTION`` names the settings' config block: every field the schema defines there (and ``variant`` and
     ``device``, under ``model``) is checked against the schema's rule when the settings are made, so settings
     built in Python obey the same constraints as a config, written once. Subclasses that define
     ``__post_init__`` (for checks that span fields) call ``super().__post_init__()``.
@@ -35,7 +35,7 @@ class ConfigSettings:
         values = asdict(self)  # type: ignore[call-overload]
         if self.SECTION:
             check_values(self.SECTION, values)
-        check_values("model", {k: v for k, v in values.items() if k in ("preset", "device")})
+        check_values("model", {k: v for k, v in values.items() if k in ("variant", "device")})
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Self:

@@ -273,13 +273,13 @@ class AutoencoderEncoderFeatures(FeatureExtractor):
 
     name = "maisi-autoencoder-encoder"
 
-    def __init__(self, checkpoint: str | os.PathLike, preset: str = "tiny", central_fraction: float = 0.4, device: str = "auto"):
+    def __init__(self, checkpoint: str | os.PathLike, variant: str = "tiny", central_fraction: float = 0.4, device: str = "auto"):
         path = Path(checkpoint)
         self.checkpoint = path
-        self.preset = preset
+        self.variant = variant
         self.sha256 = sha256_file(path) if path.is_file() else ""
         self.device = select_device(device)
-        self.encoder = load_autoencoder(path, preset).encoder.to(self.device).eval()
+        self.encoder = load_autoencoder(path, variant).encoder.to(self.device).eval()
         blocks = list(self.encoder.blocks)
         if len(blocks) < 3 or "Norm" not in type(blocks[-2]).__name__:
             raise CheckpointError(
@@ -296,7 +296,7 @@ class AutoencoderEncoderFeatures(FeatureExtractor):
             "group norm and latent convolution, spatial mean per slice",
             "checkpoint": os.fspath(self.checkpoint),
             "checkpoint_sha256": self.sha256,
-            "preset": self.preset,
+            "variant": self.variant,
             "feature_dim": self.channels,
             "input_hu_range": list(AUTOENCODER_HU_RANGE),
             "note": NOT_COMPARABLE,
@@ -310,7 +310,7 @@ class AutoencoderEncoderFeatures(FeatureExtractor):
         lo, hi = AUTOENCODER_HU_RANGE
         x = np.clip((np.asarray(volume, dtype=np.float32) - lo) / (hi - lo), 0.0, 1.0)
         h = torch.from_numpy(np.ascontiguousarray(x))[None, None].to(self.device)
-        # float32 throughout: the maisi preset's norms return float16 otherwise (see maisi.models.networks.float32_norms)
+        # float32 throughout: the released variants' norms return float16 otherwise (see maisi.models.networks.float32_norms)
         with float32_norms(self.encoder), torch.autocast(self.device.type, enabled=False):
             for block in self.blocks:
                 h = block(h)
@@ -325,14 +325,14 @@ class AutoencoderEncoderFeatures(FeatureExtractor):
 
 
 def build_extractor(
-    settings: FIDSettings, autoencoder_path: str | os.PathLike | None = None, preset: str = "tiny"
+    settings: FIDSettings, autoencoder_path: str | os.PathLike | None = None, variant: str = "tiny"
 ) -> FeatureExtractor:
     """The extractor ``settings.extractor`` names (the autoencoder one needs ``autoencoder_path``)."""
     if settings.extractor == "radimagenet_resnet50":
         return RadImageNetResNet50(settings.weights, settings.central_fraction, settings.batch_size, settings.device)
     if autoencoder_path is None:
         raise ValueError("fid: the autoencoder extractor needs the autoencoder checkpoint (autoencoder_path)")
-    return AutoencoderEncoderFeatures(autoencoder_path, preset, settings.central_fraction, settings.device)
+    return AutoencoderEncoderFeatures(autoencoder_path, variant, settings.central_fraction, settings.device)
 
 
 def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -402,7 +402,7 @@ def compute_fid(
     real: Sequence[str | os.PathLike],
     settings: FIDSettings,
     autoencoder: str | os.PathLike | None = None,
-    preset: str = "tiny",
+    variant: str = "tiny",
     progress: bool = True,
 ) -> dict[str, Any]:
     """Per-plane and average 2.5D FID of ``generated`` against ``real``, and the real-vs-real floor.
@@ -418,7 +418,7 @@ def compute_fid(
         raise ValueError(
             f"fid: needs at least 2 generated and 2 real volumes, got {len(generated)} generated and {len(real)} real"
         )
-    extractor = build_extractor(settings, autoencoder, preset)
+    extractor = build_extractor(settings, autoencoder, variant)
     feats: dict[str, dict[str, np.ndarray]] = {}
     with contextlib.closing(
         tqdm(total=len(generated) + len(real), desc="fid features", unit="volume", disable=not progress, mininterval=1.0)

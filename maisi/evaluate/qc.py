@@ -7,7 +7,9 @@ passes when the median HU of every organ present in its label map lies inside th
 
 Added here: organs lie inside the body (found from the image), no NaN, HU within the CT range
 [-1024, 3071], and the label map on the image's grid. The reference ranges are a versioned
-artefact (:data:`REFERENCE_VERSION`) computed from the prepared data, so a release can cite them.
+artefact (:data:`REFERENCE_VERSION`) computed from the prepared data, so a release can cite them;
+or, with ``qc.reference: nvidia``, NVIDIA's released statistics (``image_median_statistics_ct.json``)
+with NVIDIA's rules (:func:`nvidia_reference`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from maisi.core.labels import BODY, label_name, maisi_labels
 from maisi.core.schema import schema_default
 from maisi.core.settings import ConfigSettings
 
-__all__ = ["QCSettings", "OrganRange", "QCResult", "ORGAN_GROUPS", "REFERENCE_VERSION", "CT_RANGE", "organ_groups", "organ_medians", "load_case", "reference_ranges", "build_reference", "read_reference", "check_case", "check_files"]
+__all__ = ["QCSettings", "OrganRange", "QCResult", "ORGAN_GROUPS", "NVIDIA_GROUPS", "REFERENCE_VERSION", "CT_RANGE", "organ_groups", "organ_medians", "load_case", "reference_ranges", "build_reference", "nvidia_reference", "read_reference", "read_groups", "check_case", "check_files"]
 
 #: Version of the reference format and of the range rule; bumped when either changes.
 REFERENCE_VERSION = 1
@@ -58,6 +60,14 @@ ORGAN_GROUPS: dict[str, tuple[int, ...]] = {
 BONE_CAP_HU = 1000.0
 
 
+#: The organ groups of NVIDIA's released QC (its sampler's ``label_int_dict``): its lung list omits
+#: lobe 32 (right lower lobe), and its bone list is ids 33-56, 63-97, 120, 122 and 127.
+NVIDIA_GROUPS: dict[str, tuple[int, ...]] = {
+    "liver": (1,), "spleen": (3,), "pancreas": (4,), "kidney": (5, 14), "lung": (28, 29, 30, 31), "brain": (22,),
+    "bone": (*range(33, 57), *range(63, 98), 120, 122, 127),
+}  # fmt: skip
+
+
 @dataclass(frozen=True)
 class QCSettings(ConfigSettings):
     """What QC checks and what happens to a case that fails it."""
@@ -72,6 +82,8 @@ class QCSettings(ConfigSettings):
     body_threshold_hu: float = schema_default("qc.body_threshold_hu")
     hu_range: tuple[float, float] = schema_default("qc.hu_range")
     check_organs: bool = schema_default("qc.check_organs")
+    reference: str = schema_default("qc.reference")  # real | nvidia
+    nvidia_statistics: str | None = schema_default("qc.nvidia_statistics")
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> QCSettings:
@@ -87,7 +99,10 @@ class QCSettings(ConfigSettings):
 
     def reference_json(self) -> str:
         """The settings the reference ranges depend on."""
-        return json.dumps({"min_voxels": self.min_voxels, "min_reference_cases": self.min_reference_cases}, sort_keys=True)
+        d = {"min_voxels": self.min_voxels, "min_reference_cases": self.min_reference_cases}
+        if self.reference != "real":  # the real-data reference's parameters stay as they were
+            d.update(reference=self.reference, nvidia_statistics=self.nvidia_statistics)
+        return json.dumps(d, sort_keys=True)
 
     def check_json(self) -> str:
         """The settings that decide whether a case passes (not the release policy ``on_fail``)."""
@@ -127,17 +142,17 @@ class QCResult:
         return {"passed": self.passed, "reasons": list(self.reasons), "medians": dict(self.medians), "unchecked": list(self.unchecked)}
 
 
-def organ_groups(label: np.ndarray) -> dict[str, tuple[int, ...]]:
-    """The organ groups present in ``label``: MAISI's groups, then every other class by its name
-    (``body`` and placeholder classes excluded)."""
+def organ_groups(label: np.ndarray, groups: Mapping[str, Sequence[int]] | None = None) -> dict[str, tuple[int, ...]]:
+    """The organ groups present in ``label``: ``groups`` (MAISI's, :data:`ORGAN_GROUPS`, by default), then
+    every other class by its name (``body`` and placeholder classes excluded)."""
     present = {int(v) for v in np.unique(label)} - {0, BODY}
     out: dict[str, tuple[int, ...]] = {}
     grouped: set[int] = set()
-    for name, ids in ORGAN_GROUPS.items():
+    for name, ids in (ORGAN_GROUPS if groups is None else groups).items():
         hit = tuple(i for i in ids if i in present)
         grouped |= set(ids)
         if hit:
-            out[name] = hit
+            out[name] = tuple(hit)
     for i in sorted(present - grouped):
         name = label_name(i)
         if not name.startswith("dummy"):
@@ -226,6 +241,40 @@ def build_reference(cases: Iterable[Mapping[str, str]], settings: QCSettings, pr
     }
 
 
+def nvidia_reference(path: str | os.PathLike) -> dict[str, Any]:
+    """A reference (:func:`read_reference`'s format) from NVIDIA's released statistics
+    (``configs/image_median_statistics_ct.json``), with NVIDIA's rule: an organ's range is
+    ``[min(sigma_6_low, percentile_0_5), max(sigma_6_high, percentile_99_5)]``, bone's upper limit 1000 HU
+    whatever the statistics say, organs grouped as NVIDIA groups them (:data:`NVIDIA_GROUPS`)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            stats = json.load(fh)
+        ranges = {}
+        for organ, st in sorted(stats.items()):
+            if organ not in NVIDIA_GROUPS:
+                raise InputError(path, f"organ {organ!r} is not one of NVIDIA's QC groups ({', '.join(NVIDIA_GROUPS)})")
+            lo6, hi6, p005, p995 = (float(st[k]) for k in ("sigma_6_low", "sigma_6_high", "percentile_0_5", "percentile_99_5"))
+            low, high = min(lo6, p005), max(hi6, p995)
+            if organ == "bone":
+                high = BONE_CAP_HU
+            ranges[organ] = OrganRange(organ, NVIDIA_GROUPS[organ], 0, (lo6 + hi6) / 2, (hi6 - lo6) / 6, p005, p995, low, high)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(path, f"not NVIDIA's organ statistics file ({type(exc).__name__}: {exc})") from None
+    return {
+        "version": REFERENCE_VERSION, "source": "nvidia", "statistics_file": str(path),
+        "rule": "NVIDIA's: range = [min(sigma_6_low, p0.5), max(sigma_6_high, p99.5)]; bone's upper limit 1000 HU",
+        "n_cases": None, "ranges": {k: asdict(v) for k, v in ranges.items()}, "too_few_cases": [], "medians": {},
+        "groups": {k: list(v) for k, v in NVIDIA_GROUPS.items()},
+    }  # fmt: skip
+
+
+def read_groups(path: str | os.PathLike) -> dict[str, tuple[int, ...]] | None:
+    """The organ groups a reference was made with (NVIDIA's for ``qc.reference: nvidia``), or None: MAISI's."""
+    with open(path, encoding="utf-8") as fh:
+        groups = json.load(fh).get("groups")
+    return None if groups is None else {k: tuple(v) for k, v in groups.items()}
+
+
 def read_reference(path: str | os.PathLike) -> dict[str, OrganRange]:
     """The organ ranges of a reference written by :func:`build_reference`."""
     with open(path, encoding="utf-8") as fh:
@@ -241,8 +290,9 @@ def check_case(
     ranges: Mapping[str, OrganRange],
     settings: QCSettings,
     affines: tuple[np.ndarray, np.ndarray] | None = None,
+    groups: Mapping[str, Sequence[int]] | None = None,
 ) -> QCResult:
-    """Check one generated case; every failed check adds a reason."""
+    """Check one generated case; every failed check adds a reason. ``groups``: the reference's organ groups."""
     from maisi.core.anatomy import body_mask
 
     reasons: list[str] = []
@@ -259,7 +309,7 @@ def check_case(
     body = body_mask(hu, settings.body_threshold_hu)
     medians: dict[str, float] = {}
     unchecked: list[str] = []
-    for organ, ids in organ_groups(label).items():
+    for organ, ids in organ_groups(label, groups).items():
         inside = np.isin(label, ids)
         n = int(inside.sum())
         if n < settings.min_voxels:
@@ -278,10 +328,13 @@ def check_case(
     return QCResult(not reasons, reasons, medians, unchecked)
 
 
-def check_files(image: str | os.PathLike, label: str | os.PathLike, ranges: Mapping[str, OrganRange], settings: QCSettings) -> QCResult:
+def check_files(
+    image: str | os.PathLike, label: str | os.PathLike, ranges: Mapping[str, OrganRange], settings: QCSettings,
+    groups: Mapping[str, Sequence[int]] | None = None,
+) -> QCResult:  # fmt: skip
     """:func:`check_case` on files; an unreadable file fails the case with its reason."""
     try:
         hu, lab, aff_i, aff_l = load_case(image, label)
     except InputError as exc:
         return QCResult(False, [str(exc)])
-    return check_case(hu, lab, ranges, settings, (aff_i, aff_l))
+    return check_case(hu, lab, ranges, settings, (aff_i, aff_l), groups)

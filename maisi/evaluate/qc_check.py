@@ -24,7 +24,7 @@ from typing import Any
 
 from maisi.core.shards import raise_first, run_in_turn
 from maisi.core.tables import read_table, write_table
-from maisi.evaluate.qc import QCResult, QCSettings, check_files, read_reference
+from maisi.evaluate.qc import QCResult, QCSettings, check_files, read_groups, read_reference
 from maisi.generate.requests import GenCase, GenerationRequest
 from maisi.generate.sampling import load_request
 from maisi.generate.settings import GenerateSettings
@@ -83,7 +83,7 @@ def check_shard(
     """
     loaded = functools.cache(lambda: load_request(request, checkpoints, mask_db, settings))  # only when a case fails
 
-    ranges = read_reference(qc_reference)
+    ranges, groups = read_reference(qc_reference), read_groups(qc_reference)
     by_id = {c.case_id: c for c in cases}
     generated = read_table(generated_table)
     missing = sorted(set(generated.case_id) - set(by_id))
@@ -95,13 +95,13 @@ def check_shard(
         if first["status"] != "ok":
             return {**first, **verdict_columns(QCResult(False, [first["reason"]]))}
         case, row, attempt = by_id[first["case_id"]], first, 0
-        verdict = check_files(row["image"], row["label"], ranges, qc)
+        verdict = check_files(row["image"], row["label"], ranges, qc, groups)
         while not verdict.passed and attempt + 1 < qc.max_attempts:
             log.warning("%s attempt %d failed QC (%s); generating again", case.case_id, attempt, "; ".join(verdict.reasons))
             attempt = reached[case.case_id] = attempt + 1
             models, masks, masks_sha = loaded()
             row = generate_case(models, request, case, masks, settings, attempt_root(root, attempt), attempt, progress, masks_sha)
-            verdict = check_files(row["image"], row["label"], ranges, qc)
+            verdict = check_files(row["image"], row["label"], ranges, qc, groups)
         return {**row, **verdict_columns(verdict)}
 
     def failed(first: dict[str, Any], exc: Exception) -> dict[str, Any]:

@@ -7,10 +7,11 @@ id ``<request>_<index>`` and its own seed derived from the request's seed, name 
 are grouped into shards of ``cases_per_shard`` consecutive indices, so adding cases only adds
 shards (or fills the last one) and never changes another case's seed.
 
-The checks follow MAISI's inference rules: for the released architecture (preset ``maisi``) the
-output is x = y in {256, 384, 512} and z in {128, 256, ..., 768}, the spacing x = y in [0.5, 3] mm
-and z in [0.5, 5] mm, and the x field of view at least 256 mm; the ``tiny`` preset takes any size
-that is a multiple of its latent factor. The field of view along z must be able to reach from the
+The checks follow MAISI's inference rules: a released variant (``ddpm-ct``, ``rflow-ct``) generates
+the grids its file names (x = y in {256, 384, 512} and z in {128, 256, ..., 768}, the spacing x = y
+in [0.5, 3] mm and z in [0.5, 5] mm, the x field of view at least 256 mm); the ``tiny`` variant takes
+any size that is a multiple of its latent factor. The sampler is the diffusion model's, the
+modality a CT code, and classifier-free guidance needs something to drop: a modality input or a mask. The field of view along z must be able to reach from the
 top region to the bottom region (typical adult region lengths, :data:`REGION_LENGTH_MM`), and a
 required organ must lie in one of the requested regions.
 """
@@ -28,7 +29,7 @@ from maisi.core.anatomy import BODY_REGIONS, REGION_LABELS
 from maisi.core.labels import label_name, resolve_label
 from maisi.core.seeds import derive_seed
 from maisi.core.shards import shard_name
-from maisi.models.presets import DOWNSAMPLE, preset
+from maisi.models.variants import DOWNSAMPLE, MODALITIES, modality_code, variant
 
 __all__ = ["RequestError", "GenerationRequest", "GenCase", "latent_factor", "validate_request", "parse_requests", "config_requests", "REGION_LENGTH_MM", "DEFAULT_STEPS"]
 
@@ -40,21 +41,6 @@ REGION_LENGTH_MM = {"head_neck": 250.0, "chest": 300.0, "abdomen": 250.0, "lower
 DEFAULT_STEPS = {"rflow": 30, "ddpm": 1000}
 
 
-MAISI_XY_SIZES = (256, 384, 512)
-
-
-MAISI_Z_SIZES = tuple(range(128, 769, 128))
-
-
-MAISI_SPACING_XY = (0.5, 3.0)
-
-
-MAISI_SPACING_Z = (0.5, 5.0)
-
-
-MAISI_MIN_FOV_X = 256.0
-
-
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
 
@@ -64,9 +50,9 @@ class RequestError(ValueError):
     """An impossible generation request; the message names the config key and the reason."""
 
 
-def latent_factor(preset_name: str) -> int:
+def latent_factor(variant_name: str) -> int:
     """What every output size must be a multiple of: the autoencoder's 4x times the UNet's halvings."""
-    return DOWNSAMPLE * 2 ** (len(preset(preset_name)["diffusion"]["num_channels"]) - 1)
+    return DOWNSAMPLE * 2 ** (variant(variant_name).unet_levels - 1)
 
 
 @dataclass(frozen=True)
@@ -100,6 +86,8 @@ class GenerationRequest:
     seed: int = 0
     cases_per_shard: int = 2
     allow_tumour: bool = False
+    modality: int = MODALITIES["ct"]
+    cfg_guidance_scale: float = 0.0
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -120,7 +108,8 @@ class GenerationRequest:
         return {
             "name": self.name, "size": list(self.size), "spacing": list(self.spacing), "top_region": self.top_region,
             "bottom_region": self.bottom_region, "anatomy": list(self.anatomy), "masks": self.masks, "sampler": self.sampler,
-            "steps": self.steps, "seed": self.seed, "allow_tumour": self.allow_tumour,
+            "steps": self.steps, "seed": self.seed, "allow_tumour": self.allow_tumour, "modality": self.modality,
+            "cfg_guidance_scale": self.cfg_guidance_scale,
         }  # fmt: skip
 
     @classmethod
@@ -129,13 +118,14 @@ class GenerationRequest:
             name=d["name"], n_cases=int(d.get("n_cases", 0)), size=tuple(d["size"]), spacing=tuple(d["spacing"]),
             top_region=d["top_region"], bottom_region=d["bottom_region"], anatomy=tuple(d["anatomy"]), masks=bool(d["masks"]),
             sampler=d["sampler"], steps=int(d["steps"]), seed=int(d["seed"]), allow_tumour=bool(d.get("allow_tumour", False)),
+            modality=int(d.get("modality", MODALITIES["ct"])), cfg_guidance_scale=float(d.get("cfg_guidance_scale", 0.0)),
         )  # fmt: skip
 
     def describe(self, count: bool = True) -> str:
         anatomy = ", ".join(label_name(i) for i in self.anatomy) or "none required"
         return (f"{f'{self.n_cases} x ' if count else ''}{'x'.join(map(str, self.size))} at {'x'.join(f'{s:g}' for s in self.spacing)} mm, "
                 f"{self.top_region} -> {self.bottom_region}, anatomy: {anatomy}, {'mask-conditioned' if self.masks else 'no mask'}, "
-                f"{self.sampler} {self.steps} steps")  # fmt: skip
+                f"{self.sampler} {self.steps} steps{f', guidance {self.cfg_guidance_scale:g}' if self.cfg_guidance_scale else ''}")  # fmt: skip
 
 
 def _triple(value: Any, key: str, kind: type) -> tuple:
@@ -162,31 +152,23 @@ def _organ_regions() -> dict[int, str]:
     return {label: region for region, labels in REGION_LABELS.items() for label in labels}
 
 
-def validate_request(req: GenerationRequest, preset_name: str, where: str = "generate.requests") -> None:
+def validate_request(req: GenerationRequest, variant_name: str, where: str = "generate.requests") -> None:
     """Refuse an impossible request with a :class:`RequestError` naming the key and the reason."""
     key = f"{where}.{req.name}"
     if req.n_cases < 0:
         raise RequestError(f"{key}.n_cases: must be >= 0, got {req.n_cases}")
     if req.cases_per_shard < 1:
         raise RequestError(f"{key}.cases_per_shard: must be >= 1, got {req.cases_per_shard}")
-    factor = latent_factor(preset_name)
+    factor = latent_factor(variant_name)
     bad = [s for s in req.size if s < factor or s % factor]
     if bad:
-        raise RequestError(f"{key}.size: {list(req.size)} is not a multiple of the latent factor {factor} of preset '{preset_name}' "
+        raise RequestError(f"{key}.size: {list(req.size)} is not a multiple of the latent factor {factor} of variant '{variant_name}' "
                            f"(4x autoencoder downsampling x the diffusion UNet's halvings)")  # fmt: skip
     if any(not 0 < s <= 10 for s in req.spacing):
         raise RequestError(f"{key}.spacing: {list(req.spacing)} mm is outside (0, 10] mm")
-    if preset_name == "maisi":
-        x, y, z = req.size
-        if x != y or x not in MAISI_XY_SIZES or z not in MAISI_Z_SIZES:
-            raise RequestError(f"{key}.size: MAISI generates x = y in {list(MAISI_XY_SIZES)} and z in {list(MAISI_Z_SIZES)}, "
-                               f"got {list(req.size)}")  # fmt: skip
-        sx, sy, sz = req.spacing
-        if sx != sy or not MAISI_SPACING_XY[0] <= sx <= MAISI_SPACING_XY[1] or not MAISI_SPACING_Z[0] <= sz <= MAISI_SPACING_Z[1]:
-            raise RequestError(f"{key}.spacing: MAISI takes x = y in {list(MAISI_SPACING_XY)} mm and z in {list(MAISI_SPACING_Z)} mm, "
-                               f"got {list(req.spacing)}")  # fmt: skip
-        if x * sx < MAISI_MIN_FOV_X:
-            raise RequestError(f"{key}: the x field of view {x * sx:g} mm is below MAISI's minimum of {MAISI_MIN_FOV_X:g} mm")
+    var = variant(variant_name)
+    if var.grid:
+        _check_grid(req, var.grid, f"variant {var.name}", key)
     top, bottom = BODY_REGIONS.index(req.top_region), BODY_REGIONS.index(req.bottom_region)
     if top > bottom:
         raise RequestError(f"{key}: top_region {req.top_region} lies below bottom_region {req.bottom_region}")
@@ -208,18 +190,43 @@ def validate_request(req: GenerationRequest, preset_name: str, where: str = "gen
         raise RequestError(f"{key}.anatomy: {', '.join(outside)} lie outside {req.top_region} -> {req.bottom_region}")
     if req.sampler not in DEFAULT_STEPS:
         raise RequestError(f"{key}.sampler: expected one of {', '.join(DEFAULT_STEPS)}, got {req.sampler!r}")
+    if var.released and req.sampler != var.sampler:
+        raise RequestError(f"{key}.sampler: variant {var.name} is sampled with '{var.sampler}', not '{req.sampler}'")
     if req.steps < 1:
         raise RequestError(f"{key}.steps: must be >= 1, got {req.steps}")
+    if not var.takes_modality and req.modality != MODALITIES["ct"]:
+        raise RequestError(f"{key}.modality: variant {var.name} takes no modality input (it generates CT); "
+                           f"only 'ct' applies, got code {req.modality}")  # fmt: skip
+    if req.cfg_guidance_scale < 0:
+        raise RequestError(f"{key}.cfg_guidance_scale: must be >= 0, got {req.cfg_guidance_scale}")
+    if req.cfg_guidance_scale > 0 and not var.takes_modality and not req.masks:
+        raise RequestError(f"{key}.cfg_guidance_scale: guidance would change nothing: variant {var.name} has no modality input and "
+                           f"the request no mask (the unconditional branch drops the modality label and the mask's tumours)")  # fmt: skip
+
+
+def _check_grid(req: GenerationRequest, grid: Mapping[str, Any], what: str, key: str) -> None:
+    """The output grids a released model was trained for (its variant file's ``grid``)."""
+    x, y, z = req.size
+    if x != y or x not in grid["xy_sizes"] or z not in grid["z_sizes"]:
+        raise RequestError(f"{key}.size: {what} generates x = y in {list(grid['xy_sizes'])} and z in {list(grid['z_sizes'])}, "
+                           f"got {list(req.size)}")  # fmt: skip
+    sx, sy, sz = req.spacing
+    (xy_lo, xy_hi), (z_lo, z_hi) = grid["spacing_xy_mm"], grid["spacing_z_mm"]
+    if sx != sy or not xy_lo <= sx <= xy_hi or not z_lo <= sz <= z_hi:
+        raise RequestError(f"{key}.spacing: {what} takes x = y in [{xy_lo:g}, {xy_hi:g}] mm and z in [{z_lo:g}, {z_hi:g}] mm, "
+                           f"got {list(req.spacing)}")  # fmt: skip
+    if x * sx < grid["min_fov_xy_mm"]:
+        raise RequestError(f"{key}: the x field of view {x * sx:g} mm is below the minimum of {grid['min_fov_xy_mm']:g} mm of {what}")
 
 
 def parse_requests(
-    block: Mapping[str, Any], preset_name: str, trained_sampler: str | None = None, where: str = "generate"
+    block: Mapping[str, Any], variant_name: str, trained_sampler: str | None = None, where: str = "generate"
 ) -> list[GenerationRequest]:
     """Every request of the ``generate`` config block, validated; sorted by name.
 
     ``block`` holds ``requests`` (name -> request) and defaults for ``sampler``, ``steps``,
-    ``cases_per_shard`` and ``seed``. ``trained_sampler`` is the scheduler the diffusion model is
-    trained with, when known: a request for the other sampler is refused.
+    ``cases_per_shard``, ``seed``, ``modality`` and ``cfg_guidance_scale``. ``trained_sampler`` is the
+    scheduler the diffusion model is trained with, when known: a request for the other sampler is refused.
     """
     requests = block.get("requests") or {}
     if not isinstance(requests, Mapping):
@@ -231,10 +238,16 @@ def parse_requests(
             raise RequestError(f"{key}: request names use letters, digits, '_' and '-' only")
         if not isinstance(raw, Mapping):
             raise RequestError(f"{key}: expected a mapping")
-        sampler = raw.get("sampler") or block.get("sampler") or trained_sampler or "rflow"
+        var = variant(variant_name)
+        sampler = raw.get("sampler") or block.get("sampler") or trained_sampler or var.sampler
         if trained_sampler and sampler != trained_sampler:
             raise RequestError(f"{key}.sampler: the diffusion model is trained with '{trained_sampler}', cannot sample with '{sampler}'")
-        steps = raw.get("steps") or block.get("steps") or DEFAULT_STEPS.get(sampler, 30)
+        default_steps = var.inference_steps if sampler == var.sampler else DEFAULT_STEPS.get(sampler, 30)
+        steps = raw.get("steps") or block.get("steps") or default_steps
+        try:
+            modality = modality_code(raw.get("modality", block.get("modality", "ct")), f"{key}.modality")
+        except ValueError as exc:
+            raise RequestError(str(exc)) from None
         anatomy = raw.get("anatomy") or []
         if isinstance(anatomy, (str, int)):
             anatomy = [anatomy]
@@ -251,13 +264,14 @@ def parse_requests(
                 masks=bool(raw.get("masks", True)), sampler=str(sampler), steps=int(steps),
                 seed=int(raw.get("seed", block.get("seed", 0))),
                 cases_per_shard=int(raw.get("cases_per_shard", block.get("cases_per_shard", 2))),
-                allow_tumour=bool(raw.get("allow_tumour", False)),
+                allow_tumour=bool(raw.get("allow_tumour", False)), modality=modality,
+                cfg_guidance_scale=float(raw.get("cfg_guidance_scale", block.get("cfg_guidance_scale", 0.0))),
             )  # fmt: skip
         except (TypeError, ValueError) as exc:
             if isinstance(exc, RequestError):
                 raise
             raise RequestError(f"{key}: {exc}") from None
-        validate_request(req, preset_name, f"{where}.requests")
+        validate_request(req, variant_name, f"{where}.requests")
         out.append(req)
     return out
 
@@ -267,12 +281,25 @@ def config_requests(config: Mapping[str, Any]) -> dict[str, GenerationRequest]:
 
     Parsed once per process for the same config: config validation and the rules both ask.
     """
-    trained = None if config.get("pretrained", {}).get("diffusion") else config.get("train_diffusion", {}).get("scheduler", "rflow")
-    key = json.dumps([config.get("generate", {}), config.get("model", {}).get("preset", "tiny"), trained], sort_keys=True, default=str)
+    variant_name = config.get("model", {}).get("variant", "tiny")
+    trained = _trained_sampler(config, variant_name)
+    key = json.dumps([config.get("generate", {}), variant_name, trained], sort_keys=True, default=str)
     return _parsed(key)
+
+
+def _trained_sampler(config: Mapping[str, Any], variant_name: str) -> str | None:
+    """The diffusion model's scheduler as far as the config tells: a released variant's own; the one it
+    is trained with here; unknown (None) for a project variant's given checkpoint (generation checks
+    the checkpoint's record)."""
+    var = variant(variant_name)
+    if var.released:
+        return var.sampler
+    if config.get("pretrained", {}).get("diffusion"):
+        return None
+    return config.get("train_diffusion", {}).get("scheduler") or var.sampler
 
 
 @functools.lru_cache(maxsize=8)
 def _parsed(key: str) -> dict[str, GenerationRequest]:
-    block, preset_name, trained = json.loads(key)
-    return {r.name: r for r in parse_requests(block, preset_name, trained)}
+    block, variant_name, trained = json.loads(key)
+    return {r.name: r for r in parse_requests(block, variant_name, trained)}

@@ -1,8 +1,16 @@
 """MAISI's latent sampling: the models of a request, the denoising loop with ControlNet residuals, HU output.
 
-Gaussian noise of the latent shape (``size / 4``) is denoised by the diffusion UNet, conditioned on
-the spacing and the top/bottom regions (x100, as MAISI), with MONAI's RFlow (30 steps by default) or
-DDPM (1000) scheduler, the ControlNet's residuals added at every step.
+Gaussian noise of the latent shape (``size / 4``) is denoised by the diffusion UNet with the variant's
+scheduler (MONAI's rectified flow, 30 steps, or DDPM, 1000) and the conditions the variant takes:
+spacing, top/bottom body regions (x100, as MAISI), the modality class label; the ControlNet's
+residuals are added at every step. With classifier-free guidance the conditional and unconditional
+branches run as one batch of two, the unconditional one as NVIDIA builds it (class label 0, and the
+mask with its tumours removed for the ControlNet), and the prediction is
+``uncond + scale * (cond - uncond)``.
+
+Where this differs from NVIDIA's loop on purpose: the noise is drawn in float32 from the case's own
+generator (NVIDIA rounds it to float16), and DDPM's per-step noise comes from a generator derived
+from the case's seed (NVIDIA's from torch's global one).
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import torch
 from maisi.core.anatomy import one_hot
 from maisi.core.io import sha256_file
 from maisi.core.seeds import derive_seed
+from maisi.generate.augment import remove_tumours
 from maisi.generate.mask_database import (
     MaskEntry,
     read_mask_database,
@@ -26,6 +35,7 @@ from maisi.generate.requests import GenerationRequest
 from maisi.generate.settings import GenerateSettings
 from maisi.models.checkpoints import diffusion_scheduler, load_autoencoder, load_controlnet, load_diffusion
 from maisi.models.networks import build_scheduler, condition_tensors, label_to_bits, select_device
+from maisi.models.variants import Variant, scheduler_spec, variant
 
 __all__ = ["Models", "load_models", "sample_latent", "to_hu", "grid_affine", "load_request", "HU_RANGE"]
 
@@ -34,7 +44,7 @@ HU_RANGE = (-1000.0, 1000.0)
 
 @dataclass
 class Models:
-    """The three networks on their device, with what they were loaded from."""
+    """The three networks on their device, with their variant and what they were loaded from."""
 
     autoencoder: torch.nn.Module
     unet: torch.nn.Module
@@ -44,20 +54,23 @@ class Models:
     scheduler: str
     device: torch.device
     hashes: dict[str, str]
+    variant: Variant
 
 
 def load_models(
-    autoencoder: str | os.PathLike, diffusion: str | os.PathLike, controlnet: str | os.PathLike | None, preset_name: str, device: str
+    autoencoder: str | os.PathLike, diffusion: str | os.PathLike, controlnet: str | os.PathLike | None, variant_name: str, device: str
 ) -> Models:
-    """Load the checkpoints (released or trained: :mod:`maisi.models.networks`) for inference on ``device``."""
+    """Load the checkpoints (released or trained: :mod:`maisi.models.checkpoints`) for inference on ``device``."""
     dev = select_device(device)
-    ae = load_autoencoder(autoencoder, preset_name).eval()
-    unet, scale, timesteps = load_diffusion(diffusion, preset_name)
-    ctrl = load_controlnet(controlnet, preset_name).to(dev).eval() if controlnet else None
+    var = variant(variant_name)
+    ae = load_autoencoder(autoencoder, variant_name).eval()
+    unet, scale, timesteps = load_diffusion(diffusion, variant_name)
+    ctrl = load_controlnet(controlnet, variant_name).to(dev).eval() if controlnet else None
     hashes = {"autoencoder": sha256_file(autoencoder), "diffusion": sha256_file(diffusion)}
     if controlnet:
         hashes["controlnet"] = sha256_file(controlnet)
-    return Models(ae, unet.to(dev).eval(), ctrl, scale, timesteps, diffusion_scheduler(diffusion), dev, hashes)
+    kind = diffusion_scheduler(diffusion, var.sampler)
+    return Models(ae, unet.to(dev).eval(), ctrl, scale, timesteps, kind, dev, hashes, var)
 
 
 def load_request(
@@ -67,17 +80,32 @@ def load_request(
     and for masked requests the mask database with its sha256."""
     masked = bool(request.masks and mask_db)
     models = load_models(checkpoints["autoencoder"], checkpoints["diffusion"], checkpoints.get("controlnet") if request.masks else None,
-                         settings.preset, settings.device)  # fmt: skip
+                         settings.variant, settings.device)  # fmt: skip
     return models, read_mask_database(mask_db) if masked else None, sha256_file(mask_db) if masked else ""
 
 
-def _scheduler(kind: str, num_train_timesteps: int, steps: int, latent_shape: Sequence[int], device: torch.device):
-    scheduler = build_scheduler(kind, num_train_timesteps)
-    if kind == "rflow":
-        scheduler.set_timesteps(num_inference_steps=steps, device=device, input_img_size_numel=int(np.prod(latent_shape)))
+def _scheduler(models: Models, steps: int, latent_shape: Sequence[int]):
+    scheduler = build_scheduler(scheduler_spec(models.variant, models.scheduler, models.num_train_timesteps))
+    if models.scheduler == "rflow":
+        scheduler.set_timesteps(num_inference_steps=steps, device=models.device, input_img_size_numel=int(np.prod(latent_shape)))
     else:
-        scheduler.set_timesteps(num_inference_steps=steps, device=device)
+        scheduler.set_timesteps(num_inference_steps=steps, device=models.device)
     return scheduler
+
+
+def _unet_inputs(models: Models, request: GenerationRequest, guided: bool) -> dict[str, torch.Tensor]:
+    """The UNet's condition inputs the variant takes; with guidance, a batch of two (conditional, unconditional)."""
+    dev, var = models.device, models.variant
+    top, bottom, spacing = condition_tensors([one_hot(request.top_region)], [one_hot(request.bottom_region)], [request.spacing], dev)
+    out = {"spacing_tensor": spacing}
+    if var.takes_body_region:
+        out.update(top_region_index_tensor=top, bottom_region_index_tensor=bottom)
+    if guided:
+        out = {k: torch.cat([v, v]) for k, v in out.items()}
+    if var.takes_modality:
+        labels = [request.modality, 0] if guided else [request.modality]
+        out["class_labels"] = torch.tensor(labels, dtype=torch.long, device=dev)
+    return out
 
 
 @torch.no_grad()
@@ -91,15 +119,19 @@ def sample_latent(
     dev = models.device
     if request.sampler != models.scheduler:
         raise ValueError(f"request {request.name}: sampler {request.sampler!r} differs from the diffusion model's {models.scheduler!r}")
+    guided = request.cfg_guidance_scale > 0
+    if guided and not models.variant.takes_modality and mask is None:
+        raise ValueError(f"request {request.name}: guidance without a modality input or a mask would change nothing")
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     latents = torch.randn((1, 4, *request.latent_shape), generator=gen).to(dev)
-    scheduler = _scheduler(request.sampler, models.num_train_timesteps, request.steps, request.latent_shape, dev)
-    top, bottom, spacing = condition_tensors([one_hot(request.top_region)], [one_hot(request.bottom_region)], [request.spacing], dev)
+    scheduler = _scheduler(models, request.steps, request.latent_shape)
+    inputs = _unet_inputs(models, request, guided)
     cond = None
     if mask is not None:
         if models.controlnet is None:
             raise ValueError(f"request {request.name}: mask-conditioned generation needs a ControlNet checkpoint")
-        cond = label_to_bits(torch.from_numpy(np.ascontiguousarray(mask)).to(dev)[None, None])
+        maps = [mask, remove_tumours(mask)] if guided else [mask]
+        cond = label_to_bits(torch.from_numpy(np.stack([np.ascontiguousarray(m) for m in maps])).to(dev)[:, None])
     timesteps = scheduler.timesteps
     next_timesteps = torch.cat((timesteps[1:], torch.zeros(1, dtype=timesteps.dtype, device=timesteps.device)))
     ddpm_gen = torch.Generator(device=dev).manual_seed(derive_seed(seed, "ddpm"))
@@ -107,29 +139,31 @@ def sample_latent(
     bar = tqdm(total=len(timesteps), desc=f"sampling ({request.sampler})", unit="step", leave=False, disable=not progress, mininterval=1.0)
     with _fixed_condition(models.controlnet, cond, autocast):
         for t, next_t in zip(timesteps, next_timesteps, strict=True):
-            latents = _step(models, scheduler, request.sampler, latents, t, next_t, cond, (top, bottom, spacing), autocast, ddpm_gen)
+            pred = _predict(models, latents, t, cond, inputs, request.cfg_guidance_scale, autocast)
+            if models.scheduler == "rflow":
+                latents = scheduler.step(pred, t, latents, next_t)[0]
+            else:
+                latents = scheduler.step(pred, t, latents, generator=ddpm_gen)[0]
             bar.update()
     bar.close()
     return latents
 
 
-def _step(models: Models, scheduler, sampler: str, latents, t, next_t, cond, conditions, autocast, ddpm_gen) -> torch.Tensor:
-    """One denoising step (MAISI's loop body): ControlNet residuals, UNet prediction, scheduler update."""
-    dev = models.device
-    top, bottom, spacing = conditions
-    t_batch = torch.as_tensor([t], device=dev)
+def _predict(models: Models, latents, t, cond, inputs: Mapping[str, torch.Tensor], guidance: float, autocast) -> torch.Tensor:
+    """One step's model output (MAISI's loop body): ControlNet residuals, UNet prediction, guidance."""
+    x = torch.cat([latents, latents]) if guidance > 0 else latents
+    t_batch = torch.full((x.shape[0],), float(t), device=models.device) if guidance > 0 else torch.as_tensor([t], device=models.device)
     with autocast:
         extra = {}
         if cond is not None:
-            down, mid = models.controlnet(x=latents, timesteps=t_batch, controlnet_cond=cond, conditioning_scale=1.0)
+            down, mid = models.controlnet(x=x, timesteps=t_batch, controlnet_cond=cond, conditioning_scale=1.0,
+                                          class_labels=inputs.get("class_labels"))  # fmt: skip
             extra = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
-        pred = models.unet(
-            x=latents, timesteps=t_batch, spacing_tensor=spacing, top_region_index_tensor=top, bottom_region_index_tensor=bottom,
-            **extra,
-        ).float()  # fmt: skip
-    if sampler == "rflow":
-        return scheduler.step(pred, t, latents, next_t)[0]
-    return scheduler.step(pred, t, latents, generator=ddpm_gen)[0]
+        pred = models.unet(x=x, timesteps=t_batch, **inputs, **extra).float()
+    if guidance > 0:
+        conditional, unconditional = pred.chunk(2)
+        pred = unconditional + guidance * (conditional - unconditional)
+    return pred
 
 
 class _Constant(torch.nn.Module):

@@ -69,9 +69,9 @@ class DecodeSettings(ConfigSettings):
 
 @dataclass(frozen=True)
 class GenerateSettings(ConfigSettings):
-    """How a shard is generated: model preset and device, decoding, mask augmentation, error policy."""
+    """How a shard is generated: model variant and device, decoding, mask augmentation, error policy."""
 
-    preset: str = schema_default("model.preset")
+    variant: str = schema_default("model.variant")
     device: str = schema_default("model.device")
     decoder: DecodeSettings = DecodeSettings()
     augment: AugmentSettings = AugmentSettings()
@@ -82,11 +82,11 @@ class GenerateSettings(ConfigSettings):
         """From ``config["generate"]`` (``decoder``, ``augment``), ``config["model"]`` and ``config["on_error"]``."""
         block, model = config.get("generate", {}), config.get("model", {})
         return cls.from_dict({
-            "preset": model.get("preset", cls.preset), "device": model.get("device", cls.device),
+            "variant": model.get("variant", cls.variant), "device": model.get("device", cls.device),
             "decoder": block.get("decoder", {}), "augment": block.get("augment", {}), "on_error": config.get("on_error", cls.on_error),
         })  # fmt: skip
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> GenerateSettings:
-        return cls(preset=data["preset"], device=data["device"], decoder=DecodeSettings.from_dict(data["decoder"]),
+        return cls(variant=data["variant"], device=data["device"], decoder=DecodeSettings.from_dict(data["decoder"]),
                    augment=AugmentSettings.from_dict(data["augment"]), on_error=data["on_error"])  # fmt: skip

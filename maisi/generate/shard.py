@@ -163,6 +163,8 @@ def generate_case(
         "conditions": {
             "size": list(request.size), "spacing": list(request.spacing), "top_region": request.top_region,
             "bottom_region": request.bottom_region, "anatomy": list(request.anatomy), "sampler": request.sampler, "steps": request.steps,
+            "variant": models.variant.name, "modality": request.modality if models.variant.takes_modality else None,
+            "cfg_guidance_scale": request.cfg_guidance_scale,
         },
         "mask": mask_record, "label_source": "mask" if mask is not None else f"body threshold {BODY_THRESHOLD_HU:g} HU",
         "checkpoints": hashes, "scale_factor": models.scale_factor, "decoder": settings.decoder.to_dict(),

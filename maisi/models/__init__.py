@@ -1,1 +1,1 @@
-"""MAISI's networks (MONAI's implementations), presets and checkpoints in the released layouts."""
+"""MAISI's networks (MONAI's implementations), variants and checkpoints in the released layouts."""

@@ -2,11 +2,14 @@
 
 autoencoder = a plain state dict (or ``{"autoencoder_state_dict": ...}``); diffusion =
 ``{"unet_state_dict", "scale_factor", "num_train_timesteps"}``; ControlNet = ``{"controlnet_state_dict"}``.
-All are read with ``torch.load(..., weights_only=True)``.
+All are read with ``torch.load(..., weights_only=True)``. The factory's own checkpoints also record
+their ``variant``; for a released file without that record the variant is recognised from its
+weights' names and shapes, so a config/checkpoint mismatch says which variant each looks like.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -15,11 +18,18 @@ from typing import Any
 import torch
 
 from maisi.models.networks import build_autoencoder, build_controlnet, build_diffusion_unet
+from maisi.models.variants import VARIANTS
 
-__all__ = ["CheckpointError", "read_checkpoint", "load_weights", "load_autoencoder", "load_diffusion", "diffusion_scheduler", "load_controlnet"]
+__all__ = [
+    "CheckpointError", "read_checkpoint", "load_weights", "load_autoencoder", "load_diffusion", "diffusion_scheduler", "load_controlnet",
+    "recognise_variants",
+]  # fmt: skip
+
+_BUILDERS = {"autoencoder": build_autoencoder, "diffusion UNet": build_diffusion_unet, "ControlNet": build_controlnet}
+
 
 class CheckpointError(ValueError):
-    """A checkpoint is unreadable or does not fit the chosen preset; the message names the file."""
+    """A checkpoint is unreadable or does not fit the chosen variant; the message names the file."""
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -45,8 +55,30 @@ def _state_dict(data: Mapping[str, Any], keys: Sequence[str], path) -> Mapping[s
     raise CheckpointError(f"{path}: no state dict under {' / '.join(repr(k) for k in keys)} and not a plain state dict")
 
 
-def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], path, what: str) -> None:
-    """Load ``state`` strictly; a key or shape mismatch is a :class:`CheckpointError` that lists it."""
+@functools.cache
+def _shapes(what: str, variant_name: str) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        model = _BUILDERS[what](variant_name)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def recognise_variants(state: Mapping[str, torch.Tensor], what: str) -> list[str]:
+    """The shipped variants whose ``what`` network (``autoencoder``, ``diffusion UNet``, ``ControlNet``)
+    has exactly these weight names and shapes."""
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    return [name for name in VARIANTS if _shapes(what, name) == shapes]
+
+
+def _check_recorded(data: Mapping[str, Any], variant_name: str, path, what: str) -> None:
+    recorded = data.get("variant")
+    if isinstance(recorded, str) and recorded != variant_name:
+        raise CheckpointError(f"{path}: the {what} checkpoint records variant {recorded!r}, but model.variant is {variant_name!r}; "
+                              f"set model.variant: {recorded}")  # fmt: skip
+
+
+def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], path, what: str, variant_name: str | None = None) -> None:
+    """Load ``state`` strictly; a key or shape mismatch is a :class:`CheckpointError` that lists it and,
+    given the configured ``variant_name``, says which shipped variant the weights fit."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -59,31 +91,40 @@ def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], path
             parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
         if shapes:
             k, got, want = shapes[0]
-            parts.append(f"{len(shapes)} shape mismatches (e.g. {k}: checkpoint {got}, preset {want})")
-        raise CheckpointError(f"{path}: the {what} checkpoint does not fit the chosen preset: {'; '.join(parts)}")
+            parts.append(f"{len(shapes)} shape mismatches (e.g. {k}: checkpoint {got}, variant {want})")
+        hint = ""
+        if variant_name is not None and what in _BUILDERS:
+            fits = recognise_variants(state, what)
+            hint = (f"; the weights look like variant {' or '.join(repr(f) for f in fits)}: set model.variant: {fits[0]}" if fits
+                    else "; they fit none of the shipped variants (" + ", ".join(VARIANTS) + ")")  # fmt: skip
+        configured = f" {variant_name!r}" if variant_name else ""
+        raise CheckpointError(f"{path}: the {what} checkpoint does not fit the chosen variant{configured}: {'; '.join(parts)}{hint}")
     model.load_state_dict(state, strict=True)
 
 
-def load_autoencoder(path, preset_name: str):
+def load_autoencoder(path, variant_name: str):
     data = read_checkpoint(path)
-    model = build_autoencoder(preset_name)
-    load_weights(model, _state_dict(data, ("autoencoder_state_dict", "state_dict"), path), path, "autoencoder")
+    _check_recorded(data, variant_name, path, "autoencoder")
+    model = build_autoencoder(variant_name)
+    load_weights(model, _state_dict(data, ("autoencoder_state_dict", "state_dict"), path), path, "autoencoder", variant_name)
     return model
 
 
-def load_diffusion(path, preset_name: str):
+def load_diffusion(path, variant_name: str):
     """(unet, scale_factor, num_train_timesteps) from a diffusion checkpoint."""
     data = read_checkpoint(path)
-    unet = build_diffusion_unet(preset_name)
-    load_weights(unet, _state_dict(data, ("unet_state_dict",), path), path, "diffusion UNet")
+    _check_recorded(data, variant_name, path, "diffusion UNet")
+    unet = build_diffusion_unet(variant_name)
+    load_weights(unet, _state_dict(data, ("unet_state_dict",), path), path, "diffusion UNet", variant_name)
     if "scale_factor" not in data:
         raise CheckpointError(f"{path}: the diffusion checkpoint has no 'scale_factor'")
     scale = float(torch.as_tensor(data["scale_factor"]).reshape(-1)[0])
     return unet, scale, int(data.get("num_train_timesteps", 1000))
 
 
-def diffusion_scheduler(path: str | os.PathLike, default: str = "rflow") -> str:
-    """The scheduler a diffusion checkpoint was trained with (``default`` when it does not say, as in MAISI's release)."""
+def diffusion_scheduler(path: str | os.PathLike, default: str) -> str:
+    """The scheduler a diffusion checkpoint was trained with: its record, else ``default`` (the variant's:
+    NVIDIA's released files do not record it)."""
     try:
         data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError:  # not a zip checkpoint: mmap is unsupported
@@ -91,8 +132,9 @@ def diffusion_scheduler(path: str | os.PathLike, default: str = "rflow") -> str:
     return str(data.get("scheduler", default)) if isinstance(data, Mapping) else default
 
 
-def load_controlnet(path, preset_name: str):
+def load_controlnet(path, variant_name: str):
     data = read_checkpoint(path)
-    controlnet = build_controlnet(preset_name)
-    load_weights(controlnet, _state_dict(data, ("controlnet_state_dict",), path), path, "ControlNet")
+    _check_recorded(data, variant_name, path, "ControlNet")
+    controlnet = build_controlnet(variant_name)
+    load_weights(controlnet, _state_dict(data, ("controlnet_state_dict",), path), path, "ControlNet", variant_name)
     return controlnet

@@ -1,50 +1,46 @@
-"""MAISI's networks (MONAI's implementations) built from a preset, the noise schedulers, and conditioning inputs.
+"""MAISI's networks (MONAI's implementations) built from a model variant, the noise schedulers, and conditioning inputs.
 
-Two presets (:mod:`maisi.models.presets`): ``tiny`` (trains in minutes on two CPU cores; the default
-config and the tests use it) and ``maisi`` (the released architecture: 4 latent channels, 4x
-downsampling, autoencoder channels [64, 128, 256], diffusion UNet channels [64, 128, 256, 512] with
-attention on the two deepest levels, spacing and top/bottom body-region inputs; ControlNet with 8
-bit-channel mask conditioning).
+The variants (:mod:`maisi.models.variants`): ``tiny`` (trains in minutes on two CPU cores; the
+default config and the tests use it), ``ddpm-ct`` and ``rflow-ct`` (NVIDIA's released CT models:
+4 latent channels, 4x downsampling, autoencoder channels [64, 128, 256], diffusion UNet channels
+[64, 128, 256, 512] with attention on the two deepest levels; ``rflow-ct`` adds a modality class
+embedding and drops the body-region inputs; the ControlNet takes masks as 8 bit-channels).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 
-from maisi.models.presets import preset
+from maisi.models.variants import Variant, variant
 
 __all__ = ["build_autoencoder", "build_diffusion_unet", "build_controlnet", "build_discriminator", "build_scheduler", "select_device", "label_to_bits", "condition_tensors", "float32_norms", "float32_norms_off"]
 
-#: UNet keyword arguments the ControlNet shares (it copies the UNet's encoder half).
-_CONTROLNET_SHARED = (
-    "spatial_dims", "in_channels", "num_channels", "attention_levels", "num_head_channels", "num_res_blocks",
-    "norm_num_groups", "norm_eps", "use_flash_attention",
-)  # fmt: skip
+
+def _variant(var: str | Variant) -> Variant:
+    return var if isinstance(var, Variant) else variant(var)
 
 
-def build_autoencoder(preset_name: str):
+def build_autoencoder(var: str | Variant):
     from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
 
-    return AutoencoderKlMaisi(**preset(preset_name)["autoencoder"])
+    return AutoencoderKlMaisi(**_variant(var).network("autoencoder"))
 
 
-def build_diffusion_unet(preset_name: str):
+def build_diffusion_unet(var: str | Variant):
     from monai.apps.generation.maisi.networks.diffusion_model_unet_maisi import DiffusionModelUNetMaisi
 
-    return DiffusionModelUNetMaisi(**preset(preset_name)["diffusion"])
+    return DiffusionModelUNetMaisi(**_variant(var).network("diffusion"))
 
 
-def build_controlnet(preset_name: str, unet: torch.nn.Module | None = None):
-    """ControlNet of a preset; initialised from ``unet``'s matching weights when given (MAISI's way)."""
+def build_controlnet(var: str | Variant, unet: torch.nn.Module | None = None):
+    """ControlNet of a variant; initialised from ``unet``'s matching weights when given (MAISI's way)."""
     from monai.apps.generation.maisi.networks.controlnet_maisi import ControlNetMaisi
 
-    p = preset(preset_name)
-    kwargs = {k: p["diffusion"][k] for k in _CONTROLNET_SHARED}
-    controlnet = ControlNetMaisi(**kwargs, **p["controlnet"], use_checkpointing=False)
+    controlnet = ControlNetMaisi(**_variant(var).network("controlnet"))
     if unet is not None:
         from monai.networks.utils import copy_model_state
 
@@ -54,27 +50,23 @@ def build_controlnet(preset_name: str, unet: torch.nn.Module | None = None):
     return controlnet
 
 
-def build_discriminator(preset_name: str):
+def build_discriminator(var: str | Variant):
     from monai.networks.nets import PatchDiscriminator
 
-    return PatchDiscriminator(**preset(preset_name)["discriminator"])
+    return PatchDiscriminator(**_variant(var).network("discriminator"))
 
 
-def build_scheduler(kind: str = "rflow", num_train_timesteps: int = 1000, base_img_size_numel: int | None = None):
-    """MONAI's ``RFlowScheduler`` (velocity target) or ``DDPMScheduler`` (noise target), set up as in MAISI."""
+def build_scheduler(spec: Mapping[str, Any]):
+    """MONAI's ``RFlowScheduler`` (velocity target) or ``DDPMScheduler`` (noise target) from a scheduler
+    spec (``{"kind": ..., **arguments}``: :func:`maisi.models.variants.scheduler_spec`)."""
     from monai.networks.schedulers import DDPMScheduler, RFlowScheduler
 
-    if kind == "rflow":
-        kwargs: dict[str, Any] = {"use_discrete_timesteps": False, "sample_method": "logit-normal", "use_timestep_transform": True}
-        if base_img_size_numel:
-            kwargs["base_img_size_numel"] = int(base_img_size_numel)
-        return RFlowScheduler(num_train_timesteps=num_train_timesteps, **kwargs)
-    if kind == "ddpm":
-        return DDPMScheduler(
-            num_train_timesteps=num_train_timesteps, schedule="scaled_linear_beta", beta_start=0.0015, beta_end=0.0195,
-            clip_sample=False, prediction_type="epsilon",
-        )  # fmt: skip
-    raise ValueError(f"unknown scheduler {kind!r}; expected 'rflow' or 'ddpm'")
+    kwargs = {k: v for k, v in spec.items() if k != "kind"}
+    if spec["kind"] == "rflow":
+        return RFlowScheduler(**kwargs)
+    if spec["kind"] == "ddpm":
+        return DDPMScheduler(**{"prediction_type": "epsilon", **kwargs})
+    raise ValueError(f"unknown scheduler {spec['kind']!r}; expected 'rflow' or 'ddpm'")
 
 
 def select_device(setting: str = "auto") -> torch.device:

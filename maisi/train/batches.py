@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from maisi.core.shards import log
 from maisi.core.tables import read_table
 from maisi.models.networks import condition_tensors
-from maisi.models.presets import preset
+from maisi.models.variants import MODALITIES, Variant, variant
 from maisi.train.cache_latents import read_latent
 from maisi.train.settings import Patch
 
@@ -114,9 +114,9 @@ def latent_records(tables: Sequence[str | os.PathLike] | str | os.PathLike, case
     return frame.reset_index(drop=True)
 
 
-def model_divisor(preset_name: str) -> int:
+def model_divisor(variant_name: str) -> int:
     """What every latent size must be a multiple of (the UNet halves it once per extra level)."""
-    return 2 ** (len(preset(preset_name)["diffusion"]["num_channels"]) - 1)
+    return 2 ** (variant(variant_name).unet_levels - 1)
 
 
 def _round_up(n: int, k: int) -> int:
@@ -189,12 +189,18 @@ def noise_inputs(scheduler: Any, kind: str, z: torch.Tensor, gen: torch.Generato
     return noisy, timesteps, target
 
 
-def conditions(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
-    """The UNet's region and spacing keyword inputs for a batch (x100, as MAISI)."""
+def conditions(batch: Batch, device: torch.device, var: Variant) -> dict[str, torch.Tensor]:
+    """The UNet's keyword inputs for a batch, those the variant takes: spacing, top/bottom regions
+    (x100, as MAISI) and the modality class label (the prepared data are CT: code 1)."""
     top, bottom, spacing = condition_tensors(
         [c.top for c in batch.cases], [c.bottom for c in batch.cases], [c.spacing for c in batch.cases], device
     )
-    return {"top_region_index_tensor": top, "bottom_region_index_tensor": bottom, "spacing_tensor": spacing}
+    out = {"spacing_tensor": spacing}
+    if var.takes_body_region:
+        out.update(top_region_index_tensor=top, bottom_region_index_tensor=bottom)
+    if var.takes_modality:
+        out["class_labels"] = torch.full((len(batch.cases),), MODALITIES["ct"], dtype=torch.long, device=device)
+    return out
 
 
 def l1_loss(prediction: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -205,10 +211,10 @@ def l1_loss(prediction: torch.Tensor, target: torch.Tensor, weight: torch.Tensor
 
 def check_patch(settings: Any, cases: Sequence[LatentCase]) -> int:
     """The model's size divisor; a patch that does not fit it is an error, small latents are padded."""
-    divisor = model_divisor(settings.preset)
+    divisor = model_divisor(settings.variant)
     if settings.latent_patch is not None:
         if any(p % divisor for p in settings.latent_patch):
-            raise ValueError(f"latent_patch {tuple(settings.latent_patch)} must be a multiple of {divisor} per axis for preset '{settings.preset}'")
+            raise ValueError(f"latent_patch {tuple(settings.latent_patch)} must be a multiple of {divisor} per axis for variant '{settings.variant}'")
         small = [c.case_id for c in cases if any(n < p for n, p in zip(c.shape, settings.latent_patch, strict=True))]
         if small:
             log.info("%d latents smaller than the patch %s are zero-padded (e.g. %s)", len(small), settings.latent_patch, small[0])

@@ -46,7 +46,7 @@ from maisi.core.shards import run_cases
 from maisi.core.tables import read_table
 from maisi.models.checkpoints import load_autoencoder
 from maisi.models.networks import float32_norms, select_device
-from maisi.models.presets import DOWNSAMPLE, LATENT_CHANNELS
+from maisi.models.variants import DOWNSAMPLE, LATENT_CHANNELS
 from maisi.train.settings import LatentSettings
 
 __all__ = ["LATENT_COLUMNS", "LATENT_LAYOUT", "encode_volume", "latent_affine", "latent_path", "latent_paths", "cache_case", "cache_shard", "read_latent", "LATENT_KEYS"]
@@ -249,7 +249,7 @@ def cache_case(
             "bottom_region_index": bottom,
         },
         "image": {"path": str(image_path), "sha256": fingerprint["image_sha256"]},
-        "autoencoder": {"sha256": ae_sha256, "preset": settings.preset},
+        "autoencoder": {"sha256": ae_sha256, "variant": settings.variant},
         "settings": settings.to_dict(),
         "device": str(torch.device(device)),
         "fingerprint": fingerprint,
@@ -278,7 +278,7 @@ def cache_shard(
 ) -> list[dict[str, Any]]:
     """Encode every case that is ``ok`` in both the prepared and the regions table of a shard.
 
-    The autoencoder is loaded once (``settings.preset``, eval mode, on ``settings.device``);
+    The autoencoder is loaded once (``settings.variant``, eval mode, on ``settings.device``);
     cases run one after the other (the model uses all cores). A case whose image cannot be read
     is an :class:`~maisi.core.checks.InputError` naming the file: a ``rejected`` row with
     ``on_error="skip"``, a :class:`~maisi.core.shards.CaseFailure` with ``"stop"``. Returns the rows
@@ -304,7 +304,7 @@ def cache_shard(
         return []
 
     device = select_device(settings.device)
-    autoencoder = load_autoencoder(checkpoint, settings.preset).to(device).eval()
+    autoencoder = load_autoencoder(checkpoint, settings.variant).to(device).eval()
     ae_sha256 = sha256_file(checkpoint)
 
     def one(case: Mapping[str, Any]) -> dict[str, Any]:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from maisi.core.io import sha256_file
 from maisi.models.checkpoints import diffusion_scheduler, load_diffusion
 from maisi.models.networks import build_controlnet, build_scheduler, label_to_bits, select_device
-from maisi.models.presets import DOWNSAMPLE
+from maisi.models.variants import DOWNSAMPLE, scheduler_spec, variant
 from maisi.train.batches import Batch, LatentCase, check_patch, conditions, l1_loss, noise_inputs, read_cases, sample_batch
 from maisi.train.loop import (
     ResumeState,
@@ -128,26 +128,25 @@ def train_controlnet(
         "stage": STAGE, "settings": settings.run_fingerprint(), "data": data_fp, "diffusion": diffusion_sha,
     }))  # fmt: skip
 
-    unet, scale, num_train_timesteps = load_diffusion(diffusion_checkpoint, settings.preset)
-    kind = diffusion_scheduler(diffusion_checkpoint, settings.scheduler)
+    unet, scale, num_train_timesteps = load_diffusion(diffusion_checkpoint, settings.variant)
+    kind = diffusion_scheduler(diffusion_checkpoint, settings.kind)
+    var = variant(settings.variant)
     unet = unet.to(device).eval().requires_grad_(False)
     seed_everything(settings.seed)
-    controlnet = build_controlnet(settings.preset, unet).to(device)
-    scheduler = build_scheduler(kind, num_train_timesteps)
+    controlnet = build_controlnet(settings.variant, unet).to(device)
+    scheduler = build_scheduler(scheduler_spec(var, kind, num_train_timesteps))
     scale_t = torch.tensor(scale, dtype=torch.float32)
     loop = TrainLoop(STAGE, controlnet, settings, device, resume)
-    log.info("%s: %d cases, preset %s, %s scheduler (%d timesteps), scale factor %.5f, device %s, steps %d (from %d)", STAGE,
-             len(cases), settings.preset, kind, num_train_timesteps, scale, device, settings.steps, loop.start)  # fmt: skip
+    log.info("%s: %d cases, variant %s, %s scheduler (%d timesteps), scale factor %.5f, device %s, steps %d (from %d)", STAGE,
+             len(cases), settings.variant, kind, num_train_timesteps, scale, device, settings.steps, loop.start)  # fmt: skip
 
     def loss_fn(step: int, gen: torch.Generator) -> torch.Tensor:
         batch = sample_batch(cases, gen, settings.batch_size, settings.latent_patch, divisor, scale_t)
         noisy, timesteps, target = noise_inputs(scheduler, kind, batch.z, gen, device)
         label = labels.crops(batch).to(device)
-        down, mid = controlnet(x=noisy, timesteps=timesteps, controlnet_cond=label_to_bits(label))
-        prediction = unet(
-            x=noisy, timesteps=timesteps, down_block_additional_residuals=down, mid_block_additional_residual=mid,
-            **conditions(batch, device),
-        )  # fmt: skip
+        inputs = conditions(batch, device, var)
+        down, mid = controlnet(x=noisy, timesteps=timesteps, controlnet_cond=label_to_bits(label), class_labels=inputs.get("class_labels"))
+        prediction = unet(x=noisy, timesteps=timesteps, down_block_additional_residuals=down, mid_block_additional_residual=mid, **inputs)
         return l1_loss(prediction, target, tumour_weights(label, settings.tumour_labels, settings.tumour_weight))
 
     history = loop.run(loss_fn)
@@ -157,8 +156,8 @@ def train_controlnet(
         "diffusion_sha256": diffusion_sha, "scheduler": kind, "scale_factor": float(scale), "metrics": metrics,
         "cases": [c.case_id for c in cases], "resumed_from": loop.start, "device": str(device),
     }  # fmt: skip
-    payload = {"controlnet_state_dict": cpu_state(controlnet), "preset": settings.preset, "steps": int(settings.steps)}
+    payload = {"controlnet_state_dict": cpu_state(controlnet), "variant": settings.variant, "steps": int(settings.steps)}
     save_checkpoint(checkpoint, payload, meta, STAGE)
-    plot_losses({"weighted L1": history}, curve_png, f"ControlNet ({kind}, {settings.preset})")
+    plot_losses({"weighted L1": history}, curve_png, f"ControlNet ({kind}, {settings.variant})")
     resume.clear()
     return {**meta, "history": history}

@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 
 from maisi.models.networks import build_diffusion_unet, build_scheduler, select_device
+from maisi.models.variants import variant
 from maisi.train.batches import LatentCase, check_patch, conditions, l1_loss, noise_inputs, read_cases, sample_batch
 from maisi.train.loop import (
     ResumeState,
@@ -82,33 +83,34 @@ def train_diffusion(
     resume = ResumeState(resume_path, fingerprint({"stage": STAGE, "settings": settings.run_fingerprint(), "data": data_fp}))
 
     seed_everything(settings.seed)
-    unet = build_diffusion_unet(settings.preset).to(device)
-    scheduler = build_scheduler(settings.scheduler, settings.num_train_timesteps)
+    var = variant(settings.variant)
+    unet = build_diffusion_unet(var).to(device)
+    scheduler = build_scheduler(settings.scheduler_spec())
     loop = TrainLoop(STAGE, unet, settings, device, resume)
     if "scale_factor" in loop.extra:
         scale = torch.as_tensor(loop.extra["scale_factor"], dtype=torch.float32)
     else:
         scale = scale_factor_of(cases, settings.seed)
-    log.info("%s: %d cases, preset %s, %s scheduler, device %s, scale factor %.5f, steps %d (from %d)", STAGE, len(cases),
-             settings.preset, settings.scheduler, device, float(scale), settings.steps, loop.start)  # fmt: skip
+    log.info("%s: %d cases, variant %s, %s scheduler, device %s, scale factor %.5f, steps %d (from %d)", STAGE, len(cases),
+             settings.variant, settings.kind, device, float(scale), settings.steps, loop.start)  # fmt: skip
 
     def loss_fn(step: int, gen: torch.Generator) -> torch.Tensor:
         batch = sample_batch(cases, gen, settings.batch_size, settings.latent_patch, divisor, scale)
-        noisy, timesteps, target = noise_inputs(scheduler, settings.scheduler, batch.z, gen, device)
-        prediction = unet(x=noisy, timesteps=timesteps, **conditions(batch, device))
+        noisy, timesteps, target = noise_inputs(scheduler, settings.kind, batch.z, gen, device)
+        prediction = unet(x=noisy, timesteps=timesteps, **conditions(batch, device, var))
         return l1_loss(prediction, target)
 
     history = loop.run(loss_fn, extra={"scale_factor": scale})
     metrics = loss_metrics(history)
     meta = {
-        "stage": STAGE, "settings": asdict(settings), "data_fingerprint": data_fp, "metrics": metrics,
+        "stage": STAGE, "settings": asdict(settings), "scheduler": settings.kind, "data_fingerprint": data_fp, "metrics": metrics,
         "scale_factor": float(scale), "cases": [c.case_id for c in cases], "resumed_from": loop.start, "device": str(device),
     }  # fmt: skip
     payload = {
         "unet_state_dict": cpu_state(unet), "scale_factor": scale.clone(), "num_train_timesteps": int(settings.num_train_timesteps),
-        "scheduler": settings.scheduler, "preset": settings.preset, "steps": int(settings.steps),
+        "scheduler": settings.kind, "variant": settings.variant, "steps": int(settings.steps),
     }  # fmt: skip
     save_checkpoint(checkpoint, payload, meta, STAGE)
-    plot_losses({"L1": history}, curve_png, f"diffusion UNet ({settings.scheduler}, {settings.preset})")
+    plot_losses({"L1": history}, curve_png, f"diffusion UNet ({settings.kind}, {settings.variant})")
     resume.clear()
     return {**meta, "history": history}

@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 from maisi.core.schema import check_values, schema_default
 from maisi.core.settings import ConfigSettings
-from maisi.models.presets import DOWNSAMPLE, preset
+from maisi.models.variants import DOWNSAMPLE, scheduler_spec, variant
 
 if TYPE_CHECKING:
     pass
 
-__all__ = ["VaeSettings", "LatentSettings", "TrainSettings", "DiffusionSettings", "ControlNetSettings", "Patch"]
+__all__ = ["VaeSettings", "LatentSettings", "TrainSettings", "DiffusionSettings", "ControlNetSettings", "Patch", "resolve_scheduler"]
 
 Patch = tuple[int, int, int]
 
@@ -26,7 +26,7 @@ Patch = tuple[int, int, int]
 class VaeSettings(ConfigSettings):
     """Settings of the autoencoder stage (``config["train_vae"]`` plus ``config["model"]``)."""
 
-    preset: str = schema_default("model.preset")
+    variant: str = schema_default("model.variant")
     device: str = schema_default("model.device")
     steps: int = schema_default("train_vae.steps")
     batch_size: int = schema_default("train_vae.batch_size")
@@ -48,16 +48,16 @@ class VaeSettings(ConfigSettings):
             sizes = [sizes]
         object.__setattr__(self, "patch_sizes", tuple(tuple(int(n) for n in size) for size in sizes))
         super().__post_init__()
-        # What the schema cannot say: sizes against the preset, and patch sizes against steps.
-        autoencoder = preset(self.preset)["autoencoder"]
+        # What the schema cannot say: sizes against the variant, and patch sizes against steps.
+        autoencoder = variant(self.variant).networks["autoencoder"]
         problems = [f"patch size {list(size)} must be 3 positive multiples of {DOWNSAMPLE}"
                     for size in self.patch_sizes if any(n < DOWNSAMPLE or n % DOWNSAMPLE for n in size)]  # fmt: skip
         # AutoencoderKlMaisi splits its convolutions' input along one axis; at the deepest level each part
-        # needs at least 3 voxels (the 'maisi' preset: 48 voxels along the second axis).
+        # needs at least 3 voxels (the released variants: 48 voxels along the second axis).
         splits, axis = int(autoencoder.get("num_splits", 1)), int(autoencoder.get("dim_split", 0))
         least = 3 * splits * DOWNSAMPLE
         if splits > 1 and any(size[axis] < least for size in self.patch_sizes):
-            problems.append(f"preset {self.preset!r} needs patch sizes of at least {least} along axis {axis}")
+            problems.append(f"variant {self.variant!r} needs patch sizes of at least {least} along axis {axis}")
         if len(self.patch_sizes) > self.steps:
             problems.append(f"{len(self.patch_sizes)} patch sizes but only {self.steps} steps")
         if problems:
@@ -65,7 +65,7 @@ class VaeSettings(ConfigSettings):
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> VaeSettings:
-        """From ``config["train_vae"]`` and ``config["model"]`` (whose ``preset`` and ``device`` are used)."""
+        """From ``config["train_vae"]`` and ``config["model"]`` (whose ``variant`` and ``device`` are used)."""
         return cls(**config.get("train_vae", {}), **_model(config))
 
 
@@ -73,7 +73,7 @@ class VaeSettings(ConfigSettings):
 class LatentSettings(ConfigSettings):
     """How images are encoded (``config["cache_latents"]`` plus ``config["model"]``)."""
 
-    preset: str = schema_default("model.preset")
+    variant: str = schema_default("model.variant")
     device: str = schema_default("model.device")
     #: Sliding-window encoding window in image voxels (multiples of 4); ``None`` encodes the whole volume at once.
     roi_size: tuple[int, int, int] | None = schema_default("cache_latents.roi_size")
@@ -116,9 +116,9 @@ class LatentSettings(ConfigSettings):
 
 
 def _model(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The ``model`` block's ``preset`` and ``device``, which every model stage's settings carry."""
+    """The ``model`` block's ``variant`` and ``device``, which every model stage's settings carry."""
     model = config.get("model", {})
-    return {k: model[k] for k in ("preset", "device") if k in model}
+    return {k: model[k] for k in ("variant", "device") if k in model}
 
 
 class TrainSettings(ConfigSettings):
@@ -137,13 +137,13 @@ class TrainSettings(ConfigSettings):
 
 @dataclass(frozen=True)
 class DiffusionSettings(TrainSettings):
-    """The ``train_diffusion`` config block (plus ``model.preset`` and ``model.device``)."""
+    """The ``train_diffusion`` config block (plus ``model.variant`` and ``model.device``)."""
 
     SECTION: ClassVar[str] = "train_diffusion"
 
-    preset: str = schema_default("model.preset")
+    variant: str = schema_default("model.variant")
     device: str = schema_default("model.device")
-    scheduler: str = schema_default("train_diffusion.scheduler")  # rflow | ddpm
+    scheduler: str | None = schema_default("train_diffusion.scheduler")  # rflow | ddpm | None = the variant's
     num_train_timesteps: int = schema_default("train_diffusion.num_train_timesteps")
     steps: int = schema_default("train_diffusion.steps")
     batch_size: int = schema_default("train_diffusion.batch_size")
@@ -154,15 +154,34 @@ class DiffusionSettings(TrainSettings):
     checkpoint_every: int = schema_default("train_diffusion.checkpoint_every")
     seed: int = schema_default("train_diffusion.seed")
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        resolve_scheduler(self.variant, self.scheduler)
+
+    @property
+    def kind(self) -> str:
+        """The scheduler the UNet is trained with: ``scheduler``, else the variant's."""
+        return resolve_scheduler(self.variant, self.scheduler)
+
+    def scheduler_spec(self) -> dict[str, Any]:
+        return scheduler_spec(variant(self.variant), self.kind, self.num_train_timesteps)
+
+
+def resolve_scheduler(variant_name: str, scheduler: str | None) -> str:
+    """``train_diffusion.scheduler`` against the variant: the kind to use; a released variant allows only its own."""
+    try:
+        return str(scheduler_spec(variant(variant_name), scheduler)["kind"])
+    except ValueError as exc:
+        raise ValueError(f"config key 'train_diffusion.scheduler': {exc}; set it to null (the variant's) or change model.variant") from None
 
 
 @dataclass(frozen=True)
 class ControlNetSettings(TrainSettings):
-    """The ``train_controlnet`` config block (plus ``model.preset`` and ``model.device``)."""
+    """The ``train_controlnet`` config block (plus ``model.variant`` and ``model.device``)."""
 
     SECTION: ClassVar[str] = "train_controlnet"
 
-    preset: str = schema_default("model.preset")
+    variant: str = schema_default("model.variant")
     device: str = schema_default("model.device")
     steps: int = schema_default("train_controlnet.steps")
     batch_size: int = schema_default("train_controlnet.batch_size")
@@ -175,8 +194,8 @@ class ControlNetSettings(TrainSettings):
     checkpoint_every: int = schema_default("train_controlnet.checkpoint_every")
     seed: int = schema_default("train_controlnet.seed")
     #: The diffusion model's scheduler, used when its checkpoint does not record one (NVIDIA's
-    #: released files do not): ``train_diffusion.scheduler``.
-    scheduler: str = schema_default("train_diffusion.scheduler")
+    #: released files do not): ``train_diffusion.scheduler``, else the variant's.
+    scheduler: str | None = schema_default("train_diffusion.scheduler")
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> ControlNetSettings:
@@ -186,3 +205,9 @@ class ControlNetSettings(TrainSettings):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_values("train_diffusion", {"scheduler": self.scheduler})
+        resolve_scheduler(self.variant, self.scheduler)
+
+    @property
+    def kind(self) -> str:
+        """The diffusion model's scheduler when its checkpoint does not say."""
+        return resolve_scheduler(self.variant, self.scheduler)

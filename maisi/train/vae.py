@@ -247,7 +247,7 @@ def train_vae(
     curve_png: str | os.PathLike,
     resume_path: str | os.PathLike,
 ) -> dict[str, float]:
-    """Train the autoencoder; write ``checkpoint`` (``{"autoencoder_state_dict", "preset", "steps"}``) with its
+    """Train the autoencoder; write ``checkpoint`` (``{"autoencoder_state_dict", "variant", "steps"}``) with its
     JSON sidecar and the loss-curve PNG; return the metrics (final and mean of each loss).
 
     The training state is saved to ``resume_path`` every ``checkpoint_every`` steps and reused by a rerun
@@ -267,10 +267,10 @@ def train_vae(
     use_scaler = amp_dtype == torch.float16
 
     seed_everything(settings.seed)
-    autoencoder = build_autoencoder(settings.preset).to(device)
-    discriminator = build_discriminator(settings.preset).to(device)
+    autoencoder = build_autoencoder(settings.variant).to(device)
+    discriminator = build_discriminator(settings.variant).to(device)
     if amp_dtype is None:
-        # The 'maisi' preset's float16 group-norm outputs (a GPU memory saving) break plain float32 training.
+        # The released variants' float16 group-norm outputs (a GPU memory saving) break plain float32 training.
         float32_norms_off(autoencoder)
     eps = 1e-6 if amp_dtype is not None else 1e-8  # as MAISI: a larger epsilon under mixed precision
     opt_g = torch.optim.Adam(autoencoder.parameters(), lr=settings.lr, eps=eps)
@@ -302,8 +302,8 @@ def train_vae(
         start = int(state["step"])
 
     log.info(
-        "train_vae: %d cases, preset %s, device %s%s, steps %d (from %d), patches %s, perceptual %s",
-        len(volumes), settings.preset, device, f" ({amp_dtype})" if amp_dtype else "", settings.steps, start,
+        "train_vae: %d cases, variant %s, device %s%s, steps %d (from %d), patches %s, perceptual %s",
+        len(volumes), settings.variant, device, f" ({amp_dtype})" if amp_dtype else "", settings.steps, start,
         [list(p) for p in settings.patch_sizes], perceptual_on,
     )  # fmt: skip
 
@@ -395,11 +395,11 @@ def train_vae(
         "cases": len(volumes),
         "perceptual": perceptual_on,
     }
-    payload = {"autoencoder_state_dict": _cpu_state(autoencoder), "preset": settings.preset, "steps": settings.steps}
+    payload = {"autoencoder_state_dict": _cpu_state(autoencoder), "variant": settings.variant, "steps": settings.steps}
     save_checkpoint(checkpoint, payload, meta, STAGE)
     # Series that started late (adversarial losses with adv_start > 0) would be drawn shifted: plot full ones only.
     curves = {k: v for k, v in history.items() if len(v) == settings.steps}
-    plot_losses(curves, curve_png, f"train_vae: {settings.preset}, {settings.steps} steps, {len(volumes)} cases")
+    plot_losses(curves, curve_png, f"train_vae: {settings.variant}, {settings.steps} steps, {len(volumes)} cases")
     resume.clear()
     log.info(
         "train_vae: wrote %s (%s)", checkpoint, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith("final_"))

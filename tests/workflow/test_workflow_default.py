@@ -65,7 +65,7 @@ def test_default_trains_every_model(default_run):
     models = work / "results/models"
     for name in ("autoencoder", "diffusion_unet", "controlnet"):
         assert (models / f"{name}.pt").is_file() and (models / f"{name}_loss.png").is_file()
-        assert json.loads((models / f"{name}.pt.json").read_text(encoding="utf-8"))["settings"]["preset"] == "tiny"
+        assert json.loads((models / f"{name}.pt.json").read_text(encoding="utf-8"))["settings"]["variant"] == "tiny"
     assert len(list((work / "results/latents/phantom").glob("*.npz"))) == 8
 
 

@@ -19,7 +19,7 @@ def _config(**extra):
         "run_name": "training",
         "shards": 2,
         "sources": {"phantom": {"type": "phantom", "n_cases": 3, "spacing_xy": [3.0, 4.0], "spacing_z": [4.0, 5.0]}},
-        "model": {"preset": "tiny", "device": "cpu"},
+        "model": {"variant": "tiny", "device": "cpu"},
         **json.loads(json.dumps(TRAINING)),
     }
     cfg.update(extra)
@@ -99,7 +99,7 @@ def test_pretrained_checkpoint_that_does_not_fit_is_a_clear_error(tmp_path):
     proc = snakemake(work, "all", check=False, timeout=1500)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    assert "autoencoder.pt: the autoencoder checkpoint does not fit the chosen preset" in out and key in out
+    assert "autoencoder.pt: the autoencoder checkpoint does not fit the chosen variant" in out and key in out
     assert not list((work / "results").glob("latents/**/*.npz"))
 
     missing = make_workdir(tmp_path / "work2", _config(pretrained={"diffusion": str(tmp_path / "nope.pt")}))

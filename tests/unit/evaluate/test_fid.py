@@ -39,7 +39,7 @@ def ae_checkpoint(tmp_path_factory) -> Path:
     """A randomly initialised tiny autoencoder, saved as maisi.train.vae saves checkpoints."""
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("ae") / "autoencoder.pt"
-    torch.save({"autoencoder_state_dict": build_autoencoder("tiny").state_dict(), "preset": "tiny", "steps": 0}, path)
+    torch.save({"autoencoder_state_dict": build_autoencoder("tiny").state_dict(), "variant": "tiny", "steps": 0}, path)
     return path
 
 
@@ -296,7 +296,7 @@ def test_compute_fid_end_to_end(tmp_path, ae_checkpoint):
     real = [save_nifti(_phantom((16, 16, 16), seed=i), affine, tmp_path / "real" / f"r{i}.nii.gz", np.int16) for i in range(4)]
     settings = fid.FIDSettings(spacing=(2.0, 2.0, 2.0), size=(16, 16, 16), central_fraction=1.0, device="cpu")
     shuffled = [real[2], real[0], real[3], real[1]]
-    result = fid.compute_fid(gen, shuffled, settings, autoencoder=ae_checkpoint, preset="tiny", progress=False)
+    result = fid.compute_fid(gen, shuffled, settings, autoencoder=ae_checkpoint, variant="tiny", progress=False)
 
     assert set(result) >= {"fid", "real_floor", "n_generated", "n_real", "n_features", "extractor", "settings", "floor_split"}
     assert result["n_generated"] == 3 and result["n_real"] == 4

@@ -220,3 +220,61 @@ def test_real_chest_ct_passes_structural_checks_and_its_own_range(real_ct, tmp_p
     assert -200 < result.medians["lung tumor"] < 200  # a soft-tissue lesion
     result = check_case(hu + 3500, lab, ranges, QCSettings())
     assert not result.passed and any("outside [-1024, 3071]" in r for r in result.reasons)
+
+
+# --------------------------------------------------------------------------- NVIDIA's statistics
+
+
+def _nvidia_case():
+    """Body with liver (inside NVIDIA's range), lung lobes 28-31 at -850 HU and lobe 32 at +300 HU (NVIDIA's
+    list omits 32: its lung median stays normal, MAISI's grouping would make it an outlier), bone at 800 HU
+    (inside NVIDIA's [.., 1000], above the range the factory's own rule gives on NVIDIA's statistics)."""
+    hu = np.full((40, 40, 40), -1000.0, np.float32)
+    lab = np.zeros(hu.shape, np.int32)
+    hu[2:38, 2:38, 2:38], lab[2:38, 2:38, 2:38] = 40.0, 200
+    hu[4:12, 4:20, 4:20], lab[4:12, 4:20, 4:20] = 60.0, 1
+    for k, lobe in enumerate((28, 29, 30, 31)):
+        hu[14:30, 4 + 4 * k : 8 + 4 * k, 4:14], lab[14:30, 4 + 4 * k : 8 + 4 * k, 4:14] = -850.0, lobe
+    hu[14:36, 22:36, 4:36], lab[14:36, 22:36, 4:36] = 300.0, 32
+    hu[4:12, 22:30, 22:30], lab[4:12, 22:30, 22:30] = 800.0, 35
+    return hu, lab
+
+
+def test_nvidia_reference_follows_nvidias_rules_and_verdicts(tmp_path):
+    from helpers.nvidia import nvidia_config, nvidia_module
+
+    from maisi.evaluate.qc import NVIDIA_GROUPS, nvidia_reference, read_groups
+
+    stats_path = nvidia_config("image_median_statistics_ct.json")
+    stats = json.loads(stats_path.read_text())
+    record = nvidia_reference(stats_path)
+    (tmp_path / "reference.json").write_text(json.dumps(record))
+    ranges, groups = read_reference(tmp_path / "reference.json"), read_groups(tmp_path / "reference.json")
+    assert set(ranges) == set(stats) and groups["lung"] == (28, 29, 30, 31)
+    assert ranges["bone"].high == 1000.0 and ranges["liver"].low == min(stats["liver"]["sigma_6_low"], stats["liver"]["percentile_0_5"])
+    # The factory's own rule on the same statistics would cap bone well below 1000 HU.
+    assert max(stats["bone"]["sigma_6_high"], stats["bone"]["percentile_99_5"]) < 800.0
+
+    hu, lab = _nvidia_case()
+    label_int_dict = {k: list(v) for k, v in NVIDIA_GROUPS.items()}
+    theirs = nvidia_module("quality_check").is_outlier(stats, hu, lab, label_int_dict)
+    ours = check_case(hu, lab, ranges, QCSettings(min_voxels=1), groups=groups)
+    failed = {r.split(":")[0] for r in ours.reasons}
+    for organ, verdict in theirs.items():
+        if verdict["median_value"] is not None:
+            assert ours.medians[organ] == pytest.approx(verdict["median_value"])
+            assert (organ in failed) == bool(verdict["is_outlier"]), organ
+    assert not theirs["lung"]["is_outlier"] and not theirs["bone"]["is_outlier"]
+    # MAISI's grouping (lobe 32 in the lung) on the same case: the lung fails.
+    assert "lung" in {r.split(":")[0] for r in check_case(hu, lab, ranges, QCSettings(min_voxels=1)).reasons}
+
+
+def test_nvidia_reference_needs_the_statistics_file(tmp_path):
+    with pytest.raises(ConfigError, match="qc.nvidia_statistics"):
+        validated(qc={"reference": "nvidia"})
+    bad = tmp_path / "stats.json"
+    bad.write_text(json.dumps({"heart": {"sigma_6_low": 0}}))
+    from maisi.evaluate.qc import nvidia_reference
+
+    with pytest.raises(InputError, match="stats.json"):
+        nvidia_reference(bad)

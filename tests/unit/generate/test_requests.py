@@ -11,8 +11,8 @@ from maisi.generate.requests import RequestError, latent_factor, parse_requests
 BASE = {"n_cases": 5, "size": [128, 128, 128], "spacing": [3.0, 3.0, 3.0], "top_region": "chest", "bottom_region": "abdomen"}
 
 
-def one(preset="tiny", trained=None, **changes):
-    return parse_requests({"requests": {"r": {**BASE, **changes}}}, preset, trained)[0]
+def one(variant_name="tiny", trained=None, **changes):
+    return parse_requests({"requests": {"r": {**BASE, **changes}}}, variant_name, trained)[0]
 
 
 def test_defaults_and_anatomy_names():
@@ -37,12 +37,12 @@ def test_case_seeds_are_per_case_and_stable_when_cases_are_added():
 
 
 @pytest.mark.parametrize(
-    "changes,preset,match",
+    "changes,variant_name,match",
     [
         ({"size": [120, 128, 128]}, "tiny", "multiple of the latent factor 16"),
-        ({"size": [128, 128, 128]}, "maisi", "x = y in"),
-        ({"size": [256, 256, 256], "spacing": [0.4, 0.4, 1.0]}, "maisi", "spacing"),
-        ({"size": [256, 256, 256], "spacing": [0.8, 0.8, 1.0]}, "maisi", "field of view"),
+        ({"size": [128, 128, 128]}, "rflow-ct", "x = y in"),
+        ({"size": [256, 256, 256], "spacing": [0.4, 0.4, 1.0]}, "rflow-ct", "spacing"),
+        ({"size": [256, 256, 256], "spacing": [0.8, 0.8, 1.0]}, "rflow-ct", "field of view"),
         ({"anatomy": ["unicorn"]}, "tiny", "unknown MAISI class"),
         ({"anatomy": ["brain"]}, "tiny", "brain lie outside chest -> abdomen"),
         ({"anatomy": ["liver"], "masks": False}, "tiny", "needs mask-conditioned"),
@@ -53,9 +53,9 @@ def test_case_seeds_are_per_case_and_stable_when_cases_are_added():
         ({"spacing": [3, 3]}, "tiny", "three numbers"),
     ],
 )
-def test_impossible_requests_are_refused(changes, preset, match):
+def test_impossible_requests_are_refused(changes, variant_name, match):
     with pytest.raises(RequestError, match=match):
-        one(preset, **changes)
+        one(variant_name, **changes)
 
 
 def test_unknown_request_keys_are_config_errors():
@@ -65,9 +65,9 @@ def test_unknown_request_keys_are_config_errors():
 
 
 def test_released_architecture_accepts_maisi_sizes():
-    req = one("maisi", size=[512, 512, 768], spacing=[0.8, 0.8, 1.0], top_region="chest", bottom_region="lower_body")
+    req = one("rflow-ct", size=[512, 512, 768], spacing=[0.8, 0.8, 1.0], top_region="chest", bottom_region="lower_body")
     assert req.latent_shape == (128, 128, 192)
-    assert latent_factor("maisi") == 32 and latent_factor("tiny") == 16
+    assert latent_factor("rflow-ct") == 32 and latent_factor("tiny") == 16
 
 
 def test_sampler_must_match_the_trained_model():
@@ -98,3 +98,47 @@ def test_requests_are_parsed_once_per_config(monkeypatch):
     assert len(calls) == 1
     other = {**cfg, "generate": {**cfg["generate"], "requests": {"r": {**BASE, "n_cases": 2}}}}
     assert requests.config_requests(other)["r"].n_cases == 2 and len(calls) == 2
+
+
+RELEASED = {"size": [256, 256, 256], "spacing": [1.5, 1.5, 1.5]}
+
+
+def test_variant_decides_sampler_steps_and_modality():
+    assert (one("rflow-ct", **RELEASED).sampler, one("rflow-ct", **RELEASED).steps) == ("rflow", 30)
+    ddpm = one("ddpm-ct", **RELEASED)
+    assert (ddpm.sampler, ddpm.steps, ddpm.modality, ddpm.cfg_guidance_scale) == ("ddpm", 1000, 1, 0.0)
+    assert one("rflow-ct", modality="ct_contrast", **RELEASED).modality == 3 and one("rflow-ct", modality=2, **RELEASED).modality == 2
+    guided = one("rflow-ct", cfg_guidance_scale=2.5, masks=False, **RELEASED)
+    assert guided.cfg_guidance_scale == 2.5 and guided.to_json()["cfg_guidance_scale"] == 2.5 and guided.to_json()["modality"] == 1
+    assert one("ddpm-ct", cfg_guidance_scale=2.0, **RELEASED).cfg_guidance_scale == 2.0  # masked: the ControlNet's branch differs
+
+
+@pytest.mark.parametrize(
+    "variant_name,changes,match",
+    [
+        ("rflow-ct", {"sampler": "ddpm"}, "sampled with 'rflow', not 'ddpm'"),
+        ("ddpm-ct", {"sampler": "rflow"}, "sampled with 'ddpm', not 'rflow'"),
+        ("rflow-ct", {"modality": "mri_t1"}, r"modality.*not a CT modality"),
+        ("rflow-ct", {"modality": 9}, "not a CT modality"),
+        ("rflow-ct", {"modality": "xray"}, "unknown modality 'xray'"),
+        ("ddpm-ct", {"modality": "ct_contrast"}, "takes no modality input"),
+        ("ddpm-ct", {"cfg_guidance_scale": 2.0, "masks": False}, "guidance would change nothing"),
+    ],
+)
+def test_variant_conditions_are_checked(variant_name, changes, match):
+    with pytest.raises(RequestError, match=match):
+        one(variant_name, **{**RELEASED, **changes})
+
+
+def test_config_validation_and_generation_agree_on_the_sampler(tmp_path):
+    """A released variant's given checkpoint is sampled with the variant's scheduler: validation refuses another."""
+    ckpt = tmp_path / "diffusion.pt"
+    ckpt.write_bytes(b"x")
+    cfg = {"sources": {"p": {"type": "phantom", "n_cases": 1}}, "model": {"variant": "ddpm-ct"}, "pretrained": {"diffusion": str(ckpt)},
+           "generate": {"sampler": "rflow", "requests": {"r": {**BASE, **RELEASED}}}}  # fmt: skip
+    with pytest.raises(ConfigError, match=r"generate\.requests\.r\.sampler'?: the diffusion model is trained with 'ddpm', cannot sample with 'rflow'"):
+        validate_config(cfg)
+    cfg["generate"]["sampler"] = None
+    assert validate_config(cfg)["generate"]["requests"]["r"]["size"] == [256, 256, 256]
+    with pytest.raises(ConfigError, match=r"train_diffusion\.scheduler.*trained with the 'ddpm' scheduler, not 'rflow'"):
+        validate_config({**cfg, "train_diffusion": {"scheduler": "rflow"}})

@@ -27,7 +27,7 @@ SIZE, SPACING = [32, 32, 32], [4.0, 4.0, 4.0]
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """Random tiny-preset weights, saved as NVIDIA's released checkpoints are laid out."""
+    """Random tiny-variant weights, saved as NVIDIA's released checkpoints are laid out."""
     root = tmp_path_factory.mktemp("models")
     torch.manual_seed(0)
     unet = build_diffusion_unet("tiny")
@@ -55,7 +55,7 @@ def request(**changes):
     return parse_requests({"requests": {"r": block}}, "tiny", "rflow")[0]
 
 
-SETTINGS = GenerateSettings(preset="tiny", device="cpu", decoder=DecodeSettings(devices=("cpu",)), augment=AugmentSettings())
+SETTINGS = GenerateSettings(variant="tiny", device="cpu", decoder=DecodeSettings(devices=("cpu",)), augment=AugmentSettings())
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +135,7 @@ def test_fallback_mask_is_resampled(tmp_path, models, mask_db):
 
 def test_shard_keeps_finished_cases_when_one_fails(tmp_path, checkpoints, mask_db):
     req = request(anatomy=["brain"], top_region="head_neck", bottom_region="abdomen", spacing=[4.0, 4.0, 10.0], n_cases=2)
-    skip = GenerateSettings(preset="tiny", device="cpu", decoder=DecodeSettings(devices=("cpu",)), on_error="skip")
+    skip = GenerateSettings(variant="tiny", device="cpu", decoder=DecodeSettings(devices=("cpu",)), on_error="skip")
     rows = generate_shard(req, req.cases(), checkpoints, mask_db, skip, tmp_path, tmp_path / "t.tsv", progress=False)
     assert [r["status"] for r in rows] == ["failed", "failed"]
     assert "brain" in rows[0]["reason"]
@@ -144,7 +144,7 @@ def test_shard_keeps_finished_cases_when_one_fails(tmp_path, checkpoints, mask_d
     ok = request(masks=False, n_cases=2)
     rows = generate_shard(ok, ok.cases(), checkpoints, None, skip, tmp_path, tmp_path / "u.tsv", progress=False)
     assert [r["status"] for r in rows] == ["ok", "ok"]
-    stop = GenerateSettings(preset="tiny", device="cpu", decoder=DecodeSettings(devices=("cpu",)), on_error="stop")
+    stop = GenerateSettings(variant="tiny", device="cpu", decoder=DecodeSettings(devices=("cpu",)), on_error="stop")
     with pytest.raises(RuntimeError, match="failed"):
         generate_shard(req, req.cases(), checkpoints, mask_db, stop, tmp_path, tmp_path / "v.tsv", progress=False)
     assert (tmp_path / "v.tsv").exists()  # the table still records what happened

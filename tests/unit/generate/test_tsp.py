@@ -60,7 +60,7 @@ def test_no_seams_at_slab_borders(tiny, latent, reference):
 
 def test_released_architecture_matches(latent):
     torch.manual_seed(3)
-    ae = build_autoencoder("maisi").eval()
+    ae = build_autoencoder("rflow-ct").eval()
     z = latent[:, :, :6, :6, :4]
     ref = monai_decode(ae, z)
     out = TSPDecoder(ae, ["cpu"], axis=2, slab=1, min_slab_mb=0).decode(z)
@@ -130,9 +130,9 @@ def test_settings_validation():
 def test_unsupported_decoder_is_refused():
     from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
 
-    from maisi.models.presets import preset
+    from maisi.models.variants import variant
 
-    kwargs = preset("tiny")["autoencoder"]
+    kwargs = variant("tiny").network("autoencoder")
     kwargs["with_decoder_nonlocal_attn"] = True
     with pytest.raises(TypeError, match="cannot stream"):
         TSPDecoder(AutoencoderKlMaisi(**kwargs))

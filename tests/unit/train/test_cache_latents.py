@@ -1,4 +1,4 @@
-"""The cache_latents stage (maisi.train.cache_latents) with the tiny preset and random weights."""
+"""The cache_latents stage (maisi.train.cache_latents) with the tiny variant and random weights."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from maisi.train.settings import LatentSettings
 
 SHAPE = (64, 32, 48)
 AFFINE = np.array([[2.0, 0, 0, -60.0], [0, 1.5, 0, -20.0], [0, 0, 3.0, 100.0], [0, 0, 0, 1]])
-SETTINGS = LatentSettings(preset="tiny", device="cpu", roi_size=(32, 32, 32), overlap=0.25)
+SETTINGS = LatentSettings(variant="tiny", device="cpu", roi_size=(32, 32, 32), overlap=0.25)
 PREPARED_COLUMNS = ("case_id", "source", "status", "reason", "image", "dim", "spacing")
 
 
@@ -104,9 +104,9 @@ def test_layout_shapes_affine_and_regions(dataset):
 
 
 def test_settings_from_config_and_json():
-    cfg = validated(cache_latents={"roi_size": [64, 64, 32], "overlap": 0.5}, model={"preset": "maisi", "device": "cpu"})
+    cfg = validated(cache_latents={"roi_size": [64, 64, 32], "overlap": 0.5}, model={"variant": "rflow-ct", "device": "cpu"})
     settings = LatentSettings.from_config(cfg)
-    assert settings == LatentSettings(preset="maisi", device="cpu", roi_size=(64, 64, 32), overlap=0.5)
+    assert settings == LatentSettings(variant="rflow-ct", device="cpu", roi_size=(64, 64, 32), overlap=0.5)
     assert LatentSettings.from_json(settings.to_json()) == settings
     assert LatentSettings.from_config(validated(cache_latents={"roi_size": None})).roi_size is None
     with pytest.raises(ValueError, match="multiple of 4"):

@@ -1,4 +1,4 @@
-"""Tests of latent diffusion UNet and ControlNet training on tiny synthetic latents (tiny preset, CPU)."""
+"""Tests of latent diffusion UNet and ControlNet training on tiny synthetic latents (tiny variant, CPU)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from maisi.train.loop import files_fingerprint, step_generator
 from maisi.train.settings import ControlNetSettings, DiffusionSettings
 
 LATENT = (4, 12, 10, 8)
-FAST = {"preset": "tiny", "device": "cpu", "steps": 6, "batch_size": 2, "latent_patch": (8, 8, 8), "checkpoint_every": 2}
+FAST = {"variant": "tiny", "device": "cpu", "steps": 6, "batch_size": 2, "latent_patch": (8, 8, 8), "checkpoint_every": 2}
 
 
 def _write_case(folder, case_id, mu, sigma, spacing=(1.5, 1.5, 2.0), top=(0, 1, 0, 0), bottom=(0, 0, 1, 0)):
@@ -113,9 +113,9 @@ def test_diffusion_writes_a_checkpoint_load_diffusion_reads(kind, data, referenc
     assert scale == pytest.approx(_expected_scale(data["records"]), rel=1e-6)
     assert 0.2 < scale < 1.0  # the latents' spread is about 2, not 1
     raw = torch.load(ckpt, weights_only=True)
-    assert raw["scheduler"] == kind and raw["preset"] == "tiny" and raw["steps"] == steps
+    assert raw["scheduler"] == kind and raw["variant"] == "tiny" and raw["steps"] == steps
     sidecar = json.loads((out / "diffusion.pt.json").read_text(encoding="utf-8"))
-    assert sidecar["stage"] == "train_diffusion" and sidecar["settings"]["scheduler"] == kind
+    assert sidecar["stage"] == "train_diffusion" and sidecar["scheduler"] == kind
     assert sidecar["data_fingerprint"] == files_fingerprint([r["latent"] for r in data["records"]])
     assert sidecar["cases"] == ["c0", "c1", "c2"] and sidecar["scale_factor"] == pytest.approx(scale)
     assert sidecar["metrics"]["final_loss"] == pytest.approx(result["history"][-1]) and len(result["history"]) == steps
@@ -192,8 +192,8 @@ def controlnet(data, reference, tmp_path_factory):
     out = tmp_path_factory.mktemp("controlnet")
     seen = {}
 
-    def spy(path, preset_name):
-        unet, scale, steps = load_diffusion(path, preset_name)
+    def spy(path, variant_name):
+        unet, scale, steps = load_diffusion(path, variant_name)
         seen["unet"], seen["before"] = unet, copy.deepcopy(unet.state_dict())
         return unet, scale, steps
 
@@ -213,7 +213,7 @@ def test_controlnet_trains_on_the_frozen_unet(data, reference, controlnet):
     zero_init = [p for n, p in model.named_parameters() if n.startswith(("controlnet_mid_block", "controlnet_down_blocks"))]
     assert zero_init and all(p.abs().sum() > 0 for p in zero_init)  # the zero-initialised output convs have learnt
     raw = torch.load(out / "controlnet.pt", weights_only=True)
-    assert raw["preset"] == "tiny" and raw["steps"] == CN["steps"]
+    assert raw["variant"] == "tiny" and raw["steps"] == CN["steps"]
     sidecar = json.loads((out / "controlnet.pt.json").read_text(encoding="utf-8"))
     assert sidecar["stage"] == "train_controlnet" and sidecar["scheduler"] == "rflow"
     assert sidecar["diffusion_sha256"] == sha256_file(reference["checkpoint"])
@@ -281,7 +281,7 @@ def test_empty_or_missing_latents_are_clear_errors(data, tmp_path):
 
 
 def test_settings_from_config_and_json():
-    cfg = validated(train_diffusion={"scheduler": "ddpm", "latent_patch": [8, 8, 8], "steps": 3}, model={"preset": "tiny", "device": "cpu"})
+    cfg = validated(train_diffusion={"scheduler": "ddpm", "latent_patch": [8, 8, 8], "steps": 3}, model={"variant": "tiny", "device": "cpu"})
     s = DiffusionSettings.from_config(cfg)
     assert s.latent_patch == (8, 8, 8) and s.device == "cpu" and DiffusionSettings.from_json(s.to_json()) == s
     assert DiffusionSettings.from_config(validated(train_diffusion={"latent_patch": None})).latent_patch is None

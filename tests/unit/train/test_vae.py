@@ -22,7 +22,7 @@ from maisi.train.loop import files_fingerprint, seed_everything
 SHAPE = (48, 40, 32)
 # Two patch sizes (steps 0-2, then 3-5); the second is longer than the volumes along z, so it is padded.
 BASE = tv.VaeSettings(
-    preset="tiny", device="cpu", steps=6, batch_size=2, patch_sizes=((16, 16, 16), (16, 16, 40)), lr=1e-3, checkpoint_every=2
+    variant="tiny", device="cpu", steps=6, batch_size=2, patch_sizes=((16, 16, 16), (16, 16, 40)), lr=1e-3, checkpoint_every=2
 )
 
 
@@ -120,7 +120,7 @@ def test_train_writes_checkpoint_sidecar_curve_and_learns(datalist, tmp_path):
 
     model = load_autoencoder(tmp_path / "autoencoder.pt", "tiny")
     raw = torch.load(tmp_path / "autoencoder.pt", weights_only=True)
-    assert raw["preset"] == "tiny" and raw["steps"] == 30
+    assert raw["variant"] == "tiny" and raw["steps"] == 30
 
     meta = json.loads((tmp_path / "autoencoder.pt.json").read_text(encoding="utf-8"))
     assert meta["stage"] == "train_vae"
@@ -153,8 +153,8 @@ def test_patches_follow_the_schedule_and_are_padded(datalist):
 
 def test_settings_from_config_and_json_round_trip():
     block = {"steps": 10, "batch_size": 1, "patch_sizes": [[64, 64, 64], [128, 128, 128]], "lr": 1.0e-4, "seed": 3}
-    s = tv.VaeSettings.from_config(validated(train_vae=block, model={"preset": "maisi", "device": "cpu"}))
-    assert s.patch_sizes == ((64, 64, 64), (128, 128, 128)) and s.lr == 1e-4 and s.preset == "maisi" and s.device == "cpu"
+    s = tv.VaeSettings.from_config(validated(train_vae=block, model={"variant": "rflow-ct", "device": "cpu"}))
+    assert s.patch_sizes == ((64, 64, 64), (128, 128, 128)) and s.lr == 1e-4 and s.variant == "rflow-ct" and s.device == "cpu"
     assert tv.VaeSettings.from_json(s.to_json()) == s
     assert s.to_json() == json.dumps(json.loads(s.to_json()), sort_keys=True)
     with pytest.raises(ConfigError, match="bogus"):
