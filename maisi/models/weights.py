@@ -1,0 +1,195 @@
+"""NVIDIA's released MAISI files: their catalog, and fetching them from Hugging Face or a local mirror.
+
+The catalog (``maisi/data/nvidia_models.yaml``) lists every file of the release a variant needs:
+repository, path, role, licence and, where published, its sha256 and size. Files are fetched with the
+factory's resumable, checksum-verified downloader (:func:`maisi.sources.download.download`) or copied
+from a mirror folder that holds the repository's layout (air-gapped sites). A file without a pinned
+digest is recorded at its first fetch in ``<dest>/checksums.json`` and checked against that record on
+every later fetch, so a changed upstream file or a corrupted copy is noticed.
+
+Command line::
+
+    python -m maisi.models.weights list
+    python -m maisi.models.weights fetch --variant rflow-ct --dest resources/nvidia [--mirror /data/NV-Generate-CT] [--models-only]
+
+It prints the ``pretrained:`` block to put in the config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from maisi.core.io import atomic_path, read_json, sha256_file, write_json
+from maisi.models.variants import VARIANTS
+from maisi.sources.download import ChecksumError, download
+
+__all__ = ["ReleasedFile", "WeightsCatalog", "load_weights_catalog", "file_url", "fetch_weights", "pretrained_block", "LEDGER", "HF_BASE_URL"]
+
+#: Where the fetched files' digests are recorded, inside the destination folder.
+LEDGER = "checksums.json"
+
+
+HF_BASE_URL = "https://huggingface.co"
+
+
+#: The roles that go under ``pretrained:`` in the config.
+_PRETRAINED_ROLES = ("autoencoder", "diffusion", "controlnet")
+
+
+@dataclass(frozen=True)
+class ReleasedFile:
+    """One file of NVIDIA's release."""
+
+    repo: str
+    path: str
+    variants: tuple[str, ...]
+    role: str
+    sha256: str | None = None
+    size_bytes: int | None = None
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class WeightsCatalog:
+    licence: str
+    revision: str
+    files: tuple[ReleasedFile, ...]
+
+    def for_variant(self, variant_name: str, models_only: bool = False) -> list[ReleasedFile]:
+        if variant_name not in VARIANTS:
+            raise ValueError(f"unknown model variant {variant_name!r}; expected one of {', '.join(VARIANTS)}")
+        files = [f for f in self.files if variant_name in f.variants and not (models_only and f.optional)]
+        if not files:
+            raise ValueError(f"variant {variant_name!r} has no released files (it is the factory's own; train it)")
+        return files
+
+
+def load_weights_catalog(path: str | os.PathLike | None = None) -> WeightsCatalog:
+    """The catalog of NVIDIA's files (the shipped one by default); a malformed entry is a ``ValueError`` naming it."""
+    where = str(path) if path else "maisi/data/nvidia_models.yaml"
+    text = Path(path).read_text(encoding="utf-8") if path else resources.files("maisi.data").joinpath("nvidia_models.yaml").read_text(encoding="utf-8")
+    data = yaml.safe_load(text)
+    files = []
+    for i, raw in enumerate(data.get("files") or []):
+        missing = [k for k in ("repo", "path", "variants", "role") if k not in raw]
+        if missing:
+            raise ValueError(f"{where}: files[{i}] lacks {', '.join(missing)}")
+        digest = raw.get("sha256")
+        if digest is not None and (len(str(digest)) != 64 or any(c not in "0123456789abcdef" for c in str(digest).lower())):
+            raise ValueError(f"{where}: files[{i}] ({raw['path']}): sha256 {digest!r} is not a 64-digit hex digest")
+        files.append(ReleasedFile(repo=raw["repo"], path=raw["path"], variants=tuple(raw["variants"]), role=raw["role"],
+                                  sha256=str(digest).lower() if digest else None, size_bytes=raw.get("size_bytes"),
+                                  optional=bool(raw.get("optional", False))))  # fmt: skip
+    return WeightsCatalog(licence=str(data.get("licence", "")), revision=str(data.get("revision", "main")), files=tuple(files))
+
+
+def file_url(f: ReleasedFile, base_url: str = HF_BASE_URL, revision: str = "main") -> str:
+    """The file's download address (Hugging Face's ``resolve`` route)."""
+    return f"{base_url.rstrip('/')}/{f.repo}/resolve/{revision}/{f.path}"
+
+
+def _copy_from_mirror(source: Path, dest: Path, expected: str | None) -> None:
+    if not source.is_file():
+        raise FileNotFoundError(f"mirror file {source} not found (the mirror keeps the repository's layout)")
+    if expected and (actual := sha256_file(source)) != expected:
+        raise ChecksumError(source, "sha256", expected, actual)
+    with atomic_path(dest) as tmp:
+        shutil.copyfile(source, tmp)
+
+
+def fetch_weights(
+    variant_name: str,
+    dest: str | os.PathLike,
+    *,
+    mirror: str | os.PathLike | None = None,
+    base_url: str = HF_BASE_URL,
+    models_only: bool = False,
+    catalog: WeightsCatalog | None = None,
+    progress: bool = True,
+    **download_kwargs: Any,
+) -> dict[str, Path]:
+    """Fetch a variant's released files into ``dest`` (the repository's layout); returns role -> path.
+
+    Each file is checked against the catalog's sha256 or, where there is none, the digest recorded at
+    its first fetch (``dest/checksums.json``); a mismatch is a :class:`ChecksumError` naming the file,
+    and a file already in place that matches is not fetched again.
+    """
+    catalog = catalog or load_weights_catalog()
+    dest = Path(dest)
+    ledger_path = dest / LEDGER
+    ledger: dict[str, Any] = read_json(ledger_path) if ledger_path.is_file() else {}
+    out: dict[str, Path] = {}
+    for f in catalog.for_variant(variant_name, models_only):
+        target = dest / f.path
+        recorded = ledger.get(f.path, {}).get("sha256")
+        if f.sha256 and recorded and recorded != f.sha256:
+            raise ChecksumError(ledger_path, "sha256", f.sha256, recorded)
+        expected = f.sha256 or recorded
+        if mirror is not None:
+            if not (target.is_file() and expected and sha256_file(target) == expected):
+                _copy_from_mirror(Path(mirror) / f.path, target, expected)
+            source = str(Path(mirror) / f.path)
+        else:
+            source = file_url(f, base_url, catalog.revision)
+            download(source, target, sha256=expected, progress=progress, **download_kwargs)
+        digest = sha256_file(target)
+        if expected and digest != expected:  # download() verifies; this guards a file changed in place
+            raise ChecksumError(target, "sha256", expected, digest)
+        if f.size_bytes is not None and target.stat().st_size != f.size_bytes:
+            raise ChecksumError(target, "size in bytes", str(f.size_bytes), str(target.stat().st_size))
+        if f.path not in ledger:
+            ledger[f.path] = {"sha256": digest, "size_bytes": target.stat().st_size, "source": source, "licence": catalog.licence,
+                              "recorded_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
+            write_json(ledger_path, ledger)
+        out[f.role] = target
+    return out
+
+
+def pretrained_block(variant_name: str, paths: dict[str, Path]) -> str:
+    """The config lines that use fetched files."""
+    lines = ["model:", f"  variant: {variant_name}", "pretrained:"]
+    lines += [f"  {role}: {paths[role]}" for role in _PRETRAINED_ROLES if role in paths]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m maisi.models.weights", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="the catalog's files")
+    fetch = sub.add_parser("fetch", help="fetch a variant's files")
+    fetch.add_argument("--variant", default="rflow-ct", choices=[v for v in VARIANTS if v != "tiny"])
+    fetch.add_argument("--dest", default="resources/nvidia", help="destination folder (the repository's layout)")
+    fetch.add_argument("--mirror", help="a local folder with the repository's layout, instead of downloading")
+    fetch.add_argument("--base-url", default=HF_BASE_URL, help="the Hugging Face address (or a proxy of it)")
+    fetch.add_argument("--models-only", action="store_true", help="skip the mask-generation models and the mask database")
+    args = parser.parse_args(argv)
+    catalog = load_weights_catalog()
+    if args.command == "list":
+        print(f"licence: {catalog.licence} (revision {catalog.revision})")
+        for f in catalog.files:
+            print(f"{f.repo}/{f.path}  role={f.role}  variants={','.join(f.variants)}  sha256={f.sha256 or 'recorded at first fetch'}")
+        return 0
+    try:
+        paths = fetch_weights(args.variant, args.dest, mirror=args.mirror, base_url=args.base_url, models_only=args.models_only,
+                              catalog=catalog)  # fmt: skip
+    except (OSError, ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"# {len(paths)} files of {args.variant} in {args.dest} ({catalog.licence}); in the config:")
+    print(pretrained_block(args.variant, paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
