@@ -17,12 +17,18 @@ from typing import Any
 
 import torch
 
-from maisi.models.networks import build_autoencoder, build_controlnet, build_diffusion_unet
-from maisi.models.variants import VARIANTS
+from maisi.models.networks import (
+    build_autoencoder,
+    build_controlnet,
+    build_diffusion_unet,
+    build_mask_autoencoder,
+    build_mask_diffusion,
+)
+from maisi.models.variants import VARIANTS, Variant, variant
 
 __all__ = [
     "CheckpointError", "read_checkpoint", "load_weights", "load_autoencoder", "load_diffusion", "diffusion_scheduler", "load_controlnet",
-    "recognise_variants",
+    "recognise_variants", "load_mask_models",
 ]  # fmt: skip
 
 _BUILDERS = {"autoencoder": build_autoencoder, "diffusion UNet": build_diffusion_unet, "ControlNet": build_controlnet}
@@ -138,3 +144,18 @@ def load_controlnet(path, variant_name: str):
     controlnet = build_controlnet(variant_name)
     load_weights(controlnet, _state_dict(data, ("controlnet_state_dict",), path), path, "ControlNet", variant_name)
     return controlnet
+
+
+def load_mask_models(autoencoder_path, diffusion_path, var: str | Variant):
+    """NVIDIA's mask-generation models: (autoencoder, diffusion UNet, scale factor). The autoencoder file is a
+    plain state dict, the diffusion file ``{unet_state_dict, scale_factor}`` (the variant's value when absent)."""
+    var = var if isinstance(var, Variant) else variant(var)
+    autoencoder = build_mask_autoencoder(var)
+    data = read_checkpoint(autoencoder_path)
+    load_weights(autoencoder, _state_dict(data, ("autoencoder_state_dict", "state_dict"), autoencoder_path), autoencoder_path,
+                 "mask-generation autoencoder")  # fmt: skip
+    unet = build_mask_diffusion(var)
+    data = read_checkpoint(diffusion_path)
+    load_weights(unet, _state_dict(data, ("unet_state_dict",), diffusion_path), diffusion_path, "mask-generation diffusion UNet")
+    scale = data.get("scale_factor", var.mask_generation["scale_factor"])
+    return autoencoder, unet, float(torch.as_tensor(scale).reshape(-1)[0])

@@ -10,6 +10,7 @@ embedding and drops the body-region inputs; the ControlNet takes masks as 8 bit-
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -17,7 +18,7 @@ import torch
 
 from maisi.models.variants import Variant, variant
 
-__all__ = ["build_autoencoder", "build_diffusion_unet", "build_controlnet", "build_discriminator", "build_scheduler", "select_device", "label_to_bits", "condition_tensors", "float32_norms", "float32_norms_off"]
+__all__ = ["build_autoencoder", "build_diffusion_unet", "build_controlnet", "build_mask_autoencoder", "build_mask_diffusion", "build_discriminator", "build_scheduler", "select_device", "label_to_bits", "condition_tensors", "float32_norms", "float32_norms_off"]
 
 
 def _variant(var: str | Variant) -> Variant:
@@ -48,6 +49,27 @@ def build_controlnet(var: str | Variant, unet: torch.nn.Module | None = None):
         # region and spacing inputs, which the ControlNet does not take (as in MAISI).
         copy_model_state(controlnet, unet.state_dict())
     return controlnet
+
+
+def _mask_networks(var: str | Variant) -> dict[str, Any]:
+    var = _variant(var)
+    if not var.mask_generation:
+        raise ValueError(f"variant {var.name!r} has no mask-generation model")
+    return var.mask_generation["networks"]
+
+
+def build_mask_autoencoder(var: str | Variant):
+    """The mask-generation autoencoder (125 class logits out of 4 latent channels) of a released variant."""
+    from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
+
+    return AutoencoderKlMaisi(**copy.deepcopy(_mask_networks(var)["autoencoder"]))
+
+
+def build_mask_diffusion(var: str | Variant):
+    """The mask-generation diffusion UNet (MONAI's ``DiffusionModelUNet``, cross-attention on 10 anatomy sizes)."""
+    from monai.networks.nets import DiffusionModelUNet
+
+    return DiffusionModelUNet(**copy.deepcopy(_mask_networks(var)["diffusion"]))
 
 
 def build_discriminator(var: str | Variant):

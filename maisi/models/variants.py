@@ -232,6 +232,8 @@ def read_network_config(path: str | os.PathLike, name: str, description: str = "
             "latent_shape": list(raw["mask_generation_latent_shape"]), "scale_factor": float(raw["mask_generation_scale_factor"]),
             "inference_steps": 1000, "scheduler": scheduler("mask_generation_noise_scheduler"),
             "networks": {"autoencoder": networks.pop("mask_autoencoder"), "diffusion": networks.pop("mask_diffusion")},
+            # the MAISI id of each of the mask autoencoder's output channels (not part of the network configs)
+            "classes": (variant("ddpm-ct").mask_generation or {})["classes"],
         }  # fmt: skip
     sched = scheduler("noise_scheduler")
     reference = variant("ddpm-ct")

@@ -37,14 +37,14 @@ LATENT_TOL = 1e-5
 CONFIGS = {"rflow-ct": "config_network_rflow.json", "ddpm-ct": "config_network_ddpm.json"}
 
 
-def _randomise(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+def _randomise(model: torch.nn.Module, seed: int, scale: float = 0.02) -> torch.nn.Module:
     """Give MONAI's zero-initialised layers (output convolutions, the ControlNet's zero convolutions) random
     weights: with them at zero the ControlNet would add nothing and the comparison would prove nothing."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
             if not p.any():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
     return model
 
 
@@ -59,7 +59,9 @@ def released(tmp_path_factory):
     torch.save(build_autoencoder("rflow-ct").state_dict(), ae_path)
     for i, name in enumerate(CONFIGS):
         unet = _randomise(build_diffusion_unet(name), i)
-        controlnet = _randomise(build_controlnet(name, unet), 10 + i)
+        # A strong ControlNet, so that the tumour-free mask of guidance's unconditional branch changes the
+        # latent well beyond the tolerance (about 6e-4 for ddpm-ct, which has no modality label to drop).
+        controlnet = _randomise(build_controlnet(name, unet), 10 + i, scale=0.3)
         paths = {"autoencoder": ae_path, "diffusion": root / f"diff_unet_3d_{name}.pt", "controlnet": root / f"controlnet_3d_{name}.pt"}
         torch.save({"unet_state_dict": unet.state_dict(), "scale_factor": torch.tensor(SCALE), "num_train_timesteps": 1000}, paths["diffusion"])
         torch.save({"controlnet_state_dict": controlnet.state_dict()}, paths["controlnet"])
@@ -197,6 +199,8 @@ def test_guidance_and_the_controlnet_change_the_latent(factory_models):
     guided = _factory_latent(models, "rflow-ct", True, 3.0)
     free = _factory_latent(models, "rflow-ct", False, 0.0)
     assert float((plain - guided).abs().max()) > 1e-2 and float((plain - free).abs().max()) > 1e-2
+    ddpm = factory_models["ddpm-ct"]  # guidance through the mask alone (tumours removed)
+    assert float((_factory_latent(ddpm, "ddpm-ct", True, 0.0) - _factory_latent(ddpm, "ddpm-ct", True, 3.0)).abs().max()) > 1e-4
 
 
 def test_ddpm_ct_without_a_scheduler_record_samples_with_ddpm(released, factory_models):
