@@ -10,7 +10,8 @@ L1 distance over the given sizes, the first on ties), and the given sizes overwr
 
 The latent is denoised with the case's own generators (float32 noise; DDPM's per-step noise from a
 derived seed), decoded whole by the mask autoencoder, and each voxel takes the class of its largest
-logit, mapped from the model's 125 outputs to MAISI ids (the variant's ``mask_generation.classes``).
+logit, mapped from the model's 125 outputs to MAISI ids (the variant's ``mask_generation.classes``),
+then post-processed as NVIDIA does (:mod:`maisi.generate.mask_postprocess`).
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ import numpy as np
 import torch
 
 from maisi.core.seeds import derive_seed
+from maisi.generate.mask_postprocess import TUMOUR_SIZE_LABELS, post_process_mask
 from maisi.models.networks import build_scheduler, float32_norms, select_device
 from maisi.models.variants import Variant, variant
 
 __all__ = [
     "ANATOMY_SIZE_ORDER", "CONTROLLABLE_ORGANS", "CONTROLLABLE_TUMOURS", "MaskModels", "check_anatomy_sizes", "anatomy_size_condition",
-    "read_size_conditions", "load_mask_generator", "sample_mask_latent", "decode_mask", "generate_mask",
+    "read_size_conditions", "load_mask_generator", "sample_mask_latent", "decode_mask", "generate_mask", "target_tumour",
 ]  # fmt: skip
 
 #: The ten anatomy sizes the mask model is conditioned on, in its order.
@@ -158,7 +160,20 @@ def generate_mask(models: MaskModels, sizes: Sequence[Sequence], database: Seque
     """A new label map for ``sizes`` (``controllable_anatomy_size``); the map and a record for the case's sidecar."""
     pairs = check_anatomy_sizes(sizes)
     condition = anatomy_size_condition(pairs, database)
-    label = decode_mask(models, sample_mask_latent(models, condition, seed, steps, progress=progress))
+    raw = decode_mask(models, sample_mask_latent(models, condition, seed, steps, progress=progress))
+    target = target_tumour(condition)
+    label = post_process_mask(raw, target)
     record: Mapping = {"controllable_anatomy_size": [list(p) for p in pairs], "condition": condition, "seed": int(seed),
-                       "steps": int(steps or models.variant.mask_generation["inference_steps"]), "post_processed": False}  # fmt: skip
+                       "steps": int(steps or models.variant.mask_generation["inference_steps"]), "target_tumour": target,
+                       "post_processed": True}  # fmt: skip
     return label, dict(record)
+
+
+def target_tumour(condition: Sequence[float]) -> int | None:
+    """The tumour post-processing keeps: NVIDIA's rule, the last of the five tumour sizes that is not -1
+    (a size taken from the database counts too)."""
+    out = None
+    for label, size in zip(TUMOUR_SIZE_LABELS, condition[5:10], strict=True):
+        if size != -1.0:
+            out = label
+    return out

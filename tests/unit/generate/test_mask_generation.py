@@ -170,6 +170,53 @@ def test_generate_mask_records_what_it_did(mask_files, tmp_path):
     label, record = generate_mask(models, [("liver", 0.5)], read_size_conditions(path), seed=3, steps=2, progress=False)
     again, _ = generate_mask(models, [("liver", 0.5)], read_size_conditions(path), seed=3, steps=2, progress=False)
     assert label.shape == (32, 32, 32) and np.array_equal(label, again)  # the same seed, the same map
-    assert record["condition"] == [0.6, 0.5] + [0.6] * 8 and record["post_processed"] is False
+    assert record["condition"] == [0.6, 0.5] + [0.6] * 8 and record["post_processed"] is True
+    assert record["target_tumour"] == 128  # NVIDIA's rule: the last tumour size that is not -1, here from the database
     with pytest.raises(ValueError, match="not an anatomy-size database"):
         read_size_conditions(tmp_path / "missing.json")
+
+
+def _raw_generated_map() -> np.ndarray:
+    """A raw generated map with what post-processing repairs: specks of organs and tumours away from
+    their main parts, holes, a second body island, stray tumour classes, bowel pieces, vessels, airway."""
+    rng = np.random.default_rng(4)
+    m = np.zeros((48, 48, 40), np.int64)
+    m[4:44, 4:44, :] = 200  # the body reaches the volume's ends along z (the erosion's padding counts there)
+    m[1:3, 1:3, 1:3] = 200  # a body island
+    m[8:24, 8:26, 4:20] = 1  # liver with a hole and a vessel
+    m[14:16, 14:16, 10:12] = 200
+    m[18:20, 10:12, 6:9] = 25
+    m[10:13, 16:19, 12:15] = 26  # hepatic tumour
+    m[26:34, 8:16, 22:34] = 28  # lobes with a lung tumour between them
+    m[26:34, 16:24, 22:34] = 29
+    m[28:31, 14:18, 26:29] = 23
+    m[8:14, 30:38, 6:12] = 4  # pancreas with a pancreatic tumour
+    m[10:12, 32:34, 8:10] = 24
+    m[30:36, 30:38, 4:10] = 62  # colon with a tumour, a small-bowel piece away from the bowel
+    m[32:34, 32:34, 6:8] = 27
+    m[40:42, 38:40, 30:33] = 19
+    m[20:24, 36:40, 26:34] = 33  # a vertebra with a bone lesion
+    m[21:23, 37:39, 28:30] = 128
+    m[36:38, 8:10, 32:34] = 132  # airway
+    m[30:38, 38:44, 14:22] = 3  # spleen with a detached piece next to it
+    m[30:32, 36:37, 24:26] = 3
+    m[6:8, 40:42, 4:6] = 128  # a second bone lesion, a second colon tumour
+    m[38:40, 30:32, 14:16] = 27
+    for label in (1, 3, 28, 4, 23, 26, 24):  # specks
+        x, y, z = rng.integers(5, 40, 3)
+        m[x, y, z] = label
+    return m
+
+
+@pytest.mark.parametrize("target", [None, 23, 24, 26, 27, 128])
+def test_post_processing_matches_nvidia(target, monkeypatch):
+    from maisi.generate.mask_postprocess import post_process_mask
+
+    monkeypatch.setattr(np, "long", np.int64, raising=False)  # NVIDIA's code predates NumPy 1.24
+    raw = _raw_generated_map()
+    theirs = nvidia_module("utils").general_mask_generation_post_process(raw.copy(), target_tumor_label=target, device="cpu")
+    ours = post_process_mask(raw, target)
+    assert ours.dtype == np.uint8 and np.array_equal(ours, theirs)
+    assert not np.array_equal(ours, raw)  # it changed something (specks, stray tumours)
+    stray = [t for t in (23, 24, 26, 27, 128) if t != target]
+    assert not np.isin(ours, stray).any()
