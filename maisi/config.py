@@ -105,6 +105,11 @@ def check_config(cfg: dict) -> None:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     _check_requests(cfg)
+    generated = sorted(n for n, r in config_requests(cfg).items() if r.masks and r.mask_source == "generated")
+    for key, path in cfg["generate"]["mask_generation"].items():
+        if generated and key != "steps" and not (path and Path(path).is_file()):
+            raise ConfigError(f"config key 'generate.mask_generation.{key}': request(s) {', '.join(generated)} generate their masks "
+                              f"and need NVIDIA's file here (python -m maisi.models.weights fetch), got {path!r}")  # fmt: skip
     for key, path in cfg.get("pretrained", {}).items():
         if path and not Path(path).is_file():
             raise ConfigError(f"config key 'pretrained.{key}': checkpoint file {path} does not exist")

@@ -9,9 +9,20 @@ MASK_DATABASE = "results/masks/database.json"
 GENERATE_SETTINGS = GenerateSettings.from_config(config).to_json()
 
 
+#: NVIDIA's mask-generation files, for requests with generated masks (checked at workflow start).
+MASK_GENERATION = {
+    "mask_autoencoder": config["generate"]["mask_generation"]["autoencoder"],
+    "mask_diffusion": config["generate"]["mask_generation"]["diffusion"],
+    "size_conditions": config["generate"]["mask_generation"]["size_conditions"],
+}
+
+
 def generate_inputs(wildcards):
+    request = REQUESTS[wildcards.request]
     inputs = {"autoencoder": AUTOENCODER, "diffusion": DIFFUSION}
-    if REQUESTS[wildcards.request].masks:
+    if request.masks and request.mask_source == "generated":
+        inputs.update(controlnet=CONTROLNET, **MASK_GENERATION)
+    elif request.masks:
         inputs.update(controlnet=CONTROLNET, masks=MASK_DATABASE)
     return inputs
 

@@ -5,6 +5,7 @@ import json
 import torch
 
 from maisi.core.logs import from_snakemake
+from maisi.generate.mask_generation import MASK_FILES
 from maisi.generate.requests import GenCase, GenerationRequest
 from maisi.generate.settings import GenerateSettings
 from maisi.generate.shard import generate_shard
@@ -15,7 +16,7 @@ with from_snakemake(smk):
     generate_shard(
         GenerationRequest.from_json(json.loads(smk.params.request)),
         [GenCase(**c) for c in json.loads(smk.params.cases)],
-        {k: smk.input.get(k) for k in ("autoencoder", "diffusion", "controlnet")},
+        {k: smk.input.get(k) for k in ("autoencoder", "diffusion", "controlnet", *MASK_FILES)},
         smk.input.get("masks"),
         GenerateSettings.from_json(smk.params.settings),
         out_root=smk.params.out_root,

@@ -7,6 +7,7 @@ import torch
 from maisi.core.logs import from_snakemake
 from maisi.evaluate.qc import QCSettings
 from maisi.evaluate.qc_check import check_shard
+from maisi.generate.mask_generation import MASK_FILES
 from maisi.generate.requests import GenCase, GenerationRequest
 from maisi.generate.settings import GenerateSettings
 
@@ -17,7 +18,7 @@ with from_snakemake(smk):
         GenerationRequest.from_json(json.loads(smk.params.request)),
         [GenCase(**c) for c in json.loads(smk.params.cases)],
         smk.input.table,
-        {k: smk.input.get(k) for k in ("autoencoder", "diffusion", "controlnet")},
+        {k: smk.input.get(k) for k in ("autoencoder", "diffusion", "controlnet", *MASK_FILES)},
         smk.input.get("masks"),
         GenerateSettings.from_json(smk.params.settings),
         QCSettings.from_json(smk.params.qc),

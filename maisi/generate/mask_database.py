@@ -34,7 +34,7 @@ from maisi.core.io import sha256_file, write_json
 from maisi.core.labels import label_name, resolve_label
 from maisi.core.provenance import provenance
 
-__all__ = ["TUMOUR_LABELS", "BONE_LESION", "SPACING_TOLERANCE_MM", "MaskEntry", "MaskQuery", "NoMaskError", "build_mask_database", "write_mask_database", "read_mask_database", "candidates", "rank_fallback", "select_mask", "load_mask", "mask_summary"]
+__all__ = ["TUMOUR_LABELS", "BONE_LESION", "SPACING_TOLERANCE_MM", "MaskEntry", "MaskQuery", "NoMaskError", "build_mask_database", "write_mask_database", "read_mask_database", "candidates", "rank_fallback", "select_mask", "load_mask", "on_query_grid", "mask_summary"]
 
 #: Lung tumor, pancreatic tumor, hepatic tumor, colon cancer primaries, bone lesion, kidney mass.
 TUMOUR_LABELS: tuple[int, ...] = (23, 24, 26, 27, 128, 129)
@@ -336,9 +336,8 @@ def load_mask(entry: MaskEntry, query: MaskQuery) -> tuple[np.ndarray, np.ndarra
     directions, with the axes scaled to the requested spacing. A changed file (sha256) raises
     ``ValueError``; a requested class lost by the resampling raises :class:`NoMaskError`.
     """
-    import torch
     from monai.data import NibabelReader
-    from monai.transforms import LoadImage, Orientation, ResizeWithPadOrCrop, Spacing
+    from monai.transforms import LoadImage, Orientation
 
     if not Path(entry.label).is_file():
         raise FileNotFoundError(f"label map of mask {entry.case_id} not found: {entry.label}")
@@ -346,6 +345,15 @@ def load_mask(entry: MaskEntry, query: MaskQuery) -> tuple[np.ndarray, np.ndarra
         raise ValueError(f"label map {entry.label} of mask {entry.case_id} changed since the mask database was built (sha256)")
     img = LoadImage(reader=NibabelReader(), image_only=True, ensure_channel_first=True, dtype=np.float32)(entry.label)
     img = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(img)
+    where = f"mask {entry.case_id} ({entry.label})"
+    return on_query_grid(img, query, where, f"dim {list(entry.dim)}, spacing {list(entry.spacing)}")
+
+
+def on_query_grid(img, query: MaskQuery, where: str, was: str) -> tuple[np.ndarray, np.ndarray]:
+    """A label map (MONAI ``MetaTensor``, channel first, RAS) on the grid of ``query``, as :func:`load_mask` says."""
+    import torch
+    from monai.transforms import ResizeWithPadOrCrop, Spacing
+
     affine = np.asarray(img.affine, dtype=np.float64)
     spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
     if _same_grid(img.shape[1:], spacing, query):
@@ -359,15 +367,13 @@ def load_mask(entry: MaskEntry, query: MaskQuery) -> tuple[np.ndarray, np.ndarra
         affine = np.asarray(img.affine, dtype=np.float64)
     array = np.rint(array).astype(np.uint8)
     if array.shape != query.size:  # pragma: no cover - MONAI guarantees the size
-        raise RuntimeError(f"resampled mask {entry.case_id} has shape {array.shape}, expected {query.size}")
+        raise RuntimeError(f"resampled {where} has shape {array.shape}, expected {query.size}")
     present = set(np.unique(array).tolist())
     lost = [a for a in query.anatomy if a not in present]
     if lost:
         names = ", ".join(f"{label_name(a)} ({a})" for a in lost)
-        raise NoMaskError(
-            f"mask {entry.case_id} ({entry.label}) loses {names} when resampled from dim {list(entry.dim)}, "
-            f"spacing {list(entry.spacing)} to size {list(query.size)}, spacing {list(query.spacing)}"
-        )
+        raise NoMaskError(f"{where} lacks {names} on the requested grid (resampled from {was} to size {list(query.size)}, "
+                          f"spacing {list(query.spacing)})")  # fmt: skip
     return array, affine
 
 

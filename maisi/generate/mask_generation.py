@@ -3,10 +3,8 @@
 NVIDIA's release has a second latent diffusion model for label maps: a DDPM (1000 steps) in the
 latent space of a mask autoencoder (4 x 64^3 latents, 125 class logits out), conditioned through
 cross-attention on ten anatomy sizes (:data:`ANATOMY_SIZE_ORDER`, each in [0, 1], or -1 for absent).
-A request names the sizes it controls (``controllable_anatomy_size``: organs, and at most one tumour,
-checked as NVIDIA's ``check_input_ct`` checks them); the other sizes come from the closest entry of
-NVIDIA's database of real anatomy-size combinations (``all_anatomy_size_conditions.json``: the least
-L1 distance over the given sizes, the first on ties), and the given sizes overwrite it.
+A request names the sizes it controls (``controllable_anatomy_size``; :mod:`maisi.generate.anatomy_sizes`
+checks them and completes them from NVIDIA's database of real anatomy-size combinations).
 
 The latent is denoised with the case's own generators (float32 noise; DDPM's per-step noise from a
 derived seed), decoded whole by the mask autoencoder, and each voxel takes the class of its largest
@@ -16,7 +14,6 @@ then post-processed as NVIDIA does (:mod:`maisi.generate.mask_postprocess`).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -25,75 +22,15 @@ import numpy as np
 import torch
 
 from maisi.core.seeds import derive_seed
+from maisi.generate.anatomy_sizes import anatomy_size_condition, check_anatomy_sizes
 from maisi.generate.mask_postprocess import TUMOUR_SIZE_LABELS, post_process_mask
 from maisi.models.networks import build_scheduler, float32_norms, select_device
 from maisi.models.variants import Variant, variant
 
-__all__ = [
-    "ANATOMY_SIZE_ORDER", "CONTROLLABLE_ORGANS", "CONTROLLABLE_TUMOURS", "MaskModels", "check_anatomy_sizes", "anatomy_size_condition",
-    "read_size_conditions", "load_mask_generator", "sample_mask_latent", "decode_mask", "generate_mask", "target_tumour",
-]  # fmt: skip
+__all__ = ["MASK_FILES", "MaskModels", "GeneratedMasks", "load_mask_generator", "load_generated_masks", "sample_mask_latent", "decode_mask", "generate_mask", "target_tumour"]
 
-#: The ten anatomy sizes the mask model is conditioned on, in its order.
-ANATOMY_SIZE_ORDER = (
-    "gallbladder", "liver", "stomach", "pancreas", "colon", "lung tumor", "pancreatic tumor", "hepatic tumor",
-    "colon cancer primaries", "bone lesion",
-)  # fmt: skip
-
-
-#: Which of them a request may set (NVIDIA's lists; the gallbladder is conditioned on but not controllable).
-CONTROLLABLE_ORGANS = ("liver", "gallbladder", "stomach", "pancreas", "colon")
-CONTROLLABLE_TUMOURS = ("hepatic tumor", "bone lesion", "lung tumor", "colon cancer primaries", "pancreatic tumor")
-
-
-def check_anatomy_sizes(pairs: Sequence[Sequence], where: str = "controllable_anatomy_size") -> list[tuple[str, float]]:
-    """``[(name, size), ...]`` checked as NVIDIA checks them: at most 10 entries, known names, each once,
-    at most one tumour, sizes in [0, 1] or -1 (remove). A ``ValueError`` names the key and the entry."""
-    if len(pairs) > 10:
-        raise ValueError(f"{where}: at most 10 entries, got {len(pairs)}")
-    out: list[tuple[str, float]] = []
-    for i, pair in enumerate(pairs):
-        if not isinstance(pair, Sequence) or isinstance(pair, str) or len(pair) != 2:
-            raise ValueError(f"{where}[{i}]: expected [name, size], got {pair!r}")
-        name, size = pair
-        if name not in CONTROLLABLE_ORGANS + CONTROLLABLE_TUMOURS:
-            raise ValueError(f"{where}[{i}]: {name!r} is not controllable; choose from {', '.join(CONTROLLABLE_ORGANS + CONTROLLABLE_TUMOURS)}")
-        if isinstance(size, bool) or not isinstance(size, (int, float)) or (size != -1 and not 0.0 <= size <= 1.0):
-            raise ValueError(f"{where}[{i}]: size of {name} must be in [0, 1] or -1 (remove), got {size!r}")
-        out.append((str(name), float(size)))
-    names = [n for n, _ in out]
-    if len(set(names)) != len(names):
-        raise ValueError(f"{where}: each anatomy at most once, got {names}")
-    tumours = [n for n in names if n in CONTROLLABLE_TUMOURS]
-    if len(tumours) > 1:
-        raise ValueError(f"{where}: at most one tumour, got {tumours}")
-    return out
-
-
-def read_size_conditions(path: str | os.PathLike) -> list[list[float]]:
-    """NVIDIA's database of real anatomy-size combinations (a list of ``{"organ_size": [10 numbers]}``)."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            rows = [list(map(float, r["organ_size"])) for r in json.load(fh)]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"{path}: not an anatomy-size database ({type(exc).__name__}: {exc})") from None
-    bad = [i for i, r in enumerate(rows) if len(r) != len(ANATOMY_SIZE_ORDER)]
-    if not rows or bad:
-        raise ValueError(f"{path}: every entry needs {len(ANATOMY_SIZE_ORDER)} sizes" + (f" (entry {bad[0]} has not)" if bad else ""))
-    return rows
-
-
-def anatomy_size_condition(pairs: Sequence[tuple[str, float]], database: Sequence[Sequence[float]]) -> list[float]:
-    """The ten sizes for a request: the database entry closest to the given sizes (L1 over those given;
-    the first on ties), with the given sizes written over it."""
-    index = {name: i for i, name in enumerate(ANATOMY_SIZE_ORDER)}
-    given = {index[name]: size for name, size in pairs}
-    best = min(range(len(database)), key=lambda k: sum(abs(size - database[k][i]) for i, size in given.items()))
-    out = [float(v) for v in database[best]]
-    for i, size in given.items():
-        out[i] = size
-    return out
-
+#: The inputs of a request with generated masks, besides the image models (NVIDIA's three files).
+MASK_FILES = ("mask_autoencoder", "mask_diffusion", "size_conditions")
 
 @dataclass
 class MaskModels:
@@ -177,3 +114,38 @@ def target_tumour(condition: Sequence[float]) -> int | None:
         if size != -1.0:
             out = label
     return out
+
+
+@dataclass
+class GeneratedMasks:
+    """Where a request's masks come from when they are generated: the models, the size database, the steps,
+    and the sha256 of the three files (part of each case's fingerprint)."""
+
+    models: MaskModels
+    size_conditions: list[list[float]]
+    steps: int | None
+    sha256: str
+
+    def draw(self, request, seed: int, progress: bool = True) -> tuple[np.ndarray, dict]:
+        """A new post-processed map for ``request`` (its ``anatomy_sizes``) from ``seed``, on the request's grid:
+        MONAI ``Spacing`` (nearest) from the model's grid, then ``ResizeWithPadOrCrop``, as NVIDIA does."""
+        from monai.data import MetaTensor
+
+        from maisi.generate.mask_database import MaskQuery, on_query_grid
+
+        label, record = generate_mask(self.models, request.anatomy_sizes, self.size_conditions, seed, self.steps, progress)
+        spacing = [float(s) for s in self.models.variant.mask_generation["spacing_mm"]]
+        img = MetaTensor(torch.from_numpy(label.astype(np.float32))[None], affine=torch.diag(torch.tensor([*spacing, 1.0], dtype=torch.float64)))
+        query = MaskQuery(request.size, request.spacing, anatomy=request.anatomy)
+        array, _ = on_query_grid(img, query, f"the map generated from seed {seed}", f"dim {list(label.shape)}, spacing {spacing}")
+        return array, {**record, "case_id": "generated", "model_grid": {"dim": list(label.shape), "spacing": spacing}}
+
+
+def load_generated_masks(files: Mapping[str, str | os.PathLike], var: str | Variant, device: str, steps: int | None = None) -> GeneratedMasks:
+    """``files``: ``mask_autoencoder``, ``mask_diffusion``, ``size_conditions`` (NVIDIA's three files)."""
+    from maisi.core.io import sha256_file
+    from maisi.generate.anatomy_sizes import read_size_conditions
+
+    models = load_mask_generator(files["mask_autoencoder"], files["mask_diffusion"], var, device)
+    digest = ":".join(sha256_file(files[k]) for k in MASK_FILES)
+    return GeneratedMasks(models, read_size_conditions(files["size_conditions"]), steps, digest)

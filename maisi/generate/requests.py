@@ -29,6 +29,7 @@ from maisi.core.anatomy import BODY_REGIONS, REGION_LABELS
 from maisi.core.labels import label_name, resolve_label
 from maisi.core.seeds import derive_seed
 from maisi.core.shards import shard_name
+from maisi.generate.anatomy_sizes import check_anatomy_sizes
 from maisi.models.variants import DOWNSAMPLE, MODALITIES, modality_code, variant
 
 __all__ = ["RequestError", "GenerationRequest", "GenCase", "latent_factor", "validate_request", "parse_requests", "config_requests", "REGION_LENGTH_MM", "DEFAULT_STEPS"]
@@ -88,6 +89,10 @@ class GenerationRequest:
     allow_tumour: bool = False
     modality: int = MODALITIES["ct"]
     cfg_guidance_scale: float = 0.0
+    #: Where a masked case's label map comes from: ``database`` or ``generated`` (NVIDIA's mask model).
+    mask_source: str = "database"
+    #: With generated masks: the (name, size) pairs the map is generated for.
+    anatomy_sizes: tuple[tuple[str, float], ...] = ()
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -109,7 +114,8 @@ class GenerationRequest:
             "name": self.name, "size": list(self.size), "spacing": list(self.spacing), "top_region": self.top_region,
             "bottom_region": self.bottom_region, "anatomy": list(self.anatomy), "masks": self.masks, "sampler": self.sampler,
             "steps": self.steps, "seed": self.seed, "allow_tumour": self.allow_tumour, "modality": self.modality,
-            "cfg_guidance_scale": self.cfg_guidance_scale,
+            "cfg_guidance_scale": self.cfg_guidance_scale, "mask_source": self.mask_source,
+            "controllable_anatomy_size": [list(p) for p in self.anatomy_sizes],
         }  # fmt: skip
 
     @classmethod
@@ -119,12 +125,21 @@ class GenerationRequest:
             top_region=d["top_region"], bottom_region=d["bottom_region"], anatomy=tuple(d["anatomy"]), masks=bool(d["masks"]),
             sampler=d["sampler"], steps=int(d["steps"]), seed=int(d["seed"]), allow_tumour=bool(d.get("allow_tumour", False)),
             modality=int(d.get("modality", MODALITIES["ct"])), cfg_guidance_scale=float(d.get("cfg_guidance_scale", 0.0)),
+            mask_source=str(d.get("mask_source", "database")),
+            anatomy_sizes=tuple((str(n), float(v)) for n, v in d.get("controllable_anatomy_size", [])),
         )  # fmt: skip
+
+    def _mask_words(self) -> str:
+        if not self.masks:
+            return "no mask"
+        if self.mask_source == "generated":
+            return "generated mask (" + ", ".join(f"{n} {v:g}" for n, v in self.anatomy_sizes) + ")"
+        return "mask-conditioned"
 
     def describe(self, count: bool = True) -> str:
         anatomy = ", ".join(label_name(i) for i in self.anatomy) or "none required"
         return (f"{f'{self.n_cases} x ' if count else ''}{'x'.join(map(str, self.size))} at {'x'.join(f'{s:g}' for s in self.spacing)} mm, "
-                f"{self.top_region} -> {self.bottom_region}, anatomy: {anatomy}, {'mask-conditioned' if self.masks else 'no mask'}, "
+                f"{self.top_region} -> {self.bottom_region}, anatomy: {anatomy}, {self._mask_words()}, "
                 f"{self.sampler} {self.steps} steps{f', guidance {self.cfg_guidance_scale:g}' if self.cfg_guidance_scale else ''}")  # fmt: skip
 
 
@@ -183,6 +198,18 @@ def validate_request(req: GenerationRequest, variant_name: str, where: str = "ge
                            f"(about {spanned:g} mm); widen the regions or reduce size or spacing")  # fmt: skip
     if req.anatomy and not req.masks:
         raise RequestError(f"{key}.anatomy: required anatomy needs mask-conditioned generation (masks: true)")
+    if req.mask_source == "generated":
+        if not (req.masks and var.mask_generation):
+            raise RequestError(f"{key}.masks: generated masks need a released variant with NVIDIA's mask-generation model, "
+                               f"not {var.name}")  # fmt: skip
+        if not req.anatomy_sizes:
+            raise RequestError(f"{key}.controllable_anatomy_size: generated masks need at least one [name, size] pair")
+        try:
+            check_anatomy_sizes(req.anatomy_sizes, f"{key}.controllable_anatomy_size")
+        except ValueError as exc:
+            raise RequestError(str(exc)) from None
+    elif req.anatomy_sizes:
+        raise RequestError(f"{key}.controllable_anatomy_size: only generated masks take anatomy sizes (masks: generated)")
     regions = set(BODY_REGIONS[top : bottom + 1])
     where_organ = _organ_regions()
     outside = [label_name(a) for a in req.anatomy if a in where_organ and where_organ[a] not in regions]
@@ -248,6 +275,14 @@ def parse_requests(
             modality = modality_code(raw.get("modality", block.get("modality", "ct")), f"{key}.modality")
         except ValueError as exc:
             raise RequestError(str(exc)) from None
+        masks = raw.get("masks", True)
+        if masks not in (True, False, "database", "generated"):
+            raise RequestError(f"{key}.masks: expected true, false, 'database' or 'generated', got {masks!r}")
+        sizes = raw.get("controllable_anatomy_size") or []
+        if not isinstance(sizes, Sequence) or isinstance(sizes, str) or any(
+            not isinstance(p, Sequence) or isinstance(p, str) or len(p) != 2 for p in sizes
+        ):
+            raise RequestError(f"{key}.controllable_anatomy_size: expected a list of [name, size] pairs, got {sizes!r}")
         anatomy = raw.get("anatomy") or []
         if isinstance(anatomy, (str, int)):
             anatomy = [anatomy]
@@ -261,7 +296,9 @@ def parse_requests(
                 spacing=_triple(raw["spacing"], f"{key}.spacing", float),
                 top_region=_region(raw["top_region"], f"{key}.top_region"),
                 bottom_region=_region(raw["bottom_region"], f"{key}.bottom_region"), anatomy=ids,
-                masks=bool(raw.get("masks", True)), sampler=str(sampler), steps=int(steps),
+                masks=masks is not False, sampler=str(sampler), steps=int(steps),
+                mask_source="generated" if masks == "generated" else "database",
+                anatomy_sizes=tuple((str(n), float(v)) for n, v in sizes),
                 seed=int(raw.get("seed", block.get("seed", 0))),
                 cases_per_shard=int(raw.get("cases_per_shard", block.get("cases_per_shard", 2))),
                 allow_tumour=bool(raw.get("allow_tumour", False)), modality=modality,

@@ -31,6 +31,7 @@ from maisi.generate.mask_database import (
     MaskEntry,
     read_mask_database,
 )
+from maisi.generate.mask_generation import GeneratedMasks, load_generated_masks
 from maisi.generate.requests import GenerationRequest
 from maisi.generate.settings import GenerateSettings
 from maisi.models.checkpoints import diffusion_scheduler, load_autoencoder, load_controlnet, load_diffusion
@@ -75,12 +76,16 @@ def load_models(
 
 def load_request(
     request: GenerationRequest, checkpoints: Mapping[str, str | None], mask_db: str | os.PathLike | None, settings: GenerateSettings
-) -> tuple[Models, list[MaskEntry] | None, str]:
+) -> tuple[Models, list[MaskEntry] | GeneratedMasks | None, str]:
     """What generating a request's cases needs: the models (the ControlNet only for masked requests),
-    and for masked requests the mask database with its sha256."""
-    masked = bool(request.masks and mask_db)
+    and for masked requests their masks with a sha256: the mask database, or NVIDIA's mask-generation
+    model (``checkpoints``: ``mask_autoencoder``, ``mask_diffusion``, ``size_conditions``) for generated ones."""
     models = load_models(checkpoints["autoencoder"], checkpoints["diffusion"], checkpoints.get("controlnet") if request.masks else None,
                          settings.variant, settings.device)  # fmt: skip
+    if request.masks and request.mask_source == "generated":
+        generated = load_generated_masks(checkpoints, settings.variant, settings.device, settings.mask_steps)
+        return models, generated, generated.sha256
+    masked = bool(request.masks and mask_db)
     return models, read_mask_database(mask_db) if masked else None, sha256_file(mask_db) if masked else ""
 
 

@@ -76,6 +76,7 @@ class GenerateSettings(ConfigSettings):
     decoder: DecodeSettings = DecodeSettings()
     augment: AugmentSettings = AugmentSettings()
     on_error: str = "stop"
+    mask_steps: int | None = schema_default("generate.mask_generation.steps")  # generated masks' DDPM steps (None: the variant's)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> GenerateSettings:
@@ -84,9 +85,10 @@ class GenerateSettings(ConfigSettings):
         return cls.from_dict({
             "variant": model.get("variant", cls.variant), "device": model.get("device", cls.device),
             "decoder": block.get("decoder", {}), "augment": block.get("augment", {}), "on_error": config.get("on_error", cls.on_error),
+            "mask_steps": block.get("mask_generation", {}).get("steps"),
         })  # fmt: skip
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> GenerateSettings:
         return cls(variant=data["variant"], device=data["device"], decoder=DecodeSettings.from_dict(data["decoder"]),
-                   augment=AugmentSettings.from_dict(data["augment"]), on_error=data["on_error"])  # fmt: skip
+                   augment=AugmentSettings.from_dict(data["augment"]), on_error=data["on_error"], mask_steps=data.get("mask_steps"))  # fmt: skip

@@ -234,6 +234,7 @@ def read_network_config(path: str | os.PathLike, name: str, description: str = "
             "networks": {"autoencoder": networks.pop("mask_autoencoder"), "diffusion": networks.pop("mask_diffusion")},
             # the MAISI id of each of the mask autoencoder's output channels (not part of the network configs)
             "classes": (variant("ddpm-ct").mask_generation or {})["classes"],
+            "spacing_mm": (variant("ddpm-ct").mask_generation or {})["spacing_mm"],  # the grid the model generates (NVIDIA: 1.5 mm)
         }  # fmt: skip
     sched = scheduler("noise_scheduler")
     reference = variant("ddpm-ct")

@@ -19,16 +19,8 @@ from helpers.nvidia import nvidia_config, nvidia_module
 from monai.networks.schedulers import DDPMScheduler
 
 from maisi.core.seeds import derive_seed
-from maisi.generate.mask_generation import (
-    ANATOMY_SIZE_ORDER,
-    anatomy_size_condition,
-    check_anatomy_sizes,
-    decode_mask,
-    generate_mask,
-    load_mask_generator,
-    read_size_conditions,
-    sample_mask_latent,
-)
+from maisi.generate.anatomy_sizes import ANATOMY_SIZE_ORDER, anatomy_size_condition, check_anatomy_sizes, read_size_conditions
+from maisi.generate.mask_generation import decode_mask, generate_mask, load_mask_generator, sample_mask_latent
 from maisi.models.networks import build_mask_autoencoder, build_mask_diffusion, float32_norms
 from maisi.models.variants import variant
 
@@ -220,3 +212,49 @@ def test_post_processing_matches_nvidia(target, monkeypatch):
     assert not np.array_equal(ours, raw)  # it changed something (specks, stray tumours)
     stray = [t for t in (23, 24, 26, 27, 128) if t != target]
     assert not np.isin(ours, stray).any()
+
+
+def test_generated_masks_in_a_generated_case(mask_files, tmp_path):
+    """A request with ``masks: generated``: the map is generated, post-processed and put on the request's grid,
+    the case is conditioned on it, and its sidecar says so; the same seed gives the same case."""
+    import nibabel as nib
+
+    from maisi.core.io import read_json, sidecar_path
+    from maisi.generate.augment import AugmentSettings
+    from maisi.generate.mask_generation import GeneratedMasks, load_generated_masks
+    from maisi.generate.requests import GenerationRequest
+    from maisi.generate.sampling import load_models
+    from maisi.generate.settings import DecodeSettings, GenerateSettings
+    from maisi.generate.shard import case_paths, generate_case
+    from maisi.models.networks import build_autoencoder, build_controlnet, build_diffusion_unet
+
+    torch.manual_seed(0)
+    unet = build_diffusion_unet("tiny")
+    image_files = {k: tmp_path / f"{k}.pt" for k in ("autoencoder", "diffusion", "controlnet")}
+    torch.save(build_autoencoder("tiny").state_dict(), image_files["autoencoder"])
+    torch.save({"unet_state_dict": unet.state_dict(), "scale_factor": torch.tensor(1.0)}, image_files["diffusion"])
+    torch.save({"controlnet_state_dict": build_controlnet("tiny", unet).state_dict()}, image_files["controlnet"])
+    models = load_models(image_files["autoencoder"], image_files["diffusion"], image_files["controlnet"], "tiny", "cpu")
+    sizes = tmp_path / "sizes.json"
+    sizes.write_text(json.dumps([{"organ_size": [0.3] * 5 + [-1.0] * 5}]))
+    var = _small_variant()
+    var.mask_generation["latent_shape"] = [4, *LATENT]
+    generated = load_generated_masks({"mask_autoencoder": mask_files["autoencoder"], "mask_diffusion": mask_files["diffusion"],
+                                      "size_conditions": sizes}, var, "cpu", steps=2)  # fmt: skip
+    assert isinstance(generated, GeneratedMasks) and generated.sha256.count(":") == 2
+    req = GenerationRequest(name="gen", n_cases=2, size=(48, 48, 32), spacing=(1.0, 1.0, 1.5), top_region="chest",
+                            bottom_region="abdomen", masks=True, mask_source="generated", anatomy_sizes=(("liver", 0.5),),
+                            steps=2, seed=1)  # fmt: skip
+    settings = GenerateSettings(variant="tiny", device="cpu", decoder=DecodeSettings(devices=("cpu",)), augment=AugmentSettings())
+    case = req.cases()[0]
+    row = generate_case(models, req, case, generated, settings, tmp_path / "out", progress=False, masks_sha256=generated.sha256)
+    paths = case_paths(tmp_path / "out", "gen", case.case_id)
+    label = np.asanyarray(nib.load(str(paths["label"])).dataobj)
+    record = read_json(sidecar_path(paths["image"]))
+    assert label.shape == (48, 48, 32) and row["mask_source"] == "generated"
+    assert record["mask"]["controllable_anatomy_size"] == [["liver", 0.5]] and record["mask"]["post_processed"] is True
+    assert record["mask"]["model_grid"] == {"dim": [32, 32, 32], "spacing": [1.5, 1.5, 1.5]}
+    assert record["fingerprint"]["augment"] is None and record["fingerprint"]["masks"] == generated.sha256
+    # The map on the request's grid is the generated one resampled (the model's 32 voxels at 1.5 mm = 48 voxels at 1 mm in x, y).
+    direct, _ = generated.draw(req, derive_seed(case.seed, "mask", "generated"), progress=False)
+    assert np.array_equal(direct, label)

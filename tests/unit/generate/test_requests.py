@@ -6,7 +6,7 @@ import pytest
 
 from maisi.config import validate_config
 from maisi.core.checks import ConfigError
-from maisi.generate.requests import RequestError, latent_factor, parse_requests
+from maisi.generate.requests import GenerationRequest, RequestError, latent_factor, parse_requests
 
 BASE = {"n_cases": 5, "size": [128, 128, 128], "spacing": [3.0, 3.0, 3.0], "top_region": "chest", "bottom_region": "abdomen"}
 
@@ -142,3 +142,33 @@ def test_config_validation_and_generation_agree_on_the_sampler(tmp_path):
     assert validate_config(cfg)["generate"]["requests"]["r"]["size"] == [256, 256, 256]
     with pytest.raises(ConfigError, match=r"train_diffusion\.scheduler.*trained with the 'ddpm' scheduler, not 'rflow'"):
         validate_config({**cfg, "train_diffusion": {"scheduler": "rflow"}})
+
+
+def test_generated_masks_requests():
+    req = one("rflow-ct", masks="generated", controllable_anatomy_size=[["liver", 0.5], ["hepatic tumor", 0.2]], **RELEASED)
+    assert req.masks and req.mask_source == "generated" and req.anatomy_sizes == (("liver", 0.5), ("hepatic tumor", 0.2))
+    assert GenerationRequest.from_json(req.to_json()).to_json() == req.to_json() and "generated mask (liver 0.5" in req.describe()
+    assert one("rflow-ct", **RELEASED).mask_source == "database" and one(masks="database").masks
+    for changes, match in [
+        ({"masks": "generated"}, "at least one"),
+        ({"masks": "generated", "controllable_anatomy_size": [["liver", 0.5], ["lung tumor", 0.1], ["bone lesion", 0.2]]}, "one tumour"),
+        ({"masks": "generated", "controllable_anatomy_size": [["heart", 0.5]]}, "not controllable"),
+        ({"controllable_anatomy_size": [["liver", 0.5]]}, "only generated masks"),
+        ({"masks": "folder"}, "expected true, false"),
+    ]:
+        with pytest.raises(RequestError, match=match):
+            one("rflow-ct", **{**RELEASED, **changes})
+    with pytest.raises(RequestError, match="released variant with NVIDIA's mask-generation model"):
+        one("tiny", masks="generated", controllable_anatomy_size=[["liver", 0.5]])
+
+
+def test_generated_masks_need_nvidias_files(tmp_path):
+    cfg = {"sources": {"p": {"type": "phantom", "n_cases": 1}}, "model": {"variant": "rflow-ct"},
+           "generate": {"requests": {"r": {**BASE, **RELEASED, "masks": "generated", "controllable_anatomy_size": [["liver", 0.5]]}}}}  # fmt: skip
+    with pytest.raises(ConfigError, match=r"generate\.mask_generation\.autoencoder'.*request\(s\) r generate their masks"):
+        validate_config(cfg)
+    files = {k: tmp_path / f"{k}.bin" for k in ("autoencoder", "diffusion", "size_conditions")}
+    for f in files.values():
+        f.write_bytes(b"x")
+    cfg["generate"]["mask_generation"] = {k: str(v) for k, v in files.items()}
+    assert validate_config(cfg)["generate"]["mask_generation"]["steps"] is None
