@@ -12,8 +12,16 @@ SETTINGS = {"train_vae": VaeSettings, "cache_latents": LatentSettings, "train_di
             "train_controlnet": ControlNetSettings}  # fmt: skip
 
 
+#: The checkpoint each training stage makes; given under 'pretrained', the stage does not run.
+STAGE_CHECKPOINT = {"train_vae": "autoencoder", "train_diffusion": "diffusion", "train_controlnet": "controlnet"}
+
+
 def stage_settings(stage):
-    """The stage's settings as stable JSON (a Snakemake param: a change reruns that stage only)."""
+    """The stage's settings as stable JSON (a Snakemake param: a change reruns that stage only). A stage
+    replaced by a pretrained checkpoint is not checked against the variant (its defaults need not fit it)."""
+    given = config["pretrained"].get(STAGE_CHECKPOINT.get(stage, ""))
+    if given:
+        return json.dumps({"pretrained": given})
     return SETTINGS[stage].from_config(config).to_json()
 
 
