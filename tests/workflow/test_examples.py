@@ -8,7 +8,6 @@ import shutil
 import numpy as np
 import pytest
 import yaml
-
 from helpers.paths import ROOT
 from helpers.volumes import ct_volume, write_nifti
 from helpers.workflow_runner import planned_jobs
