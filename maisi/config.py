@@ -105,6 +105,12 @@ def check_config(cfg: dict) -> None:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     _check_requests(cfg)
+    db = cfg["generate"]["mask_database"]
+    if db["source"] == "nvidia":
+        for key in ("nvidia_candidates", "nvidia_masks"):
+            if not (db[key] and Path(db[key]).exists()):
+                raise ConfigError(f"config key 'generate.mask_database.{key}': mask_database.source 'nvidia' needs NVIDIA's "
+                                  f"{'candidate list' if key == 'nvidia_candidates' else 'mask archive or folder'}, got {db[key]!r}")  # fmt: skip
     generated = sorted(n for n, r in config_requests(cfg).items() if r.masks and r.mask_source == "generated")
     for key, path in cfg["generate"]["mask_generation"].items():
         if generated and key != "steps" and not (path and Path(path).is_file()):

@@ -4,15 +4,30 @@
 
 rule mask_database:
     input:
-        cases=PREPARED_CASES,
+        unpack(mask_database_inputs),
     output:
         database=MASK_DATABASE,
+    params:
+        source=config["generate"]["mask_database"]["source"],
     resources:
         **cluster(),
     log:
         "logs/generate/mask_database.log",
     script:
         "../workflow_scripts/mask_database.py"
+
+
+rule nvidia_masks:
+    input:
+        archive=config["generate"]["mask_database"]["nvidia_masks"] or [],
+    output:
+        folder=directory(NVIDIA_MASKS),
+    resources:
+        **cluster(),
+    log:
+        "logs/generate/nvidia_masks.log",
+    script:
+        "../workflow_scripts/nvidia_masks.py"
 
 
 rule generate:

@@ -6,6 +6,17 @@ from maisi.generate.settings import GenerateSettings
 GENERATED = "results/generated"
 GENERATION_SHARDS = f"{GENERATED}/{{request}}/shards/{{shard}}.tsv"
 MASK_DATABASE = "results/masks/database.json"
+#: NVIDIA's mask archive, extracted (mask_database.source 'nvidia' with a .zip archive).
+NVIDIA_MASKS = "results/masks/nvidia"
+
+
+def mask_database_inputs(wildcards):
+    """The prepared cases' label maps, or NVIDIA's candidate list and masks (its archive extracted by nvidia_masks)."""
+    db = config["generate"]["mask_database"]
+    if db["source"] != "nvidia":
+        return {"cases": PREPARED_CASES}
+    masks = db["nvidia_masks"]
+    return {"candidates": db["nvidia_candidates"], "masks": NVIDIA_MASKS if str(masks).endswith(".zip") else masks}
 GENERATE_SETTINGS = GenerateSettings.from_config(config).to_json()
 
 

@@ -15,6 +15,9 @@ implements the same selection:
 * :func:`select_mask` draws uniformly among the exact candidates, else takes the best fallback.
 * :func:`load_mask` loads a map on the requested grid (nearest-neighbour resampling) and checks
   that the requested anatomy survived it.
+
+NVIDIA's released candidate database (``candidate_masks_flexible_size_and_spacing_4000.json`` with its
+mask archive) is read in its own format by :func:`read_nvidia_candidates`.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from maisi.core.io import sha256_file, write_json
 from maisi.core.labels import label_name, resolve_label
 from maisi.core.provenance import provenance
 
-__all__ = ["TUMOUR_LABELS", "BONE_LESION", "SPACING_TOLERANCE_MM", "MaskEntry", "MaskQuery", "NoMaskError", "build_mask_database", "write_mask_database", "read_mask_database", "candidates", "rank_fallback", "select_mask", "load_mask", "on_query_grid", "mask_summary"]
+__all__ = ["TUMOUR_LABELS", "BONE_LESION", "SPACING_TOLERANCE_MM", "MaskEntry", "MaskQuery", "NoMaskError", "build_mask_database", "write_mask_database", "read_mask_database", "candidates", "rank_fallback", "select_mask", "load_mask", "on_query_grid", "mask_summary", "read_nvidia_candidates", "NVIDIA_REGIONS"]
 
 #: Lung tumor, pancreatic tumor, hepatic tumor, colon cancer primaries, bone lesion, kidney mass.
 TUMOUR_LABELS: tuple[int, ...] = (23, 24, 26, 27, 128, 129)
@@ -207,6 +210,52 @@ def build_mask_database(cases: pd.DataFrame) -> list[MaskEntry]:
                 sha256=sha256_file(path),
             )
         )
+    return sorted(entries, key=lambda e: e.case_id)
+
+
+#: NVIDIA's body-region one-hot order (``find_masks.convert_body_region``): head, chest/thorax, abdomen, pelvis/lower.
+NVIDIA_REGIONS = ("head_neck", "chest", "abdomen", "lower_body")
+
+
+def read_nvidia_candidates(candidates_json: str | os.PathLike, mask_folder: str | os.PathLike) -> list[MaskEntry]:
+    """NVIDIA's candidate database as mask entries: one per item (``pseudo_label_filename`` under ``mask_folder``,
+    ``dim``, ``spacing``, ``label_list``, and the one-hot ``top_region_index`` / ``bottom_region_index``).
+
+    The case id is ``nvidia/<file name>``; the map the ControlNet is conditioned on is the pseudo label, as
+    in NVIDIA's sampler. Each map is hashed (sha256), so a changed file is noticed when it is used. An item
+    without regions, or a map that is not there, raises ``ValueError`` naming the item.
+    """
+    path = Path(candidates_json)
+    try:
+        items = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"NVIDIA candidate database {path}: not readable JSON ({exc})") from None
+    if not isinstance(items, list):
+        raise ValueError(f"NVIDIA candidate database {path}: expected a list of masks")
+    root = Path(mask_folder)
+    subfolders = [d for d in root.iterdir() if d.is_dir()] if root.is_dir() else []
+    if items and isinstance(items[0], dict) and len(subfolders) == 1 and not (root / str(items[0].get("pseudo_label_filename", ""))).exists():
+        root = subfolders[0]  # the archive's own top folder (NVIDIA's zip holds all_masks_flexible_size_and_spacing_4000/)
+    entries = []
+    for i, item in enumerate(items):
+        where = f"NVIDIA candidate database {path}, item {i}"
+        try:
+            name = str(item["pseudo_label_filename"])
+            top = [k for k, v in enumerate(item["top_region_index"]) if v != 0]
+            bottom = [k for k, v in enumerate(item["bottom_region_index"]) if v != 0]
+            dim, spacing, labels = item["dim"], item["spacing"], item["label_list"]
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"{where}: lacks {exc}") from None
+        if not top or not bottom:
+            raise ValueError(f"{where}: no body region in its one-hot region indices")
+        label = root / name
+        if not label.is_file():
+            raise ValueError(f"{where}: mask {label} not found (extract NVIDIA's mask archive there)")
+        entries.append(MaskEntry(
+            case_id=f"nvidia/{name}", label=str(label), dim=_ints3(dim, f"dim of {where}"), spacing=_floats3(spacing, f"spacing of {where}"),
+            top_region=NVIDIA_REGIONS[top[0]], bottom_region=NVIDIA_REGIONS[bottom[0]],
+            labels=tuple(sorted({int(v) for v in labels} - {0})), sha256=sha256_file(label),
+        ))  # fmt: skip
     return sorted(entries, key=lambda e: e.case_id)
 
 

@@ -47,3 +47,17 @@ def test_example_plans(tmp_path, example):
     assert not any(rule.startswith("train_") for rule in jobs)  # every network is NVIDIA's
     assert "mask_database" not in jobs  # generated masks, or none
     assert cfg["model"]["variant"] == "rflow-ct"
+
+
+def test_nvidia_mask_database_plans(tmp_path):
+    """Requests drawing maps from NVIDIA's candidate database: its archive is extracted once, then indexed."""
+    work, cfg = _workdir(tmp_path, ROOT / "config" / "examples" / "rflow-ct-paired.yaml")
+    request = cfg["generate"]["requests"]["chest_abdomen_liver_tumour"]
+    request.update(masks="database", controllable_anatomy_size=[])
+    (work / "nvidia").mkdir()
+    for name in ("candidates.json", "masks.zip"):
+        (work / "nvidia" / name).write_bytes(b"placeholder")
+    cfg["generate"]["mask_database"] = {"source": "nvidia", "nvidia_candidates": "nvidia/candidates.json", "nvidia_masks": "nvidia/masks.zip"}
+    (work / "config" / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    jobs = planned_jobs(work, "all")
+    assert jobs["nvidia_masks"] == 1 and jobs["mask_database"] == 1 and jobs["generate"] == 5

@@ -395,3 +395,40 @@ def test_augment_speed_on_128_cube():
 
 def test_tumour_labels():
     assert TUMOUR_LABELS == (23, 24, 26, 27, 128, 129) and BONE_LESION == 128
+
+
+def test_nvidia_candidate_database_in_its_own_format(tmp_path):
+    """NVIDIA's candidate list and mask archive (a zip holding one top folder) as mask entries."""
+    import zipfile
+
+    from maisi.generate.mask_database import read_nvidia_candidates
+    from maisi.sources.download import safe_extract
+
+    items, archive = [], tmp_path / "all_masks_flexible_size_and_spacing_4000.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for i, (top, bottom, labels) in enumerate([(1, 2, [1, 3, 200]), (1, 1, [28, 29, 23, 200]), (2, 3, [1, 26, 200])]):
+            name = f"pseudo_label_{i}.nii.gz"
+            label = np.zeros((16, 16, 8), np.uint8)
+            for k, v in enumerate(labels):
+                label[k : k + 2, :, :] = v
+            save_nifti(label, np.diag([1.5, 1.5, 2.0, 1.0]), tmp_path / name, np.uint8)
+            zf.write(tmp_path / name, f"all_masks_flexible_size_and_spacing_4000/{name}")
+            one_hot = lambda k: [int(j == k) for j in range(4)]  # noqa: E731
+            items.append({"pseudo_label_filename": name, "label_list": labels, "dim": [16, 16, 8], "spacing": [1.5, 1.5, 2.0],
+                          "top_region_index": one_hot(top), "bottom_region_index": one_hot(bottom)})  # fmt: skip
+    candidates_json = tmp_path / "candidate_masks_flexible_size_and_spacing_4000.json"
+    candidates_json.write_text(json.dumps(items))
+    folder = safe_extract(archive, tmp_path / "nvidia", "zip")
+    entries = read_nvidia_candidates(candidates_json, folder)
+    assert [e.case_id for e in entries] == [f"nvidia/pseudo_label_{i}.nii.gz" for i in range(3)]
+    first = entries[0]
+    assert (first.top_region, first.bottom_region, first.labels, first.dim) == ("chest", "abdomen", (1, 3, 200), (16, 16, 8))
+    assert entries[2].bottom_region == "lower_body" and entries[1].has_tumour
+    assert first.sha256 == sha256_file(first.label)
+    query = MaskQuery((16, 16, 8), (1.5, 1.5, 2.0), "chest", "abdomen", anatomy=["liver"])
+    assert [e.case_id for e in candidates(entries, query)] == ["nvidia/pseudo_label_0.nii.gz"]
+    (folder / "all_masks_flexible_size_and_spacing_4000" / "pseudo_label_1.nii.gz").unlink()
+    with pytest.raises(ValueError, match="item 1: mask .*pseudo_label_1.nii.gz not found"):
+        read_nvidia_candidates(candidates_json, folder)
+    with pytest.raises(ConfigError, match="generate.mask_database.nvidia_candidates"):
+        validated(generate={"mask_database": {"source": "nvidia", "nvidia_masks": str(archive)}})
