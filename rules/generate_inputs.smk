@@ -33,9 +33,19 @@ def generate_inputs(wildcards):
     inputs = {"autoencoder": AUTOENCODER, "diffusion": DIFFUSION}
     if request.masks and request.mask_source == "generated":
         inputs.update(controlnet=CONTROLNET, **MASK_GENERATION)
+    elif request.masks and request.mask_source == "folder":
+        inputs.update(controlnet=CONTROLNET, own_masks=user_mask_files(request))
     elif request.masks:
         inputs.update(controlnet=CONTROLNET, masks=MASK_DATABASE)
     return inputs
+
+
+def user_mask_files(request):
+    """The request's own maps (and CTs): inputs, so that a changed map reruns the request's shards."""
+    from maisi.generate.user_masks import find_user_masks
+
+    masks = find_user_masks(request.mask_folder, f"generate.requests.{request.name}.mask_folder")
+    return [m.label for m in masks] + [m.image for m in masks if m.image]
 
 
 def generation_resources():

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -40,6 +41,9 @@ REGION_LENGTH_MM = {"head_neck": 250.0, "chest": 300.0, "abdomen": 250.0, "lower
 
 #: MAISI's default number of sampling steps per sampler.
 DEFAULT_STEPS = {"rflow": 30, "ddpm": 1000}
+
+
+log = logging.getLogger(__name__)
 
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -93,6 +97,8 @@ class GenerationRequest:
     mask_source: str = "database"
     #: With generated masks: the (name, size) pairs the map is generated for.
     anatomy_sizes: tuple[tuple[str, float], ...] = ()
+    #: With ``mask_source`` ``folder``: the request's ``mask_folder`` (path, labels, images, label_map).
+    mask_folder: dict | None = None
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -115,7 +121,7 @@ class GenerationRequest:
             "bottom_region": self.bottom_region, "anatomy": list(self.anatomy), "masks": self.masks, "sampler": self.sampler,
             "steps": self.steps, "seed": self.seed, "allow_tumour": self.allow_tumour, "modality": self.modality,
             "cfg_guidance_scale": self.cfg_guidance_scale, "mask_source": self.mask_source,
-            "controllable_anatomy_size": [list(p) for p in self.anatomy_sizes],
+            "controllable_anatomy_size": [list(p) for p in self.anatomy_sizes], "mask_folder": self.mask_folder,
         }  # fmt: skip
 
     @classmethod
@@ -127,6 +133,7 @@ class GenerationRequest:
             modality=int(d.get("modality", MODALITIES["ct"])), cfg_guidance_scale=float(d.get("cfg_guidance_scale", 0.0)),
             mask_source=str(d.get("mask_source", "database")),
             anatomy_sizes=tuple((str(n), float(v)) for n, v in d.get("controllable_anatomy_size", [])),
+            mask_folder=d.get("mask_folder"),
         )  # fmt: skip
 
     def _mask_words(self) -> str:
@@ -134,6 +141,8 @@ class GenerationRequest:
             return "no mask"
         if self.mask_source == "generated":
             return "generated mask (" + ", ".join(f"{n} {v:g}" for n, v in self.anatomy_sizes) + ")"
+        if self.mask_source == "folder":
+            return f"own masks ({(self.mask_folder or {}).get('path')})"
         return "mask-conditioned"
 
     def describe(self, count: bool = True) -> str:
@@ -210,6 +219,8 @@ def validate_request(req: GenerationRequest, variant_name: str, where: str = "ge
             raise RequestError(str(exc)) from None
     elif req.anatomy_sizes:
         raise RequestError(f"{key}.controllable_anatomy_size: only generated masks take anatomy sizes (masks: generated)")
+    if (req.mask_source == "folder") != bool(req.mask_folder):
+        raise RequestError(f"{key}.mask_folder: masks 'folder' and mask_folder go together")
     regions = set(BODY_REGIONS[top : bottom + 1])
     where_organ = _organ_regions()
     outside = [label_name(a) for a in req.anatomy if a in where_organ and where_organ[a] not in regions]
@@ -276,8 +287,8 @@ def parse_requests(
         except ValueError as exc:
             raise RequestError(str(exc)) from None
         masks = raw.get("masks", True)
-        if masks not in (True, False, "database", "generated"):
-            raise RequestError(f"{key}.masks: expected true, false, 'database' or 'generated', got {masks!r}")
+        if masks not in (True, False, "database", "generated", "folder"):
+            raise RequestError(f"{key}.masks: expected true, false, 'database', 'generated' or 'folder', got {masks!r}")
         sizes = raw.get("controllable_anatomy_size") or []
         if not isinstance(sizes, Sequence) or isinstance(sizes, str) or any(
             not isinstance(p, Sequence) or isinstance(p, str) or len(p) != 2 for p in sizes
@@ -297,7 +308,8 @@ def parse_requests(
                 top_region=_region(raw["top_region"], f"{key}.top_region"),
                 bottom_region=_region(raw["bottom_region"], f"{key}.bottom_region"), anatomy=ids,
                 masks=masks is not False, sampler=str(sampler), steps=int(steps),
-                mask_source="generated" if masks == "generated" else "database",
+                mask_source=masks if masks in ("generated", "folder") else "database",
+                mask_folder=dict(raw["mask_folder"]) if raw.get("mask_folder") else None,
                 anatomy_sizes=tuple((str(n), float(v)) for n, v in sizes),
                 seed=int(raw.get("seed", block.get("seed", 0))),
                 cases_per_shard=int(raw.get("cases_per_shard", block.get("cases_per_shard", 2))),
@@ -309,6 +321,8 @@ def parse_requests(
                 raise
             raise RequestError(f"{key}: {exc}") from None
         validate_request(req, variant_name, f"{where}.requests")
+        if req.mask_source == "folder":
+            _check_user_masks(req, block.get("user_masks") or {}, f"{where}.requests.{name}")
         out.append(req)
     return out
 
@@ -322,6 +336,23 @@ def config_requests(config: Mapping[str, Any]) -> dict[str, GenerationRequest]:
     trained = _trained_sampler(config, variant_name)
     key = json.dumps([config.get("generate", {}), variant_name, trained], sort_keys=True, default=str)
     return _parsed(key)
+
+
+def _check_user_masks(req: GenerationRequest, policy: Mapping[str, Any], key: str) -> None:
+    """The request's own maps exist and their fields of view suit its regions (NVIDIA's recommendation)."""
+    from maisi.generate.user_masks import find_user_masks, fov_problem
+
+    tolerance, action = float(policy.get("fov_tolerance", 0.3)), policy.get("out_of_range", "refuse")
+    from maisi.sources.cases import resolve_label_map
+
+    resolve_label_map((req.mask_folder or {}).get("label_map"), f"{key}.mask_folder.label_map")
+    masks = find_user_masks(req.mask_folder or {}, f"{key}.mask_folder")
+    problems = [f"{m.case_id}: {p}" for m in masks if (p := fov_problem(m.dim, m.spacing, req.top_region, req.bottom_region, tolerance))]
+    if problems and action == "refuse":
+        raise RequestError(f"{key}.mask_folder: {len(problems)} of {len(masks)} maps: {problems[0]}"
+                           f"{' (and more)' if len(problems) > 1 else ''}; set generate.user_masks.out_of_range: warn to go on")  # fmt: skip
+    for p in problems:
+        log.warning("%s.mask_folder: %s", key, p)
 
 
 def _trained_sampler(config: Mapping[str, Any], variant_name: str) -> str | None:

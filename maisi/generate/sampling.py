@@ -34,6 +34,7 @@ from maisi.generate.mask_database import (
 from maisi.generate.mask_generation import GeneratedMasks, load_generated_masks
 from maisi.generate.requests import GenerationRequest
 from maisi.generate.settings import GenerateSettings
+from maisi.generate.user_masks import UserMasks, load_user_masks
 from maisi.models.checkpoints import diffusion_scheduler, load_autoencoder, load_controlnet, load_diffusion
 from maisi.models.networks import build_scheduler, condition_tensors, label_to_bits, select_device
 from maisi.models.variants import Variant, scheduler_spec, variant
@@ -76,15 +77,19 @@ def load_models(
 
 def load_request(
     request: GenerationRequest, checkpoints: Mapping[str, str | None], mask_db: str | os.PathLike | None, settings: GenerateSettings
-) -> tuple[Models, list[MaskEntry] | GeneratedMasks | None, str]:
+) -> tuple[Models, list[MaskEntry] | GeneratedMasks | UserMasks | None, str]:
     """What generating a request's cases needs: the models (the ControlNet only for masked requests),
     and for masked requests their masks with a sha256: the mask database, or NVIDIA's mask-generation
-    model (``checkpoints``: ``mask_autoencoder``, ``mask_diffusion``, ``size_conditions``) for generated ones."""
+    model (``checkpoints``: ``mask_autoencoder``, ``mask_diffusion``, ``size_conditions``) for generated ones,
+    the request's own maps for ``folder`` ones."""
     models = load_models(checkpoints["autoencoder"], checkpoints["diffusion"], checkpoints.get("controlnet") if request.masks else None,
                          settings.variant, settings.device)  # fmt: skip
     if request.masks and request.mask_source == "generated":
         generated = load_generated_masks(checkpoints, settings.variant, settings.device, settings.mask_steps)
         return models, generated, generated.sha256
+    if request.masks and request.mask_source == "folder":
+        own, digest = load_user_masks(request.mask_folder or {}, f"generate.requests.{request.name}.mask_folder")
+        return models, own, digest
     masked = bool(request.masks and mask_db)
     return models, read_mask_database(mask_db) if masked else None, sha256_file(mask_db) if masked else ""
 

@@ -61,3 +61,20 @@ def test_nvidia_mask_database_plans(tmp_path):
     (work / "config" / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
     jobs = planned_jobs(work, "all")
     assert jobs["nvidia_masks"] == 1 and jobs["mask_database"] == 1 and jobs["generate"] == 5
+
+
+def test_own_masks_plan(tmp_path):
+    """A request conditioned on the user's own maps: they are inputs of its generation jobs."""
+    work, cfg = _workdir(tmp_path, ROOT / "config" / "examples" / "rflow-ct-image-only.yaml")
+    request = cfg["generate"]["requests"]["chest"]
+    request.update(masks="folder", mask_folder={"path": "data/my_ct", "labels": "labelsTr/{case}.nii.gz", "images": "imagesTr/{case}.nii.gz"})
+    cfg["generate"]["user_masks"] = {"out_of_range": "warn"}  # the test's maps are far smaller than a chest CT
+    (work / "config" / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    jobs = planned_jobs(work, "all")
+    assert jobs["generate"] == 5 and "mask_database" not in jobs
+    cfg["generate"]["user_masks"] = {"out_of_range": "refuse"}
+    (work / "config" / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    from helpers.workflow_runner import snakemake
+
+    proc = snakemake(work, "--dry-run", "all", check=False)
+    assert proc.returncode != 0 and "recommended [350, 350, 310] mm for chest -> chest" in proc.stdout + proc.stderr

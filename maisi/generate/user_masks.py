@@ -1,0 +1,227 @@
+"""Images from the user's own label maps (``masks: folder``): TotalSegmentator's or another segmenter's maps.
+
+A request names a folder of label maps (``mask_folder``: ``path``, a ``labels`` pattern with ``{case}``,
+optionally an ``images`` pattern for the matching CTs, and a ``label_map`` from the segmenter's values to
+MAISI classes). Case ``i`` of the request is conditioned on map ``i mod n`` (sorted by case id).
+
+Checked when the workflow starts, from the files' headers: every map's field of view against NVIDIA's
+recommended one for the request's body regions (:data:`RECOMMENDED_CT`, the medians of NVIDIA's CT
+training set, ``docs/inference.md``), refused with the recommended size and spacing, or a warning
+(``generate.user_masks.out_of_range``). When a case is generated: the map's values (all must map to
+MAISI classes), and the ``body`` class (200) the released ControlNet expects on every body voxel without
+an organ label: where it is missing it is added as NVIDIA's ``add_body_envelope`` adds it, from the CT
+(a map without body and without a CT is refused). The map is then put on the request's grid as every
+other map (:func:`maisi.generate.mask_database.on_query_grid`).
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from maisi.core.anatomy import BODY_REGIONS
+from maisi.core.labels import BODY
+
+__all__ = ["RECOMMENDED_CT", "UserMask", "UserMasks", "recommended_ct", "fov_problem", "find_user_masks", "add_body_envelope", "load_user_masks"]
+
+log = logging.getLogger(__name__)
+
+#: NVIDIA's recommended output size and spacing per set of body regions (``docs/inference.md``, "Recommended
+#: Spacing for CT": the median pairs of its CT training set; head/pelvis named as the factory's regions).
+RECOMMENDED_CT: dict[tuple[str, ...], tuple[tuple[int, int, int], tuple[float, float, float]]] = {
+    ("chest", "abdomen"): ((512, 512, 128), (0.781, 0.781, 2.981)),
+    ("chest",): ((512, 512, 128), (0.684, 0.684, 2.422)),
+    ("chest", "abdomen", "lower_body"): ((512, 512, 256), (0.793, 0.793, 1.826)),
+    ("lower_body",): ((512, 512, 384), (0.839, 0.839, 0.728)),
+    ("abdomen", "lower_body"): ((512, 512, 384), (0.808, 0.808, 0.729)),
+    ("head_neck", "chest", "abdomen"): ((512, 512, 384), (0.977, 0.977, 2.103)),
+    ("abdomen",): ((512, 512, 128), (0.723, 0.723, 1.182)),
+    ("head_neck", "chest", "abdomen", "lower_body"): ((512, 512, 384), (1.367, 1.367, 4.603)),
+    ("head_neck", "chest"): ((512, 512, 128), (0.645, 0.645, 2.219)),
+}
+
+
+def recommended_ct(top: str, bottom: str) -> tuple[tuple[int, int, int], tuple[float, float, float]] | None:
+    """NVIDIA's recommended (size, spacing) for the regions from ``top`` to ``bottom``; None where its table has none."""
+    regions = tuple(BODY_REGIONS[BODY_REGIONS.index(top) : BODY_REGIONS.index(bottom) + 1])
+    return RECOMMENDED_CT.get(regions)
+
+
+def fov_problem(dim: Sequence[int], spacing: Sequence[float], top: str, bottom: str, tolerance: float) -> str | None:
+    """Why a map's field of view is outside ``tolerance`` (a fraction) of NVIDIA's recommended one, or None."""
+    rec = recommended_ct(top, bottom)
+    if rec is None:
+        return None
+    size, rec_spacing = rec
+    fov = [n * s for n, s in zip(dim, spacing, strict=True)]
+    want = [n * s for n, s in zip(size, rec_spacing, strict=True)]
+    off = [axis for axis in range(3) if not (1 - tolerance) * want[axis] <= fov[axis] <= (1 + tolerance) * want[axis]]
+    if not off:
+        return None
+    return (f"field of view {[round(f) for f in fov]} mm is more than {tolerance:.0%} from NVIDIA's recommended "
+            f"{[round(w) for w in want]} mm for {top} -> {bottom} (size {list(size)}, spacing {list(rec_spacing)} mm) "
+            f"along axis {', '.join(map(str, off))}")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class UserMask:
+    """One of the user's maps: its case id, files and grid (from the header)."""
+
+    case_id: str
+    label: str
+    image: str | None
+    dim: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+
+
+def find_user_masks(spec: Mapping[str, Any], where: str) -> list[UserMask]:
+    """The maps of a ``mask_folder`` spec, sorted by case id, with their grids; errors name ``where``."""
+    import nibabel as nib
+
+    from maisi.core.checks import ConfigError, spacing_from_affine
+
+    root = Path(spec["path"])
+    if not root.is_dir():
+        raise ConfigError(f"config key '{where}.path': folder {root} does not exist")
+    pattern = spec.get("labels") or "{case}.nii.gz"
+    if "{case}" not in pattern:
+        raise ConfigError(f"config key '{where}.labels': pattern must contain '{{case}}'")
+    head, _, tail = pattern.partition("{case}")
+    regex = re.compile(re.escape(head) + r"(?P<case>[^/]+?)" + re.escape(tail) + "$")
+    out = []
+    for path in sorted(glob.glob(str(root / pattern.replace("{case}", "*")))):
+        m = regex.search(Path(path).relative_to(root).as_posix())
+        if not m:
+            continue
+        case = m.group("case")
+        image = str(root / spec["images"].replace("{case}", case)) if spec.get("images") else None
+        if image and not Path(image).is_file():
+            raise ConfigError(f"config key '{where}.images': the CT of map {case} is not there: {image}")
+        try:
+            header = nib.load(path)
+        except Exception as exc:  # nibabel raises many types for foreign files
+            raise ConfigError(f"config key '{where}': {path} is not a readable NIfTI label map ({exc})") from None
+        dim = tuple(int(n) for n in header.shape[:3])
+        spacing = tuple(round(float(s), 6) for s in spacing_from_affine(header.affine))
+        out.append(UserMask(case, path, image, dim, spacing))  # type: ignore[arg-type]
+    if not out:
+        raise ConfigError(f"config key '{where}': no label map matches {root / pattern}")
+    return out
+
+
+def add_body_envelope(seg: np.ndarray, ct: np.ndarray, hu_threshold: float = -800.0, seg_has_lung: bool = True) -> np.ndarray:
+    """The ``body`` class (200) on every body voxel the map leaves unlabelled, found from the CT as NVIDIA's
+    ``add_body_envelope`` finds it: the largest air region below ``hu_threshold`` (closed, 3^3) minus labelled
+    voxels is outside; the rest, opened with a 5^3 kernel to its largest part (dropping the bed) and closed
+    (3^3), with the labelled voxels, is the body; air inside the body as large as 5 % of it is the table,
+    removed (when the map labels the lungs, whose air would otherwise look like it)."""
+    import torch
+    from monai.transforms.utils import get_largest_connected_component_mask
+    from monai.transforms.utils_morphological_ops import dilate, erode
+    from scipy import ndimage
+
+    if seg.shape != ct.shape:
+        raise ValueError(f"label map {seg.shape} and CT {ct.shape} differ in shape")
+
+    def morph(op, mask, size: int, pad: float) -> np.ndarray:
+        return op(torch.from_numpy(np.asarray(mask, np.float32))[None, None], size, pad_value=pad)[0, 0].numpy()
+
+    labelled = seg > 0
+    air = np.asarray(get_largest_connected_component_mask((ct < hu_threshold).astype(np.float32), connectivity=None, num_components=1),
+                     dtype=np.float32)  # fmt: skip
+    air = morph(erode, morph(dilate, air, 3, 0.0), 3, 1.0)
+    air[labelled] = 0.0
+    body = morph(erode, 1.0 - air, 5, 0.0)
+    body = np.asarray(get_largest_connected_component_mask((body > 0.5).astype(np.float32), connectivity=None, num_components=1),
+                      dtype=np.float32)  # fmt: skip
+    body = morph(dilate, body, 5, 0.0)
+    body = morph(erode, morph(dilate, body, 3, 0.0), 3, 1.0)
+    body[labelled] = 1.0
+    out = seg.copy()
+    out[(body > 0.5) & (out == 0)] = BODY
+    if seg_has_lung:
+        air_body = (out == BODY) & (ct < hu_threshold)
+        n_body = int((out == BODY).sum())
+        if air_body.any() and n_body:
+            components, n = ndimage.label(air_body)
+            if n:
+                sizes = np.bincount(components.ravel())
+                sizes[0] = 0
+                table = np.nonzero(sizes >= 0.05 * n_body)[0]
+                if table.size:
+                    out[np.isin(components, table)] = 0
+    return out.astype(seg.dtype)
+
+
+_LUNG_LOBES = (28, 29, 30, 31, 32)
+
+
+@dataclass
+class UserMasks:
+    """A request's own maps: case ``i`` takes map ``i mod n``."""
+
+    masks: list[UserMask]
+    label_map: dict[int, int] | None
+
+    def draw(self, request, index: int) -> tuple[np.ndarray, dict]:
+        """Map ``index mod n`` in MAISI ids, with the body added when missing, on the request's grid."""
+        import nibabel as nib
+        import torch
+        from monai.data import MetaTensor
+        from monai.transforms import Orientation
+
+        from maisi.core.checks import InputError
+        from maisi.core.labels import maisi_labels
+        from maisi.generate.mask_database import MaskQuery, on_query_grid
+
+        entry = self.masks[index % len(self.masks)]
+        img = nib.as_closest_canonical(nib.load(entry.label))
+        raw = np.rint(np.asanyarray(img.dataobj)).astype(np.int64)
+        if self.label_map is not None:
+            unknown = sorted({int(v) for v in np.unique(raw)} - set(self.label_map) - {0})
+            if unknown:
+                raise InputError(entry.label, f"values {unknown[:10]} are not in the label map")
+            lut = np.zeros(int(raw.max()) + 1, np.int64)
+            for src, dst in self.label_map.items():
+                if src <= raw.max():
+                    lut[src] = dst
+            raw = lut[raw]
+        known = set(maisi_labels().values()) | {0}
+        foreign = sorted({int(v) for v in np.unique(raw)} - known)
+        if foreign:
+            raise InputError(entry.label, f"values {foreign[:10]} are not MAISI classes (give the segmenter's label_map)")
+        added = False
+        if BODY not in np.unique(raw):
+            if entry.image is None:
+                raise InputError(entry.label, "has no body class (200), which the ControlNet expects; give the CTs (mask_folder.images) "
+                                              "to add it, or add it yourself")  # fmt: skip
+            ct_img = nib.as_closest_canonical(nib.load(entry.image))
+            ct = np.asanyarray(ct_img.dataobj).astype(np.float32)
+            raw = add_body_envelope(raw, ct, seg_has_lung=bool(np.isin(raw, _LUNG_LOBES).any()))
+            added = True
+        tensor = MetaTensor(torch.from_numpy(raw.astype(np.float32))[None], affine=torch.as_tensor(img.affine, dtype=torch.float64))
+        tensor = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(tensor)
+        query = MaskQuery(request.size, request.spacing, anatomy=request.anatomy)
+        array, _ = on_query_grid(tensor, query, f"label map {entry.label}", f"dim {list(entry.dim)}, spacing {list(entry.spacing)}")
+        record = {"case_id": f"folder/{entry.case_id}", "path": entry.label, "dim": list(entry.dim), "spacing": list(entry.spacing),
+                  "body_added": added, "image": entry.image}  # fmt: skip
+        return array, record
+
+
+def load_user_masks(spec: Mapping[str, Any], where: str) -> tuple[UserMasks, str]:
+    """A request's own maps and a sha256 over all of them (part of each case's fingerprint)."""
+    import hashlib
+
+    from maisi.core.io import sha256_file
+    from maisi.sources.cases import resolve_label_map
+
+    masks = find_user_masks(spec, where)
+    digest = hashlib.sha256("".join(f"{m.label}:{sha256_file(m.label)};" for m in masks).encode()).hexdigest()
+    return UserMasks(masks, resolve_label_map(spec.get("label_map"), f"{where}.label_map")), digest
