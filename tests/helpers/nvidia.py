@@ -11,10 +11,11 @@ import sys
 from types import ModuleType
 
 import pytest
+from monai.networks.schedulers import DDPMScheduler
 
 from helpers.paths import NVIDIA_REFERENCE
 
-__all__ = ["nvidia_module", "nvidia_config"]
+__all__ = ["nvidia_module", "nvidia_config", "SeededDDPM"]
 
 
 def nvidia_module(name: str) -> ModuleType:
@@ -32,3 +33,15 @@ def nvidia_config(name: str):
     if not path.is_file():
         pytest.skip(f"NVIDIA's reference configs are not at {path.parent}: no oracle to compare with")
     return path
+
+
+class SeededDDPM(DDPMScheduler):
+    """NVIDIA's DDPM scheduler (from its definition; ``_target_`` or ``kind`` ignored) whose steps draw from
+    ``generator``: the factory's per-step noise (NVIDIA's steps draw from torch's global generator)."""
+
+    def __init__(self, generator, definition: dict):
+        super().__init__(**{k: v for k, v in definition.items() if k not in ("_target_", "kind")})
+        self._generator = generator
+
+    def step(self, model_output, timestep, sample, generator=None):
+        return super().step(model_output, timestep, sample, generator=self._generator)

@@ -15,8 +15,8 @@ import types
 import numpy as np
 import pytest
 import torch
-from helpers.nvidia import nvidia_config, nvidia_module
-from monai.networks.schedulers import DDPMScheduler
+from helpers.models import randomise_zero_layers, save_image_checkpoints
+from helpers.nvidia import SeededDDPM, nvidia_config, nvidia_module
 
 from maisi.core.seeds import derive_seed
 from maisi.generate.anatomy_sizes import ANATOMY_SIZE_ORDER, anatomy_size_condition, check_anatomy_sizes, read_size_conditions
@@ -36,16 +36,6 @@ def _small_variant():
     return dataclasses.replace(var, mask_generation=mg)
 
 
-def _randomise(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Random values for MONAI's zero-initialised layers: with a zero output layer the UNet predicts nothing."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-    return model
-
-
 @pytest.fixture(scope="module")
 def mask_files(tmp_path_factory):
     """NVIDIA's layouts: a plain autoencoder state dict; ``{unet_state_dict, scale_factor}``."""
@@ -54,20 +44,9 @@ def mask_files(tmp_path_factory):
     var = _small_variant()
     paths = {"autoencoder": root / "mask_generation_autoencoder.pt", "diffusion": root / "mask_generation_diffusion_unet.pt"}
     torch.save(build_mask_autoencoder(var).state_dict(), paths["autoencoder"])
-    unet = _randomise(build_mask_diffusion(var), 2)
+    unet = randomise_zero_layers(build_mask_diffusion(var), 2)
     torch.save({"unet_state_dict": unet.state_dict(), "scale_factor": torch.tensor(1.0055984258651733)}, paths["diffusion"])
     return paths
-
-
-class _SeededDDPM(DDPMScheduler):
-    """NVIDIA's mask scheduler with the factory's per-step generator (NVIDIA's draws from torch's global one)."""
-
-    def __init__(self, generator: torch.Generator, definition: dict):
-        super().__init__(**{k: v for k, v in definition.items() if k != "kind"})
-        self._generator = generator
-
-    def step(self, model_output, timestep, sample, generator=None):
-        return super().step(model_output, timestep, sample, generator=self._generator)
 
 
 class _FloatContext(torch.nn.Module):
@@ -95,7 +74,7 @@ def test_generated_mask_matches_nvidia_before_post_processing(mask_files, monkey
     monkeypatch.setattr(sample_mask, "initialize_noise_latents", lambda shape, device: torch.randn([1, *shape]).to(device))
     monkeypatch.setattr(sample_mask, "general_mask_generation_post_process",
                         lambda data, target_tumor_label=None, device=None: recorded.setdefault("data", data.copy()))  # fmt: skip
-    scheduler = _SeededDDPM(torch.Generator().manual_seed(derive_seed(SEED, "mask", "ddpm")), variant("rflow-ct").mask_generation["scheduler"])
+    scheduler = SeededDDPM(torch.Generator().manual_seed(derive_seed(SEED, "mask", "ddpm")), variant("rflow-ct").mask_generation["scheduler"])
     torch.manual_seed(SEED)
     with float32_norms(theirs.autoencoder):
         sample_mask.ldm_conditional_sample_one_mask(
@@ -226,14 +205,7 @@ def test_generated_masks_in_a_generated_case(mask_files, tmp_path):
     from maisi.generate.sampling import load_models
     from maisi.generate.settings import DecodeSettings, GenerateSettings
     from maisi.generate.shard import case_paths, generate_case
-    from maisi.models.networks import build_autoencoder, build_controlnet, build_diffusion_unet
-
-    torch.manual_seed(0)
-    unet = build_diffusion_unet("tiny")
-    image_files = {k: tmp_path / f"{k}.pt" for k in ("autoencoder", "diffusion", "controlnet")}
-    torch.save(build_autoencoder("tiny").state_dict(), image_files["autoencoder"])
-    torch.save({"unet_state_dict": unet.state_dict(), "scale_factor": torch.tensor(1.0)}, image_files["diffusion"])
-    torch.save({"controlnet_state_dict": build_controlnet("tiny", unet).state_dict()}, image_files["controlnet"])
+    image_files = save_image_checkpoints(tmp_path)
     models = load_models(image_files["autoencoder"], image_files["diffusion"], image_files["controlnet"], "tiny", "cpu")
     sizes = tmp_path / "sizes.json"
     sizes.write_text(json.dumps([{"organ_size": [0.3] * 5 + [-1.0] * 5}]))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers.models import save_image_checkpoints
 from helpers.nvidia import nvidia_module
 from helpers.volumes import write_nifti
 
@@ -93,22 +94,14 @@ def test_own_maps_are_checked_against_nvidias_field_of_view(tmp_path, caplog):
 
 
 def _generate(tmp_path, req):
-    import torch
-
     from maisi.core.io import read_json, sidecar_path
     from maisi.generate.augment import AugmentSettings
     from maisi.generate.sampling import load_models
     from maisi.generate.settings import DecodeSettings, GenerateSettings
     from maisi.generate.shard import case_paths, generate_case
     from maisi.generate.user_masks import load_user_masks
-    from maisi.models.networks import build_autoencoder, build_controlnet, build_diffusion_unet
 
-    torch.manual_seed(0)
-    unet = build_diffusion_unet("tiny")
-    files = {k: tmp_path / f"{k}.pt" for k in ("autoencoder", "diffusion", "controlnet")}
-    torch.save(build_autoencoder("tiny").state_dict(), files["autoencoder"])
-    torch.save({"unet_state_dict": unet.state_dict(), "scale_factor": torch.tensor(1.0)}, files["diffusion"])
-    torch.save({"controlnet_state_dict": build_controlnet("tiny", unet).state_dict()}, files["controlnet"])
+    files = save_image_checkpoints(tmp_path)
     models = load_models(files["autoencoder"], files["diffusion"], files["controlnet"], "tiny", "cpu")
     own, digest = load_user_masks(req.mask_folder, "mask_folder")
     settings = GenerateSettings(variant="tiny", device="cpu", decoder=DecodeSettings(devices=("cpu",)), augment=AugmentSettings())

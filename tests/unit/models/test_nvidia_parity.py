@@ -17,8 +17,8 @@ import logging
 import numpy as np
 import pytest
 import torch
-from helpers.nvidia import nvidia_config, nvidia_module
-from monai.networks.schedulers import DDPMScheduler
+from helpers.models import randomise_zero_layers
+from helpers.nvidia import SeededDDPM, nvidia_config, nvidia_module
 
 from maisi.core.anatomy import one_hot
 from maisi.core.seeds import derive_seed
@@ -37,17 +37,6 @@ LATENT_TOL = 1e-5
 CONFIGS = {"rflow-ct": "config_network_rflow.json", "ddpm-ct": "config_network_ddpm.json"}
 
 
-def _randomise(model: torch.nn.Module, seed: int, scale: float = 0.02) -> torch.nn.Module:
-    """Give MONAI's zero-initialised layers (output convolutions, the ControlNet's zero convolutions) random
-    weights: with them at zero the ControlNet would add nothing and the comparison would prove nothing."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():
-                p.copy_(torch.randn(p.shape, generator=gen) * scale)
-    return model
-
-
 @pytest.fixture(scope="module")
 def released(tmp_path_factory):
     """Per variant: checkpoint paths in NVIDIA's layouts (plain autoencoder state dict;
@@ -58,10 +47,10 @@ def released(tmp_path_factory):
     ae_path = root / "autoencoder_v1.pt"
     torch.save(build_autoencoder("rflow-ct").state_dict(), ae_path)
     for i, name in enumerate(CONFIGS):
-        unet = _randomise(build_diffusion_unet(name), i)
+        unet = randomise_zero_layers(build_diffusion_unet(name), i)
         # A strong ControlNet, so that the tumour-free mask of guidance's unconditional branch changes the
         # latent well beyond the tolerance (about 6e-4 for ddpm-ct, which has no modality label to drop).
-        controlnet = _randomise(build_controlnet(name, unet), 10 + i, scale=0.3)
+        controlnet = randomise_zero_layers(build_controlnet(name, unet), 10 + i, scale=0.3)
         paths = {"autoencoder": ae_path, "diffusion": root / f"diff_unet_3d_{name}.pt", "controlnet": root / f"controlnet_3d_{name}.pt"}
         torch.save({"unet_state_dict": unet.state_dict(), "scale_factor": torch.tensor(SCALE), "num_train_timesteps": 1000}, paths["diffusion"])
         torch.save({"controlnet_state_dict": controlnet.state_dict()}, paths["controlnet"])
@@ -107,19 +96,8 @@ def factory_models(released):
 def _nvidia_scheduler(definition: dict, args):
     """A fresh scheduler from NVIDIA's definition; DDPM's with the factory's per-step noise (the case's derived seed)."""
     if definition["_target_"].endswith("DDPMScheduler"):
-        return _SeededDDPM(torch.Generator().manual_seed(derive_seed(SEED, "ddpm")), definition)
+        return SeededDDPM(torch.Generator().manual_seed(derive_seed(SEED, "ddpm")), definition)
     return nvidia_module("utils").define_instance(args, "noise_scheduler")
-
-
-class _SeededDDPM(DDPMScheduler):
-    """NVIDIA's DDPM scheduler with the factory's step generator (NVIDIA's draws from torch's global one)."""
-
-    def __init__(self, generator: torch.Generator, definition: dict):
-        super().__init__(**{k: v for k, v in definition.items() if k != "_target_"})
-        self._generator = generator
-
-    def step(self, model_output, timestep, sample, generator=None):
-        return super().step(model_output, timestep, sample, generator=self._generator)
 
 
 class _Recorder:
