@@ -202,10 +202,12 @@ def _fixed_condition(controlnet: torch.nn.Module | None, cond: torch.Tensor | No
         controlnet.controlnet_cond_embedding = original
 
 
-def to_hu(volume: np.ndarray, body: np.ndarray | None) -> np.ndarray:
-    """MAISI's output mapping: clip to [0, 1], map to [-1000, 1000] HU, -1000 outside ``body``; int16."""
-    lo, hi = HU_RANGE
-    hu = np.clip(volume, 0.0, 1.0) * (hi - lo) + lo
+def to_hu(volume: np.ndarray, body: np.ndarray | None, intensity: Mapping[str, Sequence[float]] | None = None) -> np.ndarray:
+    """MAISI's output mapping (a variant's ``intensity``; CT's by default): clip to the autoencoder's range
+    ([0, 1]), map it linearly to the HU range ([-1000, 1000]), the lower HU bound outside ``body``; int16."""
+    lo, hi = intensity["hu"] if intensity else HU_RANGE
+    b_lo, b_hi = intensity["autoencoder"] if intensity else (0.0, 1.0)
+    hu = (np.clip(volume, b_lo, b_hi) - b_lo) / (b_hi - b_lo) * (hi - lo) + lo
     if body is not None:
         hu[~body] = lo
     return np.rint(hu).astype(np.int16)

@@ -159,10 +159,10 @@ def generate_case(
     t3 = time.perf_counter()
     if mask is not None:
         label = mask.astype(np.uint8)
-        hu = to_hu(volume, label > 0)
+        hu = to_hu(volume, label > 0, models.variant.intensity)
     else:
-        body = body_mask(to_hu(volume, None).astype(np.float32))
-        hu = to_hu(volume, body)
+        body = body_mask(to_hu(volume, None, models.variant.intensity).astype(np.float32))
+        hu = to_hu(volume, body, models.variant.intensity)
         label = np.where(body, BODY, 0).astype(np.uint8)
     affine = grid_affine(request.size, request.spacing)
     timings = {"mask_s": t1 - t0, "sampling_s": t2 - t1, "decode_s": t3 - t2}
