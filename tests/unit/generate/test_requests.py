@@ -154,7 +154,8 @@ def test_generated_masks_requests():
         ({"masks": "generated", "controllable_anatomy_size": [["liver", 0.5], ["lung tumor", 0.1], ["bone lesion", 0.2]]}, "one tumour"),
         ({"masks": "generated", "controllable_anatomy_size": [["heart", 0.5]]}, "not controllable"),
         ({"controllable_anatomy_size": [["liver", 0.5]]}, "only generated masks"),
-        ({"masks": "folder"}, "expected true, false"),
+        ({"masks": "cloud"}, "expected true, false"),
+        ({"masks": "folder"}, "masks 'folder' and mask_folder go together"),
     ]:
         with pytest.raises(RequestError, match=match):
             one("rflow-ct", **{**RELEASED, **changes})
