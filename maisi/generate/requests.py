@@ -28,10 +28,12 @@ from typing import Any
 
 from maisi.core.anatomy import BODY_REGIONS, REGION_LABELS
 from maisi.core.labels import label_name, resolve_label
+from maisi.core.schema import schema_default
 from maisi.core.seeds import derive_seed
 from maisi.core.shards import shard_name
 from maisi.generate.anatomy_sizes import check_anatomy_sizes
-from maisi.models.variants import DOWNSAMPLE, MODALITIES, modality_code, variant
+from maisi.models.variants import DEFAULT_STEPS, DOWNSAMPLE, MODALITIES, modality_code, variant
+from maisi.train.settings import resolve_scheduler
 
 __all__ = ["RequestError", "GenerationRequest", "GenCase", "latent_factor", "validate_request", "parse_requests", "config_requests", "REGION_LENGTH_MM", "DEFAULT_STEPS"]
 
@@ -39,8 +41,6 @@ __all__ = ["RequestError", "GenerationRequest", "GenCase", "latent_factor", "val
 REGION_LENGTH_MM = {"head_neck": 250.0, "chest": 300.0, "abdomen": 250.0, "lower_body": 450.0}
 
 
-#: MAISI's default number of sampling steps per sampler.
-DEFAULT_STEPS = {"rflow": 30, "ddpm": 1000}
 
 
 log = logging.getLogger(__name__)
@@ -266,6 +266,7 @@ def parse_requests(
     ``cases_per_shard``, ``seed``, ``modality`` and ``cfg_guidance_scale``. ``trained_sampler`` is the
     scheduler the diffusion model is trained with, when known: a request for the other sampler is refused.
     """
+    var = variant(variant_name)
     requests = block.get("requests") or {}
     if not isinstance(requests, Mapping):
         raise RequestError(f"{where}.requests: expected a mapping of request name -> settings")
@@ -276,7 +277,6 @@ def parse_requests(
             raise RequestError(f"{key}: request names use letters, digits, '_' and '-' only")
         if not isinstance(raw, Mapping):
             raise RequestError(f"{key}: expected a mapping")
-        var = variant(variant_name)
         sampler = raw.get("sampler") or block.get("sampler") or trained_sampler or var.sampler
         if trained_sampler and sampler != trained_sampler:
             raise RequestError(f"{key}.sampler: the diffusion model is trained with '{trained_sampler}', cannot sample with '{sampler}'")
@@ -341,10 +341,10 @@ def config_requests(config: Mapping[str, Any]) -> dict[str, GenerationRequest]:
 def _check_user_masks(req: GenerationRequest, policy: Mapping[str, Any], key: str) -> None:
     """The request's own maps exist and their fields of view suit its regions (NVIDIA's recommendation)."""
     from maisi.generate.user_masks import find_user_masks, fov_problem
-
-    tolerance, action = float(policy.get("fov_tolerance", 0.3)), policy.get("out_of_range", "refuse")
     from maisi.sources.cases import resolve_label_map
 
+    tolerance = float(policy.get("fov_tolerance", schema_default("generate.user_masks.fov_tolerance")))
+    action = policy.get("out_of_range", schema_default("generate.user_masks.out_of_range"))
     resolve_label_map((req.mask_folder or {}).get("label_map"), f"{key}.mask_folder.label_map")
     masks = find_user_masks(req.mask_folder or {}, f"{key}.mask_folder")
     problems = [f"{m.case_id}: {p}" for m in masks if (p := fov_problem(m.dim, m.spacing, req.top_region, req.bottom_region, tolerance))]
@@ -359,12 +359,11 @@ def _trained_sampler(config: Mapping[str, Any], variant_name: str) -> str | None
     """The diffusion model's scheduler as far as the config tells: a released variant's own; the one it
     is trained with here; unknown (None) for a project variant's given checkpoint (generation checks
     the checkpoint's record)."""
-    var = variant(variant_name)
-    if var.released:
-        return var.sampler
+    if variant(variant_name).released:
+        return variant(variant_name).sampler
     if config.get("pretrained", {}).get("diffusion"):
         return None
-    return config.get("train_diffusion", {}).get("scheduler") or var.sampler
+    return resolve_scheduler(variant_name, config.get("train_diffusion", {}).get("scheduler"))
 
 
 @functools.lru_cache(maxsize=8)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "LATENT_CHANNELS", "DOWNSAMPLE", "VARIANTS", "MODALITIES", "CT_MODALITY_MAX", "DEFAULT_SCHEDULERS", "Variant", "variant",
+    "LATENT_CHANNELS", "DOWNSAMPLE", "VARIANTS", "MODALITIES", "CT_MODALITY_MAX", "DEFAULT_STEPS", "Variant", "variant",
     "read_network_config", "modality_code", "scheduler_spec",
 ]  # fmt: skip
 
@@ -52,17 +52,13 @@ MODALITIES = {
 CT_MODALITY_MAX = 7
 
 
-#: The schedulers a project variant may be trained with instead of its own (``train_diffusion.scheduler``).
-DEFAULT_SCHEDULERS: dict[str, dict[str, Any]] = {
-    "rflow": {"kind": "rflow", "num_train_timesteps": 1000, "use_discrete_timesteps": False, "use_timestep_transform": True,
-              "sample_method": "logit-normal"},
-    "ddpm": {"kind": "ddpm", "num_train_timesteps": 1000, "beta_start": 0.0015, "beta_end": 0.0195, "schedule": "scaled_linear_beta",
-             "clip_sample": False},
-}  # fmt: skip
-
-
 #: Default sampling steps per scheduler kind (MAISI: rectified flow 30, DDPM 1000).
-_KIND_STEPS = {"rflow": 30, "ddpm": 1000}
+DEFAULT_STEPS = {"rflow": 30, "ddpm": 1000}
+
+
+#: The variant whose scheduler a project variant is trained with when ``train_diffusion.scheduler`` asks
+#: for another kind than its own: the factory's rectified flow (``tiny``), MAISI's DDPM (``ddpm-ct``).
+_SCHEDULER_OF_KIND = {"rflow": "tiny", "ddpm": "ddpm-ct"}
 
 
 @dataclass(frozen=True)
@@ -114,15 +110,15 @@ class Variant:
         if missing:
             raise ValueError(f"variant definition lacks {', '.join(missing)}")
         kind = data["scheduler"].get("kind")
-        if kind not in _KIND_STEPS:
-            raise ValueError(f"variant {data['name']!r}: scheduler kind {kind!r} is not one of {', '.join(_KIND_STEPS)}")
+        if kind not in DEFAULT_STEPS:
+            raise ValueError(f"variant {data['name']!r}: scheduler kind {kind!r} is not one of {', '.join(DEFAULT_STEPS)}")
         nets = data["networks"]
         for net in ("autoencoder", "diffusion", "controlnet"):
             if net not in nets:
                 raise ValueError(f"variant {data['name']!r} defines no {net!r} network")
         return cls(
             name=str(data["name"]), description=str(data.get("description", "")), released=bool(data.get("released", False)),
-            scheduler=dict(data["scheduler"]), inference_steps=int(data.get("inference_steps") or _KIND_STEPS[kind]),
+            scheduler=dict(data["scheduler"]), inference_steps=int(data.get("inference_steps") or DEFAULT_STEPS[kind]),
             intensity=dict(data.get("intensity") or {"hu": [-1000.0, 1000.0], "autoencoder": [0.0, 1.0]}),
             networks={k: dict(v) for k, v in nets.items()}, grid=data.get("grid"), mask_generation=data.get("mask_generation"),
         )  # fmt: skip
@@ -167,10 +163,10 @@ def scheduler_spec(var: Variant, kind: str | None = None, num_train_timesteps: i
         spec = dict(var.scheduler)
     elif var.released:
         raise ValueError(f"variant {var.name!r} is trained with the {var.sampler!r} scheduler, not {kind!r}")
-    elif kind in DEFAULT_SCHEDULERS:
-        spec = dict(DEFAULT_SCHEDULERS[kind])
+    elif kind in _SCHEDULER_OF_KIND:
+        spec = dict(variant(_SCHEDULER_OF_KIND[kind]).scheduler)
     else:
-        raise ValueError(f"unknown scheduler {kind!r}; expected one of {', '.join(DEFAULT_SCHEDULERS)}")
+        raise ValueError(f"unknown scheduler {kind!r}; expected one of {', '.join(_SCHEDULER_OF_KIND)}")
     if num_train_timesteps is not None:
         spec["num_train_timesteps"] = int(num_train_timesteps)
     return spec
@@ -240,6 +236,6 @@ def read_network_config(path: str | os.PathLike, name: str, description: str = "
     reference = variant("ddpm-ct")
     return Variant.from_json({
         "name": name, "description": description or f"read from {path.name}", "released": released, "scheduler": sched,
-        "inference_steps": _KIND_STEPS[sched["kind"]], "intensity": reference.intensity, "grid": reference.grid,
+        "inference_steps": DEFAULT_STEPS[sched["kind"]], "intensity": reference.intensity, "grid": reference.grid,
         "networks": networks, "mask_generation": mask,
     })  # fmt: skip
