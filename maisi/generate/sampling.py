@@ -36,7 +36,7 @@ from maisi.generate.requests import GenerationRequest
 from maisi.generate.settings import GenerateSettings
 from maisi.generate.user_masks import UserMasks, load_user_masks
 from maisi.models.checkpoints import diffusion_scheduler, load_autoencoder, load_controlnet, load_diffusion
-from maisi.models.networks import build_scheduler, condition_tensors, label_to_bits, select_device
+from maisi.models.networks import build_scheduler, condition_inputs, label_to_bits, select_device
 from maisi.models.variants import Variant, scheduler_spec, variant
 
 __all__ = ["Models", "load_models", "sample_latent", "to_hu", "grid_affine", "load_request", "HU_RANGE"]
@@ -104,18 +104,10 @@ def _scheduler(models: Models, steps: int, latent_shape: Sequence[int]):
 
 
 def _unet_inputs(models: Models, request: GenerationRequest, guided: bool) -> dict[str, torch.Tensor]:
-    """The UNet's condition inputs the variant takes; with guidance, a batch of two (conditional, unconditional)."""
-    dev, var = models.device, models.variant
-    top, bottom, spacing = condition_tensors([one_hot(request.top_region)], [one_hot(request.bottom_region)], [request.spacing], dev)
-    out = {"spacing_tensor": spacing}
-    if var.takes_body_region:
-        out.update(top_region_index_tensor=top, bottom_region_index_tensor=bottom)
-    if guided:
-        out = {k: torch.cat([v, v]) for k, v in out.items()}
-    if var.takes_modality:
-        labels = [request.modality, 0] if guided else [request.modality]
-        out["class_labels"] = torch.tensor(labels, dtype=torch.long, device=dev)
-    return out
+    """The condition inputs the variant takes; with guidance, a batch of two (conditional, unconditional: class label 0)."""
+    rows = 2 if guided else 1
+    return condition_inputs(models.variant, [one_hot(request.top_region)] * rows, [one_hot(request.bottom_region)] * rows,
+                            [request.spacing] * rows, [request.modality, 0][:rows], models.device)  # fmt: skip
 
 
 @torch.no_grad()
@@ -162,7 +154,7 @@ def sample_latent(
 def _predict(models: Models, latents, t, cond, inputs: Mapping[str, torch.Tensor], guidance: float, autocast) -> torch.Tensor:
     """One step's model output (MAISI's loop body): ControlNet residuals, UNet prediction, guidance."""
     x = torch.cat([latents, latents]) if guidance > 0 else latents
-    t_batch = torch.full((x.shape[0],), float(t), device=models.device) if guidance > 0 else torch.as_tensor([t], device=models.device)
+    t_batch = torch.as_tensor(t, device=models.device).reshape(1).repeat(x.shape[0])
     with autocast:
         extra = {}
         if cond is not None:

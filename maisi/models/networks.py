@@ -18,7 +18,7 @@ import torch
 
 from maisi.models.variants import Variant, variant
 
-__all__ = ["build_autoencoder", "build_diffusion_unet", "build_controlnet", "build_mask_autoencoder", "build_mask_diffusion", "build_discriminator", "build_scheduler", "select_device", "label_to_bits", "condition_tensors", "float32_norms", "float32_norms_off"]
+__all__ = ["build_autoencoder", "build_diffusion_unet", "build_controlnet", "build_mask_autoencoder", "build_mask_diffusion", "build_discriminator", "build_scheduler", "select_device", "label_to_bits", "condition_tensors", "condition_inputs", "float32_norms", "float32_norms_off"]
 
 
 def _variant(var: str | Variant) -> Variant:
@@ -118,6 +118,21 @@ def condition_tensors(
         return torch.as_tensor(x, dtype=torch.float32, device=device) * 100.0
 
     return t(top), t(bottom), t(spacing)
+
+
+def condition_inputs(
+    var: Variant, top: Sequence[Sequence[int]], bottom: Sequence[Sequence[int]], spacing: Sequence[Sequence[float]],
+    modality: Sequence[int], device,
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The UNet's (and ControlNet's) condition keyword inputs that ``var`` takes, one row per sample: the
+    spacing, the top/bottom region one-hots (both x100) and the modality class labels."""
+    top_t, bottom_t, spacing_t = condition_tensors(top, bottom, spacing, device)
+    out = {"spacing_tensor": spacing_t}
+    if var.takes_body_region:
+        out.update(top_region_index_tensor=top_t, bottom_region_index_tensor=bottom_t)
+    if var.takes_modality:
+        out["class_labels"] = torch.as_tensor(list(modality), dtype=torch.long, device=device)
+    return out
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from maisi.core.shards import log
 from maisi.core.tables import read_table
-from maisi.models.networks import condition_tensors
+from maisi.models.networks import condition_inputs
 from maisi.models.variants import MODALITIES, Variant, variant
 from maisi.train.cache_latents import read_latent
 from maisi.train.settings import Patch
@@ -192,15 +192,9 @@ def noise_inputs(scheduler: Any, kind: str, z: torch.Tensor, gen: torch.Generato
 def conditions(batch: Batch, device: torch.device, var: Variant) -> dict[str, torch.Tensor]:
     """The UNet's keyword inputs for a batch, those the variant takes: spacing, top/bottom regions
     (x100, as MAISI) and the modality class label (the prepared data are CT: code 1)."""
-    top, bottom, spacing = condition_tensors(
-        [c.top for c in batch.cases], [c.bottom for c in batch.cases], [c.spacing for c in batch.cases], device
-    )
-    out = {"spacing_tensor": spacing}
-    if var.takes_body_region:
-        out.update(top_region_index_tensor=top, bottom_region_index_tensor=bottom)
-    if var.takes_modality:
-        out["class_labels"] = torch.full((len(batch.cases),), MODALITIES["ct"], dtype=torch.long, device=device)
-    return out
+    cases = batch.cases
+    return condition_inputs(var, [c.top for c in cases], [c.bottom for c in cases], [c.spacing for c in cases],
+                            [MODALITIES["ct"]] * len(cases), device)  # fmt: skip
 
 
 def l1_loss(prediction: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
