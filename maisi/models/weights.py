@@ -100,12 +100,13 @@ def file_url(f: ReleasedFile, base_url: str = HF_BASE_URL, revision: str = "main
 
 
 def _copy_from_mirror(source: Path, dest: Path, expected: str | None) -> None:
+    """Copy ``source`` onto ``dest`` atomically; the copy is checked against ``expected`` before it replaces ``dest``."""
     if not source.is_file():
         raise FileNotFoundError(f"mirror file {source} not found (the mirror keeps the repository's layout)")
-    if expected and (actual := sha256_file(source)) != expected:
-        raise ChecksumError(source, "sha256", expected, actual)
     with atomic_path(dest) as tmp:
         shutil.copyfile(source, tmp)
+        if expected and (actual := sha256_file(tmp)) != expected:
+            raise ChecksumError(source, "sha256", expected, actual)
 
 
 def fetch_weights(
@@ -143,9 +144,7 @@ def fetch_weights(
         else:
             source = file_url(f, base_url, catalog.revision)
             download(source, target, sha256=expected, progress=progress, **download_kwargs)
-        digest = sha256_file(target)
-        if expected and digest != expected:  # download() verifies; this guards a file changed in place
-            raise ChecksumError(target, "sha256", expected, digest)
+        digest = expected or sha256_file(target)  # with a digest, download() and the mirror copy verified the file
         if f.size_bytes is not None and target.stat().st_size != f.size_bytes:
             raise ChecksumError(target, "size in bytes", str(f.size_bytes), str(target.stat().st_size))
         if f.path not in ledger:
