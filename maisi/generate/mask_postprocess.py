@@ -29,7 +29,7 @@ import torch
 from monai.transforms.utils_morphological_ops import dilate, erode
 from scipy import ndimage, stats
 
-__all__ = ["post_process_mask", "TUMOUR_TO_HOST", "TUMOUR_SIZE_LABELS"]
+__all__ = ["post_process_mask", "dilate_mask", "erode_mask", "TUMOUR_TO_HOST", "TUMOUR_SIZE_LABELS"]
 
 #: What an unrequested tumour class becomes.
 TUMOUR_TO_HOST = {23: 28, 24: 4, 26: 1, 27: 62, 128: 200}
@@ -44,14 +44,16 @@ _LOBES = (28, 29, 30, 31, 32)
 _HEPATIC_VESSEL, _AIRWAY, _BODY = 25, 132, 200
 
 
-def _dilate(mask: np.ndarray) -> np.ndarray:
-    t = torch.from_numpy(np.asarray(mask)).float()[None, None]
-    return dilate(t, 3, pad_value=0.0)[0, 0].numpy()
+def dilate_mask(mask: np.ndarray, size: int = 3, pad_value: float = 0.0) -> np.ndarray:
+    """MONAI's binary dilation of a 3-D mask (float32 out), a ``size``^3 kernel, the border padded with ``pad_value``."""
+    t = torch.from_numpy(np.asarray(mask, dtype=np.float32))[None, None]
+    return dilate(t, size, pad_value=pad_value)[0, 0].numpy()
 
 
-def _erode(mask: np.ndarray, pad_value: float) -> np.ndarray:
-    t = torch.from_numpy(np.asarray(mask)).float()[None, None]
-    return erode(t, 3, pad_value=pad_value)[0, 0].numpy()
+def erode_mask(mask: np.ndarray, size: int = 3, pad_value: float = 0.0) -> np.ndarray:
+    """MONAI's binary erosion of a 3-D mask (float32 out), a ``size``^3 kernel, the border padded with ``pad_value``."""
+    t = torch.from_numpy(np.asarray(mask, dtype=np.float32))[None, None]
+    return erode(t, size, pad_value=pad_value)[0, 0].numpy()
 
 
 def _keep_largest(volume: np.ndarray, labels: Sequence[int], default: int) -> np.ndarray:
@@ -73,7 +75,7 @@ def _close(volume: np.ndarray, label: int) -> np.ndarray:
     """NVIDIA's ``organ_fill_by_closing``: ``label``'s voxels dilated then eroded, twice (zero padding)."""
     mask = (volume == label).astype(np.float32)
     for _ in range(2):
-        mask = _erode(_dilate(mask), pad_value=0.0)
+        mask = erode_mask(dilate_mask(mask), pad_value=0.0)
     return mask.astype(bool)
 
 
@@ -81,7 +83,7 @@ def _fill_removed(volume: np.ndarray, label: int, removed: np.ndarray) -> np.nda
     """NVIDIA's ``organ_fill_by_removed_mask``: ``label`` dilated three times, within ``removed``."""
     mask = (volume == label).astype(np.float32)
     for _ in range(3):
-        mask = _dilate(mask)
+        mask = dilate_mask(mask)
     return (mask * removed).astype(bool)
 
 
@@ -91,9 +93,9 @@ def post_process_mask(volume: np.ndarray, target_tumour: int | None = None) -> n
     volume = np.asarray(volume).astype(np.int64)
     hepatic_vessel, airway = volume == _HEPATIC_VESSEL, volume == _AIRWAY
 
-    body = _erode(volume > 0, pad_value=0.0)
+    body = erode_mask(volume > 0, pad_value=0.0)
     body = _keep_largest(body.astype(np.int64), [1], 0)
-    volume = volume * _dilate(body).astype(np.int64)
+    volume = volume * dilate_mask(body).astype(np.int64)
 
     for t in TUMOUR_SIZE_LABELS:
         if t != target_tumour:
@@ -116,15 +118,15 @@ def post_process_mask(volume: np.ndarray, target_tumour: int | None = None) -> n
         data[_close(data, organ)] = organ
 
     if target_tumour == 23 and tumour.sum() > 0:
-        ring = _dilate(data == 23)
+        ring = dilate_mask(data == 23)
         around = (data * (ring.astype(np.int64) - (data == 23).astype(np.int64))).astype(np.float32).ravel()
         around[around == 0] = np.nan
         mode = int(stats.mode(around, nan_policy="omit")[0])
         if mode in _LOBES:
-            ring = _dilate(ring)
+            ring = dilate_mask(ring)
             lung_removed = ring.astype(np.int64) - (data == 23).astype(np.int64)
             data[_fill_removed(data, mode, lung_removed)] = mode
-        ring = _dilate(ring)
+        ring = dilate_mask(ring)
         data[_fill_removed(data, 23, ring * organ_removed)] = 23
         for lobe in _LOBES:
             for _ in range(3):
@@ -135,7 +137,7 @@ def post_process_mask(volume: np.ndarray, target_tumour: int | None = None) -> n
             data[_fill_removed(data, 1, bowel_removed)] = 1
         for _ in range(2):
             data[_fill_removed(data, 3, organ_removed)] = 3
-        ring = _dilate(_dilate(data == target_tumour))
+        ring = dilate_mask(dilate_mask(data == target_tumour))
         data[_fill_removed(data, target_tumour, ring * organ_removed)] = target_tumour
         liver_parts = ((data == 26).astype(np.int64) + (data == 25).astype(np.int64) + (data == 1).astype(np.int64) > 1).astype(np.int64)
         kept = _keep_largest(liver_parts, [1], 0)
@@ -145,7 +147,7 @@ def post_process_mask(volume: np.ndarray, target_tumour: int | None = None) -> n
             data[_close(data, 1)] = 1
 
     if target_tumour == 27 and tumour.sum() > 0:
-        ring = _dilate(_dilate(data == target_tumour))
+        ring = dilate_mask(dilate_mask(data == target_tumour))
         data[_fill_removed(data, target_tumour, ring * organ_removed)] = target_tumour
 
     if target_tumour == 129 and tumour.sum() > 0:

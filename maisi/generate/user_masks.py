@@ -122,27 +122,23 @@ def add_body_envelope(seg: np.ndarray, ct: np.ndarray, hu_threshold: float = -80
     voxels is outside; the rest, opened with a 5^3 kernel to its largest part (dropping the bed) and closed
     (3^3), with the labelled voxels, is the body; air inside the body as large as 5 % of it is the table,
     removed (when the map labels the lungs, whose air would otherwise look like it)."""
-    import torch
     from monai.transforms.utils import get_largest_connected_component_mask
-    from monai.transforms.utils_morphological_ops import dilate, erode
     from scipy import ndimage
+
+    from maisi.generate.mask_postprocess import dilate_mask, erode_mask
 
     if seg.shape != ct.shape:
         raise ValueError(f"label map {seg.shape} and CT {ct.shape} differ in shape")
-
-    def morph(op, mask, size: int, pad: float) -> np.ndarray:
-        return op(torch.from_numpy(np.asarray(mask, np.float32))[None, None], size, pad_value=pad)[0, 0].numpy()
-
     labelled = seg > 0
     air = np.asarray(get_largest_connected_component_mask((ct < hu_threshold).astype(np.float32), connectivity=None, num_components=1),
                      dtype=np.float32)  # fmt: skip
-    air = morph(erode, morph(dilate, air, 3, 0.0), 3, 1.0)
+    air = erode_mask(dilate_mask(air, 3), 3, pad_value=1.0)
     air[labelled] = 0.0
-    body = morph(erode, 1.0 - air, 5, 0.0)
+    body = erode_mask(1.0 - air, 5)
     body = np.asarray(get_largest_connected_component_mask((body > 0.5).astype(np.float32), connectivity=None, num_components=1),
                       dtype=np.float32)  # fmt: skip
-    body = morph(dilate, body, 5, 0.0)
-    body = morph(erode, morph(dilate, body, 3, 0.0), 3, 1.0)
+    body = dilate_mask(body, 5)
+    body = erode_mask(dilate_mask(body, 3), 3, pad_value=1.0)
     body[labelled] = 1.0
     out = seg.copy()
     out[(body > 0.5) & (out == 0)] = BODY
@@ -175,7 +171,6 @@ class UserMasks:
         import nibabel as nib
         import torch
         from monai.data import MetaTensor
-        from monai.transforms import Orientation
 
         from maisi.core.checks import InputError
         from maisi.core.labels import maisi_labels
@@ -206,8 +201,7 @@ class UserMasks:
             ct = np.asanyarray(ct_img.dataobj).astype(np.float32)
             raw = add_body_envelope(raw, ct, seg_has_lung=bool(np.isin(raw, _LUNG_LOBES).any()))
             added = True
-        tensor = MetaTensor(torch.from_numpy(raw.astype(np.float32))[None], affine=torch.as_tensor(img.affine, dtype=torch.float64))
-        tensor = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(tensor)
+        tensor = MetaTensor(torch.from_numpy(raw.astype(np.float32))[None], affine=torch.as_tensor(img.affine, dtype=torch.float64))  # RAS
         query = MaskQuery(request.size, request.spacing, anatomy=request.anatomy)
         array, _ = on_query_grid(tensor, query, f"label map {entry.label}", f"dim {list(entry.dim)}, spacing {list(entry.spacing)}")
         record = {"case_id": f"folder/{entry.case_id}", "path": entry.label, "dim": list(entry.dim), "spacing": list(entry.spacing),
