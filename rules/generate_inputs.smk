@@ -1,4 +1,5 @@
 # Paths, settings and input functions of the generate rules (generate.smk); what every stage needs is in common.smk.
+import functools
 from dataclasses import asdict
 
 from maisi.generate.settings import GenerateSettings
@@ -34,17 +35,19 @@ def generate_inputs(wildcards):
     if request.masks and request.mask_source == "generated":
         inputs.update(controlnet=CONTROLNET, **MASK_GENERATION)
     elif request.masks and request.mask_source == "folder":
-        inputs.update(controlnet=CONTROLNET, own_masks=user_mask_files(request))
+        inputs.update(controlnet=CONTROLNET, own_masks=user_mask_files(wildcards.request))
     elif request.masks:
         inputs.update(controlnet=CONTROLNET, masks=MASK_DATABASE)
     return inputs
 
 
-def user_mask_files(request):
-    """The request's own maps (and CTs): inputs, so that a changed map reruns the request's shards."""
+@functools.cache
+def user_mask_files(name):
+    """Request ``name``'s own maps (and CTs): inputs, so that a changed map reruns the request's shards.
+    Found once per request (every shard's generate and qc_check job asks; each search reads every header)."""
     from maisi.generate.user_masks import find_user_masks
 
-    masks = find_user_masks(request.mask_folder, f"generate.requests.{request.name}.mask_folder")
+    masks = find_user_masks(REQUESTS[name].mask_folder, f"generate.requests.{name}.mask_folder")
     return [m.label for m in masks] + [m.image for m in masks if m.image]
 
 
