@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import pytest
-from helpers.default_run import DefaultRun, DefaultRunRecord, order_items
-from helpers.paths import REAL_CT
+# OpenMP threads wait for a partner thread asleep rather than spinning (read when PyTorch loads; every
+# Snakemake and SLURM job inherits it): the shared default run's jobs and the tests beside it share the cores.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+from helpers.default_run import DefaultRun, DefaultRunRecord, needs_default_run, order_items  # noqa: E402
+from helpers.paths import REAL_CT  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -15,9 +20,12 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session", autouse=True)
 def _shared_default_run(request, tmp_path_factory):
-    """The shared default run (tests/helpers/default_run.py): made by the first test that needs it, its cluster stopped at the end."""
+    """The shared default run (tests/helpers/default_run.py): started with the session where a collected
+    test needs it, so the other tests run beside it; its cluster stopped at the end."""
     run = DefaultRun(tmp_path_factory.mktemp("default"))
     request.config.stash[DefaultRun.KEY] = run
+    if any(needs_default_run(item) for item in request.session.items):
+        run.start()
     yield
     run.close()
 

@@ -1,14 +1,32 @@
-"""The shared end-to-end run of the embedded default config, made in a thread by the first test that needs it.
+"""The shared end-to-end run of the embedded default config, made in a process of its own beside the other tests.
 
-The tests that need it are ordered after every other test (:func:`order_items`). Running the other tests
-beside it (at normal priority, nice 19 or SCHED_IDLE) shortened the suite by up to 28 %, but twice left a
-subprocess hanging (TotalSegmentator's worker processes, a signal test), so the run is made alone.
+Most of that run's time is its jobs' Python start-ups, SLURM's status checks and single-threaded steps,
+when a core is idle; so it starts when the session starts (if a collected test needs it), the tests that
+need it are ordered after every other test (:func:`order_items`), and the others run meanwhile.
+
+Two things made an earlier version of this (a thread of the pytest process, the other tests at nice 19
+or SCHED_IDLE) unreliable, and both are designed out here:
+
+- The run is a separate process (``python -m helpers.default_run``), so the pytest process has no
+  second thread: a test that forks (TotalSegmentator's workers, the signal test) cannot inherit a lock
+  held by the run's thread at the moment of the fork.
+- Every process runs at normal priority, and OpenMP threads sleep instead of spinning while they wait
+  for a partner thread (``OMP_WAIT_POLICY=PASSIVE``, set by tests/conftest.py before PyTorch loads and
+  inherited by every Snakemake job, SLURM's included): two 2-thread PyTorch processes on two cores then
+  share them instead of burning the other's time, and no test is starved by a lower priority.
+
+The run's config is the embedded default with ``config/test.yaml`` on top (:func:`run_config`).
 """
 
 from __future__ import annotations
 
 import os
-import threading
+import pickle
+import signal
+import subprocess
+import sys
+import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,72 +49,112 @@ class DefaultRunRecord:
     local_reason: str | None  # why it did (None for a SLURM run)
 
 
+def deep_update(base: dict, overlay: dict) -> dict:
+    """``base`` updated with ``overlay``, nested mappings merged key by key (as Snakemake merges ``--configfile``)."""
+    out = dict(base)
+    for key, value in overlay.items():
+        out[key] = deep_update(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def run_config() -> dict:
+    """The embedded default config with the test budget of ``config/test.yaml`` on top."""
+    cfg = yaml.safe_load((ROOT / "config/config.yaml").read_text(encoding="utf-8"))
+    overlay = yaml.safe_load((ROOT / "config/test.yaml").read_text(encoding="utf-8")) or {}
+    cfg = deep_update(cfg, overlay)
+    cfg["catalog"] = str(ROOT / "config/datasets.yaml")
+    return cfg
+
+
 class DefaultRun:
-    """One run of the embedded default config in a thread: :meth:`start`, then :meth:`result` and :meth:`close`."""
+    """The shared run as a child process: :meth:`start`, then :meth:`result` and :meth:`close`."""
 
     KEY = pytest.StashKey["DefaultRun"]()
 
     def __init__(self, root: Path):
         self.root = root
-        self._thread: threading.Thread | None = None
+        self._proc: subprocess.Popen | None = None
         self._record: DefaultRunRecord | None = None
-        self._error: BaseException | None = None
-        self._cluster_up = False
-        self._stop = threading.Event()
+
+    @property
+    def _result_file(self) -> Path:
+        return self.root / "record.pickle"
+
+    @property
+    def _cluster_marker(self) -> Path:
+        return self.root / "cluster-up"
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="default-run", daemon=True)
-        self._thread.start()
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+        log = open(self.root / "default_run.log", "w", encoding="utf-8")  # noqa: SIM115 - the child holds it
+        with log:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "helpers.default_run", str(self.root)], stdout=log, stderr=subprocess.STDOUT, env=env
+            )
 
     def result(self) -> DefaultRunRecord:
-        if self._thread is None:
+        if self._record is not None:
+            return self._record
+        if self._proc is None:
             self.start()
-        self._thread.join()
-        if self._error is not None:
-            raise RuntimeError(f"the shared default run failed: {self._error}") from self._error
-        return self._record
+        self._proc.wait()
+        outcome = pickle.loads(self._result_file.read_bytes()) if self._result_file.is_file() else None
+        if not isinstance(outcome, DefaultRunRecord):
+            log = (self.root / "default_run.log").read_text(encoding="utf-8", errors="replace")[-8000:]
+            raise RuntimeError(f"the shared default run failed (exit {self._proc.returncode}):\n{outcome or ''}\n{log}")
+        self._record = outcome
+        return outcome
 
     def close(self) -> None:
         """Stop a run still going (a session ended early: its SLURM jobs are cancelled), then the cluster it started."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        if self._cluster_up:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        if self._cluster_marker.exists():
             slurm_runner.cluster("down")
-            self._cluster_up = False
+            self._cluster_marker.unlink()
 
-    def _run(self) -> None:
-        try:
-            self._record = self._make()
-        except BaseException as exc:  # re-raised by result() in the test that needs the run
-            self._error = exc
 
-    def _make(self) -> DefaultRunRecord:
-        cfg = yaml.safe_load((ROOT / "config/config.yaml").read_text(encoding="utf-8"))
-        cfg["catalog"] = str(ROOT / "config/datasets.yaml")
-        reason = slurm_runner.cluster_unavailable()
-        if reason and os.environ.get("CI"):
-            raise RuntimeError(f"CI runs the default config through SLURM, but {reason}")
-        if reason:
-            work = make_workdir(self.root / "work", cfg)
-            snakemake(work, "--profile", str(ROOT / "profiles/local"), "all", timeout=2400)
-            return DefaultRunRecord(work, cfg, None, reason)
-        slurm_runner.cluster("up")
-        self._cluster_up = True
-        cfg["cluster"] = {"cpu_partition": "cpu", "gpu_partition": "gpu", "max_mem_mb": slurm_runner.node_memory_mb()}
-        work = make_workdir(self.root / "work", cfg)
-        env = slurm_runner.install_profiles(self.root / "xdg-config")
-        run = slurm_runner.run_workflow(
-            work,
-            "all",
-            env=env,
-            cancel_rule="train_vae",
-            cancel_after_s=8,
-            stop=self._stop,  # cancelled mid-training
-        )
-        if run.returncode != 0:
-            raise RuntimeError(f"snakemake --profile slurm all failed ({run.returncode}):\n{run.output[-8000:]}")
-        return DefaultRunRecord(work, cfg, run, None)
+def _make(root: Path) -> DefaultRunRecord:
+    cfg = run_config()
+    reason = slurm_runner.cluster_unavailable()
+    if reason and os.environ.get("CI"):
+        raise RuntimeError(f"CI runs the default config through SLURM, but {reason}")
+    if reason:
+        work = make_workdir(root / "work", cfg)
+        snakemake(work, "--profile", str(ROOT / "profiles/local"), "all", timeout=2400)
+        return DefaultRunRecord(work, cfg, None, reason)
+    (root / "cluster-up").touch()  # before "up": a part-started cluster is brought down too
+    slurm_runner.cluster("up")
+    cfg["cluster"] = {"cpu_partition": "cpu", "gpu_partition": "gpu", "max_mem_mb": slurm_runner.node_memory_mb()}
+    work = make_workdir(root / "work", cfg)
+    env = slurm_runner.install_profiles(root / "xdg-config")
+    run = slurm_runner.run_workflow(work, "all", env=env, cancel_rule="train_vae", cancel_after_s=8)  # cancelled mid-training
+    if run.returncode != 0:
+        raise RuntimeError(f"snakemake --profile slurm all failed ({run.returncode}):\n{run.output[-8000:]}")
+    return DefaultRunRecord(work, cfg, run, None)
+
+
+def _terminate(signum, frame):  # SIGTERM from close(): unwind, so run_workflow kills Snakemake and cancels its jobs
+    raise KeyboardInterrupt
+
+
+def main(root: Path) -> int:
+    signal.signal(signal.SIGTERM, _terminate)
+    start = time.monotonic()
+    try:
+        outcome: object = _make(root)
+    except BaseException:  # noqa: BLE001 - reported by result() in the test that needs the run
+        outcome = traceback.format_exc()
+    tmp = root / "record.pickle.tmp"
+    tmp.write_bytes(pickle.dumps(outcome))
+    tmp.replace(root / "record.pickle")
+    print(f"default run: {'done' if isinstance(outcome, DefaultRunRecord) else 'failed'} in {time.monotonic() - start:.0f} s", flush=True)
+    return 0 if isinstance(outcome, DefaultRunRecord) else 1
 
 
 def needs_default_run(item: pytest.Item) -> bool:
@@ -106,3 +164,9 @@ def needs_default_run(item: pytest.Item) -> bool:
 def order_items(items: list[pytest.Item]) -> None:
     """Tests that need the shared run last, each group in its collected order (pytest_collection_modifyitems)."""
     items[:] = [i for i in items if not needs_default_run(i)] + [i for i in items if needs_default_run(i)]
+
+
+if __name__ == "__main__":
+    from helpers.default_run import main as _main  # the record's classes pickled by their importable names
+
+    sys.exit(_main(Path(sys.argv[1])))
