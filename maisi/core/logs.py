@@ -57,6 +57,7 @@ def exit_on_sigterm() -> Iterator[None]:
     start no case, and the cases in flight are abandoned at their next write (nothing is renamed into
     place after the signal), so a job stops within one case's longest stretch between two writes.
     """
+    global _OWNER
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -66,12 +67,52 @@ def exit_on_sigterm() -> Iterator[None]:
         raise SystemExit(f"terminated by {signal.Signals(signum).name} (job cancelled or out of time)")
 
     TERMINATED.clear()
-    previous = {sig: signal.signal(sig, terminate) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {sig: signal.signal(sig, terminate) for sig in _SIGNALS}
+    _OWNER = os.getpid()
     try:
         yield
     finally:
+        _OWNER = None
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+# A process forked inside exit_on_sigterm (a library's worker pool: nnU-Net's and TotalSegmentator's use
+# multiprocessing.Pool) must not keep its handler. CPython drops a signal that reaches a child between fork()
+# and its own after-fork clean-up, and a pool terminated right after it started (Pool.__exit__) sends its
+# SIGTERM in that window: the worker, waiting on the task-queue lock the terminating pool holds, then never
+# ends, and the job hangs in Pool.__exit__ for good. So the forking thread blocks SIGTERM and SIGINT across
+# fork(); the child takes Python's defaults back and then unblocks them, so a signal sent meanwhile is
+# delivered to the default action instead of being lost.
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+#: The process whose signals :func:`exit_on_sigterm` handles (None outside it).
+_OWNER: int | None = None
+_FORK_MASK = threading.local()
+
+
+def _before_fork() -> None:
+    if _OWNER is not None:
+        _FORK_MASK.saved = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+
+
+def _after_fork_in_parent() -> None:
+    saved = getattr(_FORK_MASK, "saved", None)
+    if saved is not None:
+        _FORK_MASK.saved = None
+        signal.pthread_sigmask(signal.SIG_SETMASK, saved)
+
+
+def _after_fork_in_child() -> None:
+    saved = getattr(_FORK_MASK, "saved", None)
+    if saved is None:
+        return
+    _FORK_MASK.saved = None
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_SETMASK, saved)
+
+
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)
 
 
 @contextlib.contextmanager
