@@ -33,6 +33,8 @@ rule qc_check:
         settings=GENERATE_SETTINGS,
         qc=QC.check_json(),
         regenerated=QC_REGENERATED,
+        segmenter=QC_SEGMENTER.to_json() if QC_SEGMENTER else "",
+        segmented=QC_SEGMENTED,
     threads: config["threads"]["generate"]
     resources:
         **generation_resources(),

@@ -1,6 +1,7 @@
 # Paths, settings and input functions of the evaluate rules (evaluate.smk); what every stage needs is in common.smk.
 from maisi.evaluate.qc import QCSettings
 from maisi.evaluate.settings import FIDSettings
+from maisi.prepare.totalsegmentator import TotalSegSettings, check_weights
 
 QC_ROOT = "results/qc"
 QC_REFERENCE = f"{QC_ROOT}/reference.json"
@@ -8,7 +9,13 @@ QC_SHARDS = f"{QC_ROOT}/shards/{{request}}/{{shard}}.tsv"
 #: Where QC puts the cases it generates again (attempt k under attempt-<k>/).
 QC_REGENERATED = f"{QC_ROOT}/regenerated"
 QC_CASES = f"{QC_ROOT}/cases.tsv"
+#: TotalSegmentator's masks of image-only cases (attempt k under attempt-<k>/).
+QC_SEGMENTED = f"{QC_ROOT}/totalseg"
 QC = QCSettings.from_config(config)
+#: How QC segments image-only cases (None: it does not); its weights are checked before any job starts.
+QC_SEGMENTER = TotalSegSettings.for_qc(config)
+if QC_SEGMENTER is not None:
+    check_weights(QC_SEGMENTER.weights, QC_SEGMENTER.mode)
 FID = FIDSettings.from_config(config)
 
 

@@ -10,6 +10,7 @@ from maisi.evaluate.qc_check import check_shard
 from maisi.generate.mask_generation import MASK_FILES
 from maisi.generate.requests import GenCase, GenerationRequest
 from maisi.generate.settings import GenerateSettings
+from maisi.prepare.totalsegmentator import TotalSegSettings
 
 smk = snakemake  # noqa: F821 (injected by Snakemake)
 with from_snakemake(smk):
@@ -25,4 +26,6 @@ with from_snakemake(smk):
         smk.input.reference,
         root=smk.params.regenerated,
         table=smk.output.table,
+        segmenter=TotalSegSettings.from_json(smk.params.segmenter) if smk.params.segmenter else None,
+        segmented=smk.params.segmented,
     )

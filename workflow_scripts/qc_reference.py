@@ -10,9 +10,8 @@ from maisi.evaluate.qc_report import reference_record, reference_table
 smk = snakemake  # noqa: F821 (injected by Snakemake)
 with from_snakemake(smk):
     settings = QCSettings.from_json(smk.params.settings)
-    if settings.reference == "nvidia":
-        reference = nvidia_reference(settings.nvidia_statistics)
-    else:
-        reference = build_reference(read_table(smk.input.cases).to_dict("records"), settings)
+    reference = build_reference(read_table(smk.input.cases).to_dict("records"), settings)
+    if settings.reference == "nvidia":  # NVIDIA's organ ranges; the intensity ranges from the real data
+        reference = nvidia_reference(settings.nvidia_statistics, reference["intensity"])
     write_json(smk.output.reference, reference_record(reference))
     reference_table(reference, smk.output.table)

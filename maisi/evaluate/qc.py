@@ -6,10 +6,16 @@ max(mean + 3 sd, 99.5th percentile)]`` of those medians, bone capped at 1000 HU.
 passes when the median HU of every organ present in its label map lies inside the organ's range.
 
 Added here: organs lie inside the body (found from the image), no NaN, HU within the CT range
-[-1024, 3071], and the label map on the image's grid. The reference ranges are a versioned
-artefact (:data:`REFERENCE_VERSION`) computed from the prepared data, so a release can cite them;
-or, with ``qc.reference: nvidia``, NVIDIA's released statistics (``image_median_statistics_ct.json``)
-with NVIDIA's rules (:func:`nvidia_reference`).
+[-1024, 3071], and the label map on the image's grid. And, for every case, an intensity check
+that needs no label map, so a case without a checkable organ (an image-only request) gets no free
+pass: the share of the volume the body fills, and the shares of the body in the air, fat, soft-tissue
+and bone bands (:data:`HU_BANDS`), each against the range the real cases give by MAISI's rule.
+Pure noise, a constant image or an image without a body fails it with the band that is off.
+
+The reference ranges are a versioned artefact (:data:`REFERENCE_VERSION`) computed from the prepared
+data, so a release can cite them; or, with ``qc.reference: nvidia``, NVIDIA's released organ statistics
+(``image_median_statistics_ct.json``) with NVIDIA's rules (:func:`nvidia_reference`), the intensity
+ranges still from the prepared data (NVIDIA publishes none).
 """
 
 from __future__ import annotations
@@ -22,15 +28,26 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from maisi.core.anatomy import body_mask
 from maisi.core.checks import InputError
 from maisi.core.labels import BODY, label_name, maisi_labels
 from maisi.core.schema import schema_default
 from maisi.core.settings import ConfigSettings
 
-__all__ = ["QCSettings", "OrganRange", "QCResult", "ORGAN_GROUPS", "NVIDIA_GROUPS", "REFERENCE_VERSION", "CT_RANGE", "organ_groups", "organ_medians", "load_case", "reference_ranges", "build_reference", "nvidia_reference", "read_reference", "read_groups", "check_case", "check_files"]
+__all__ = ["QCSettings", "OrganRange", "QCResult", "ORGAN_GROUPS", "NVIDIA_GROUPS", "HU_BANDS", "BODY_SHARE", "REFERENCE_VERSION", "CT_RANGE", "organ_groups", "organ_medians", "intensity_profile", "load_case", "reference_ranges", "intensity_ranges", "build_reference", "nvidia_reference", "read_reference", "read_intensity", "read_groups", "check_case", "check_files"]
 
 #: Version of the reference format and of the range rule; bumped when either changes.
-REFERENCE_VERSION = 1
+REFERENCE_VERSION = 2
+
+
+#: HU bands of the intensity check, as shares of the body's voxels: air (lungs, bowel gas), fat, soft tissue, bone.
+HU_BANDS: dict[str, tuple[float, float]] = {
+    "air": (-np.inf, -500.0), "fat": (-500.0, -30.0), "soft tissue": (-30.0, 200.0), "bone": (200.0, np.inf),
+}  # fmt: skip
+
+
+#: The intensity profile's entry for the share of the volume the body fills.
+BODY_SHARE = "body"
 
 
 #: The HU range a CT scanner stores (12-bit, rescale intercept -1024).
@@ -82,6 +99,7 @@ class QCSettings(ConfigSettings):
     body_threshold_hu: float = schema_default("qc.body_threshold_hu")
     hu_range: tuple[float, float] = schema_default("qc.hu_range")
     check_organs: bool = schema_default("qc.check_organs")
+    totalsegmentator: bool = schema_default("qc.totalsegmentator")  # image-only cases segmented where weights are set
     reference: str = schema_default("qc.reference")  # real | nvidia
     nvidia_statistics: str | None = schema_default("qc.nvidia_statistics")
 
@@ -99,7 +117,8 @@ class QCSettings(ConfigSettings):
 
     def reference_json(self) -> str:
         """The settings the reference ranges depend on."""
-        d = {"min_voxels": self.min_voxels, "min_reference_cases": self.min_reference_cases}
+        d = {"min_voxels": self.min_voxels, "min_reference_cases": self.min_reference_cases, "version": REFERENCE_VERSION,
+             "body_threshold_hu": self.body_threshold_hu}  # fmt: skip  # a new format or rule rebuilds the reference
         if self.reference != "real":  # the real-data reference's parameters stay as they were
             d.update(reference=self.reference, nvidia_statistics=self.nvidia_statistics)
         return json.dumps(d, sort_keys=True)
@@ -137,9 +156,13 @@ class QCResult:
     reasons: list[str] = field(default_factory=list)
     medians: dict[str, float] = field(default_factory=dict)
     unchecked: list[str] = field(default_factory=list)
+    checks: list[str] = field(default_factory=list)  # the checks made: structure, intensity, inside body, organ HU
 
     def to_json(self) -> dict[str, Any]:
-        return {"passed": self.passed, "reasons": list(self.reasons), "medians": dict(self.medians), "unchecked": list(self.unchecked)}
+        return {
+            "passed": self.passed, "reasons": list(self.reasons), "medians": dict(self.medians), "unchecked": list(self.unchecked),
+            "checks": list(self.checks),
+        }  # fmt: skip
 
 
 def organ_groups(label: np.ndarray, groups: Mapping[str, Sequence[int]] | None = None) -> dict[str, tuple[int, ...]]:
@@ -194,21 +217,45 @@ def load_case(image: str | os.PathLike, label: str | os.PathLike, scaled: bool =
     return hu, lab.astype(np.int32), aff_i, aff_l
 
 
+def _maisi_range(
+    name: str, values: Sequence[float], labels: tuple[int, ...] = (), cap: tuple[float, float] = (-np.inf, np.inf)
+) -> OrganRange:
+    """MAISI's rule on one set of per-case values: ``[min(mean - 3 sd, p0.5), max(mean + 3 sd, p99.5)]``, clipped to ``cap``."""
+    v = np.asarray(values, dtype=np.float64)
+    mean, sd = float(v.mean()), float(v.std())
+    p005, p995 = (float(x) for x in np.percentile(v, [0.5, 99.5]))
+    low, high = max(min(mean - 3 * sd, p005), cap[0]), min(max(mean + 3 * sd, p995), cap[1])
+    return OrganRange(name, labels, int(v.size), mean, sd, p005, p995, low, high)
+
+
 def reference_ranges(medians: Mapping[str, Sequence[float]], groups: Mapping[str, Sequence[int]], min_cases: int = 3) -> dict[str, OrganRange]:
     """MAISI's allowed ranges from the per-case medians of each organ (organs with fewer than
     ``min_cases`` cases get none: their spread is unknown)."""
-    out = {}
-    for organ, values in sorted(medians.items()):
-        v = np.asarray(values, dtype=np.float64)
-        if v.size < max(1, min_cases):
-            continue
-        mean, sd = float(v.mean()), float(v.std())
-        p005, p995 = (float(x) for x in np.percentile(v, [0.5, 99.5]))
-        low, high = min(mean - 3 * sd, p005), max(mean + 3 * sd, p995)
-        if organ == "bone":
-            high = min(high, BONE_CAP_HU)
-        out[organ] = OrganRange(organ, tuple(int(i) for i in groups[organ]), int(v.size), mean, sd, p005, p995, low, high)
+    return {
+        organ: _maisi_range(organ, values, tuple(int(i) for i in groups[organ]), (-np.inf, BONE_CAP_HU if organ == "bone" else np.inf))
+        for organ, values in sorted(medians.items())
+        if len(values) >= max(1, min_cases)
+    }
+
+
+def intensity_profile(hu: np.ndarray, body: np.ndarray) -> dict[str, float]:
+    """The share of the volume in ``body`` (:data:`BODY_SHARE`) and the shares of the body's voxels in each of
+    :data:`HU_BANDS` (absent where the body is empty)."""
+    n = int(body.sum())
+    out = {BODY_SHARE: n / body.size}
+    if n:
+        inside = hu[body]
+        out.update({band: float(np.mean((inside >= lo) & (inside < hi))) for band, (lo, hi) in HU_BANDS.items()})
     return out
+
+
+def intensity_ranges(profiles: Mapping[str, Mapping[str, float]], min_cases: int = 3) -> dict[str, OrganRange]:
+    """MAISI's rule applied to each entry of the real cases' intensity profiles (shares, so clipped to [0, 1]);
+    none with fewer than ``min_cases`` cases."""
+    if len(profiles) < max(1, min_cases):
+        return {}
+    keys = (BODY_SHARE, *HU_BANDS)
+    return {k: _maisi_range(k, [p.get(k, 0.0) for p in profiles.values()], cap=(0.0, 1.0)) for k in keys}
 
 
 def build_reference(cases: Iterable[Mapping[str, str]], settings: QCSettings, progress: bool = True) -> dict[str, Any]:
@@ -219,6 +266,7 @@ def build_reference(cases: Iterable[Mapping[str, str]], settings: QCSettings, pr
     medians: dict[str, list[float]] = {}
     groups: dict[str, tuple[int, ...]] = {}
     per_case: dict[str, dict[str, float]] = {}
+    profiles: dict[str, dict[str, float]] = {}
     rows = [r for r in cases if r.get("label")]
     for r in tqdm(rows, desc="QC reference", unit="case", disable=not progress):
         scaled = not r.get("image_hu")
@@ -228,6 +276,7 @@ def build_reference(cases: Iterable[Mapping[str, str]], settings: QCSettings, pr
         found = organ_medians(hu, lab, settings.min_voxels)
         groups.update({k: v for k, v in organ_groups(lab).items() if k in found})
         per_case[r["case_id"]] = found
+        profiles[r["case_id"]] = intensity_profile(hu, body_mask(hu, settings.body_threshold_hu))
         for organ, value in found.items():
             medians.setdefault(organ, []).append(value)
     ranges = reference_ranges(medians, groups, settings.min_reference_cases)
@@ -238,14 +287,26 @@ def build_reference(cases: Iterable[Mapping[str, str]], settings: QCSettings, pr
         "ranges": {k: asdict(v) for k, v in ranges.items()},
         "too_few_cases": sorted(set(medians) - set(ranges)),
         "medians": per_case,
+        "intensity": _intensity_record(profiles, settings),
     }
 
 
-def nvidia_reference(path: str | os.PathLike) -> dict[str, Any]:
+def _intensity_record(profiles: Mapping[str, Mapping[str, float]], settings: QCSettings) -> dict[str, Any]:
+    return {
+        "rule": f"the same rule on the share of the volume inside the body (> {settings.body_threshold_hu:g} HU, largest component, "
+                "holes filled) and on the shares of the body in each HU band; shares clipped to [0, 1]",
+        "bands": {k: [lo if np.isfinite(lo) else None, hi if np.isfinite(hi) else None] for k, (lo, hi) in HU_BANDS.items()},
+        "ranges": {k: asdict(v) for k, v in intensity_ranges(profiles, settings.min_reference_cases).items()},
+        "profiles": {k: dict(v) for k, v in profiles.items()},
+    }  # fmt: skip
+
+
+def nvidia_reference(path: str | os.PathLike, intensity: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """A reference (:func:`read_reference`'s format) from NVIDIA's released statistics
     (``configs/image_median_statistics_ct.json``), with NVIDIA's rule: an organ's range is
     ``[min(sigma_6_low, percentile_0_5), max(sigma_6_high, percentile_99_5)]``, bone's upper limit 1000 HU
-    whatever the statistics say, organs grouped as NVIDIA groups them (:data:`NVIDIA_GROUPS`)."""
+    whatever the statistics say, organs grouped as NVIDIA groups them (:data:`NVIDIA_GROUPS`). ``intensity``:
+    the intensity record of :func:`build_reference` on the real data (NVIDIA publishes no such ranges)."""
     try:
         with open(path, encoding="utf-8") as fh:
             stats = json.load(fh)
@@ -264,7 +325,7 @@ def nvidia_reference(path: str | os.PathLike) -> dict[str, Any]:
         "version": REFERENCE_VERSION, "source": "nvidia", "statistics_file": str(path),
         "rule": "NVIDIA's: range = [min(sigma_6_low, p0.5), max(sigma_6_high, p99.5)]; bone's upper limit 1000 HU",
         "n_cases": None, "ranges": {k: asdict(v) for k, v in ranges.items()}, "too_few_cases": [], "medians": {},
-        "groups": {k: list(v) for k, v in NVIDIA_GROUPS.items()},
+        "groups": {k: list(v) for k, v in NVIDIA_GROUPS.items()}, "intensity": dict(intensity or {}),
     }  # fmt: skip
 
 
@@ -275,13 +336,26 @@ def read_groups(path: str | os.PathLike) -> dict[str, tuple[int, ...]] | None:
     return None if groups is None else {k: tuple(v) for k, v in groups.items()}
 
 
-def read_reference(path: str | os.PathLike) -> dict[str, OrganRange]:
-    """The organ ranges of a reference written by :func:`build_reference`."""
+def _read_versioned(path: str | os.PathLike) -> dict[str, Any]:
     with open(path, encoding="utf-8") as fh:
         data = json.load(fh)
     if data.get("version") != REFERENCE_VERSION:
         raise InputError(path, f"QC reference version {data.get('version')} is not {REFERENCE_VERSION}; rebuild it")
-    return {k: OrganRange(**{**v, "labels": tuple(v["labels"])}) for k, v in data["ranges"].items()}
+    return data
+
+
+def _ranges(block: Mapping[str, Any]) -> dict[str, OrganRange]:
+    return {k: OrganRange(**{**v, "labels": tuple(v["labels"])}) for k, v in block.items()}
+
+
+def read_reference(path: str | os.PathLike) -> dict[str, OrganRange]:
+    """The organ ranges of a reference written by :func:`build_reference`."""
+    return _ranges(_read_versioned(path)["ranges"])
+
+
+def read_intensity(path: str | os.PathLike) -> dict[str, OrganRange]:
+    """The intensity ranges of a reference (:data:`BODY_SHARE` and :data:`HU_BANDS`); empty where the real data had too few cases."""
+    return _ranges(_read_versioned(path).get("intensity", {}).get("ranges", {}))
 
 
 def check_case(
@@ -291,25 +365,34 @@ def check_case(
     settings: QCSettings,
     affines: tuple[np.ndarray, np.ndarray] | None = None,
     groups: Mapping[str, Sequence[int]] | None = None,
+    intensity: Mapping[str, OrganRange] | None = None,
 ) -> QCResult:
-    """Check one generated case; every failed check adds a reason. ``groups``: the reference's organ groups."""
-    from maisi.core.anatomy import body_mask
-
+    """Check one generated case; every failed check adds a reason and :attr:`QCResult.checks` names the checks made.
+    ``groups``: the reference's organ groups; ``intensity``: the intensity ranges (:func:`read_intensity`)."""
     reasons: list[str] = []
+    checks = ["structure"]
     if hu.shape != label.shape:
-        return QCResult(False, [f"label grid {label.shape} differs from image grid {hu.shape}"])
+        return QCResult(False, [f"label grid {label.shape} differs from image grid {hu.shape}"], checks=checks)
     if affines is not None and not np.allclose(affines[0], affines[1], atol=1e-3):
         reasons.append("label affine differs from image affine")
     n_nan = int(np.isnan(hu).sum())
     if n_nan:
-        return QCResult(False, [*reasons, f"{n_nan} NaN voxels"])
+        return QCResult(False, [*reasons, f"{n_nan} NaN voxels"], checks=checks)
     lo, hi = float(hu.min()), float(hu.max())
     if lo < settings.hu_range[0] or hi > settings.hu_range[1]:
         reasons.append(f"HU {lo:g}..{hi:g} outside [{settings.hu_range[0]:g}, {settings.hu_range[1]:g}]")
     body = body_mask(hu, settings.body_threshold_hu)
+    if intensity:
+        checks.append("intensity")
+        reasons += _intensity_reasons(intensity_profile(hu, body), intensity, settings.body_threshold_hu)
     medians: dict[str, float] = {}
     unchecked: list[str] = []
-    for organ, ids in organ_groups(label, groups).items():
+    present = organ_groups(label, groups)
+    if present:
+        checks.append("inside body")
+    if present and settings.check_organs:
+        checks.append("organ HU")
+    for organ, ids in present.items():
         inside = np.isin(label, ids)
         n = int(inside.sum())
         if n < settings.min_voxels:
@@ -325,16 +408,38 @@ def check_case(
             unchecked.append(organ)
         elif not rng.contains(median):
             reasons.append(f"{organ}: median {median:.1f} HU outside [{rng.low:.1f}, {rng.high:.1f}]")
-    return QCResult(not reasons, reasons, medians, unchecked)
+    return QCResult(not reasons, reasons, medians, unchecked, checks)
+
+
+def _intensity_reasons(profile: Mapping[str, float], ranges: Mapping[str, OrganRange], threshold_hu: float) -> list[str]:
+    """Why an intensity profile lies outside the real data's ranges (empty when it does not)."""
+    if profile[BODY_SHARE] == 0:
+        return [f"no body: no voxel above {threshold_hu:g} HU"]
+    out = []
+    for key, value in profile.items():
+        rng = ranges.get(key)
+        if rng is None or rng.contains(value):
+            continue
+        what = "the body fills" if key == BODY_SHARE else f"{key} band ({_band_text(HU_BANDS[key])}):"
+        whole = "the volume" if key == BODY_SHARE else "the body"
+        out.append(f"{what} {100 * value:.1f}% of {whole}; real cases {100 * rng.low:.1f}-{100 * rng.high:.1f}%")
+    return out
+
+
+def _band_text(band: tuple[float, float]) -> str:
+    lo, hi = band
+    if not np.isfinite(lo):
+        return f"< {hi:g} HU"
+    return f">= {lo:g} HU" if not np.isfinite(hi) else f"{lo:g} to {hi:g} HU"
 
 
 def check_files(
     image: str | os.PathLike, label: str | os.PathLike, ranges: Mapping[str, OrganRange], settings: QCSettings,
-    groups: Mapping[str, Sequence[int]] | None = None,
+    groups: Mapping[str, Sequence[int]] | None = None, intensity: Mapping[str, OrganRange] | None = None,
 ) -> QCResult:  # fmt: skip
     """:func:`check_case` on files; an unreadable file fails the case with its reason."""
     try:
         hu, lab, aff_i, aff_l = load_case(image, label)
     except InputError as exc:
         return QCResult(False, [str(exc)])
-    return check_case(hu, lab, ranges, settings, (aff_i, aff_l), groups)
+    return check_case(hu, lab, ranges, settings, (aff_i, aff_l), groups, intensity)

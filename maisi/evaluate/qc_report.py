@@ -17,21 +17,24 @@ from maisi.evaluate.qc import OrganRange, QCSettings, load_case, organ_groups
 
 __all__ = ["QC_CASE_COLUMNS", "QC_ORGAN_COLUMNS", "REFERENCE_COLUMNS", "assess_generated", "reference_table", "plot_hu_histograms", "plot_generated_vs_real"]
 
-QC_CASE_COLUMNS = ("request", "case_id", "status", "attempt", "image", "label", "qc_status", "release", "qc_reasons", "medians", "unchecked")
+QC_CASE_COLUMNS = ("request", "case_id", "status", "attempt", "image", "label", "qc_status", "release", "qc_reasons", "checks", "medians", "unchecked")
 
 
 QC_ORGAN_COLUMNS = ("organ", "low", "high", "n_reference", "n_cases", "n_pass", "pass_rate")
 
 
-REFERENCE_COLUMNS = ("organ", "labels", "n", "mean", "sd", "p005", "p995", "low", "high")
+REFERENCE_COLUMNS = ("organ", "measure", "labels", "n", "mean", "sd", "p005", "p995", "low", "high")
 
 
 def reference_table(reference: Mapping[str, Any], dest: str | os.PathLike) -> pd.DataFrame:
-    """The reference ranges as a TSV (one row per organ)."""
-    rows = [{**r, "labels": json.dumps(list(r["labels"]))} for _, r in sorted(reference["ranges"].items())]
-    for col in ("mean", "sd", "p005", "p995", "low", "high"):
-        for r in rows:
-            r[col] = round(float(r[col]), 1)
+    """The reference ranges as a TSV: one row per organ (median HU), then the intensity check's shares
+    (of the volume inside the body, of the body in each HU band)."""
+    blocks = (("median HU", reference["ranges"], 1), ("share", reference.get("intensity", {}).get("ranges", {}), 4))
+    rows = []
+    for measure, ranges, digits in blocks:
+        for name, r in (sorted(ranges.items()) if measure == "median HU" else ranges.items()):
+            row = {**r, "organ": name, "measure": measure, "labels": json.dumps(list(r["labels"]))}
+            rows.append({**row, **{col: round(float(r[col]), digits) for col in ("mean", "sd", "p005", "p995", "low", "high")}})
     return write_table(rows, dest, "qc_reference", REFERENCE_COLUMNS)
 
 
@@ -50,7 +53,7 @@ def assess_generated(
         rows.append({
             "request": r.request, "case_id": r.case_id, "status": r.status, "attempt": r.attempt, "image": r.image, "label": r.label,
             "qc_status": "pass" if passed else "fail", "release": release, "qc_reasons": r.qc_reasons or r.reason,
-            "medians": r.medians or "{}", "unchecked": r.unchecked or "[]",
+            "checks": r.checks or "", "medians": r.medians or "{}", "unchecked": r.unchecked or "[]",
         })  # fmt: skip
         for organ, median in json.loads(r.medians or "{}").items():
             if organ in ranges:

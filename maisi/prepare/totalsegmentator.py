@@ -96,6 +96,19 @@ class TotalSegSettings(ConfigSettings):
             keep_labels=bool(block["keep_labels"]), min_patch_fraction=float(block["min_patch_fraction"]),
         )  # fmt: skip
 
+    @classmethod
+    def for_qc(cls, config: Mapping[str, Any]) -> TotalSegSettings | None:
+        """The settings QC segments image-only generated cases with (fast mode, no case labels to keep), or
+        None where ``totalsegmentator.weights`` is unset or ``qc.totalsegmentator`` is off."""
+        block = config["totalsegmentator"]
+        if not block.get("weights") or not config.get("qc", {}).get("totalsegmentator", True):
+            return None
+        return cls(
+            weights=str(block["weights"]), home=str(block["home"]), mode="fast", device=str(block["device"]),
+            threads=int(config["threads"]["generate"]), body_threshold_hu=block["body_threshold_hu"], keep_labels=False,
+            min_patch_fraction=float(block["min_patch_fraction"]),
+        )  # fmt: skip
+
 
 @dataclass(frozen=True)
 class ModelInfo:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 from helpers.config import validated
 from helpers.volumes import write_nifti
 
+from maisi.core.anatomy import body_mask
 from maisi.core.checks import ConfigError, InputError
 from maisi.evaluate.qc import (
     BONE_CAP_HU,
@@ -19,8 +21,11 @@ from maisi.evaluate.qc import (
     build_reference,
     check_case,
     check_files,
+    intensity_profile,
+    intensity_ranges,
     organ_groups,
     organ_medians,
+    read_intensity,
     read_reference,
     reference_ranges,
 )
@@ -97,7 +102,9 @@ def test_build_reference_from_cases(tmp_path):
     ranges = read_reference(path)
     assert ranges["lung"].contains(-850) and not ranges["lung"].contains(40)
     table = reference_table(ref, tmp_path / "ranges.tsv")
-    assert list(table.organ) == ["bone", "liver", "lung", "spleen"]
+    assert list(table[table.measure == "median HU"].organ) == ["bone", "liver", "lung", "spleen"]
+    assert list(table[table.measure == "share"].organ) == ["body", "air", "fat", "soft tissue", "bone"]
+    assert set(read_intensity(path)) == {"body", "air", "fat", "soft tissue", "bone"}
     bad = dict(ref, version=0)
     path.write_text(json.dumps(bad), encoding="utf-8")
     with pytest.raises(InputError, match="version"):
@@ -278,3 +285,104 @@ def test_nvidia_reference_needs_the_statistics_file(tmp_path):
 
     with pytest.raises(InputError, match="stats.json"):
         nvidia_reference(bad)
+
+
+# --------------------------------------------------------------------------- the intensity check: no free pass
+
+
+@pytest.fixture(scope="module")
+def phantom_intensity():
+    """Intensity ranges from six procedural phantom cases (coarse voxels, every body region), and two held-out cases."""
+    from maisi.sources.phantom.spec import PhantomOptions, plan_phantom_cases
+    from maisi.sources.phantom.writing import generate_phantom
+
+    specs = plan_phantom_cases(PhantomOptions(n_cases=8, seed=3, spacing_xy=(5.0, 5.5), spacing_z=(6.0, 7.0)))
+    cases = [(hu.astype(np.float32), lab, affine) for hu, lab, affine in map(generate_phantom, specs)]
+    profiles = {f"c{i}": intensity_profile(hu, body_mask(hu)) for i, (hu, _, _) in enumerate(cases[:6])}
+    return intensity_ranges(profiles), cases[6:]
+
+
+def test_intensity_check_passes_held_out_phantoms_and_fails_noise_constant_and_empty(phantom_intensity):
+    intensity, held_out = phantom_intensity
+    settings = QCSettings()
+    assert set(intensity) == {"body", "air", "fat", "soft tissue", "bone"}
+    for hu, lab, _ in held_out:
+        result = check_case(hu, lab, {}, settings, intensity=intensity)
+        assert result.passed, result.reasons
+        assert result.checks == ["structure", "intensity", "inside body", "organ HU"]
+        blank = np.zeros_like(lab)  # an image-only case: no organ in its label map, the intensity check only
+        assert check_case(hu, blank, {}, settings, intensity=intensity).checks == ["structure", "intensity"]
+
+    hu, _, _ = held_out[0]
+    blank = np.zeros(hu.shape, np.uint8)
+    rng = np.random.default_rng(0)
+    noise = rng.uniform(-1000, 1000, hu.shape).astype(np.float32)
+    assert check_case(noise, blank, {}, settings).passed  # the free pass an image-only case had without this check
+    reasons = check_case(noise, blank, {}, settings, intensity=intensity).reasons
+    assert any(r.startswith("the body fills") for r in reasons) and any(r.startswith("bone band (>= 200 HU)") for r in reasons), reasons
+
+    constant = np.full(hu.shape, 40.0, np.float32)
+    reasons = check_case(constant, blank, {}, settings, intensity=intensity).reasons
+    assert "the body fills 100.0% of the volume" in reasons[0] and reasons[1].startswith("soft tissue band (-30 to 200 HU): 100.0%"), reasons
+
+    empty = np.full(hu.shape, -1000.0, np.float32)
+    assert check_case(empty, blank, {}, settings, intensity=intensity).reasons == ["no body: no voxel above -500 HU"]
+
+    # The body's outline kept, its inside replaced by noise: only the bands can tell.
+    body = body_mask(hu)
+    scrambled = np.where(body, rng.uniform(-400, 1000, hu.shape), -1000.0).astype(np.float32)
+    reasons = check_case(scrambled, blank, {}, settings, intensity=intensity).reasons
+    assert reasons and all(" band " in r for r in reasons), reasons
+
+
+def test_intensity_ranges_follow_maisis_rule_on_shares():
+    profiles = {f"c{i}": {"body": b, "air": a, "fat": 0.2, "soft tissue": 0.7 - a, "bone": 0.1}
+                for i, (b, a) in enumerate(((0.30, 0.10), (0.40, 0.20), (0.35, 0.00)))}  # fmt: skip
+    ranges = intensity_ranges(profiles, min_cases=3)
+    v = np.array([0.30, 0.40, 0.35])
+    assert ranges["body"].low == pytest.approx(v.mean() - 3 * v.std()) and ranges["body"].high == pytest.approx(v.mean() + 3 * v.std())
+    assert ranges["air"].low == 0.0  # shares clipped to [0, 1]
+    assert intensity_ranges(dict(list(profiles.items())[:2]), min_cases=3) == {}  # too few cases: unchecked
+
+
+def test_image_only_case_checked_on_totalsegmentators_organs(tmp_path, phantom_intensity, monkeypatch):
+    """With TotalSegmentator's weights configured, an image-only case's organs are found by its real code path
+    (a tiny nnU-Net model whose classes follow HU: lung below -300, 'heart' to 300, vertebra T6 above) and checked."""
+    import nibabel as nib
+    import requests
+    from helpers.tiny_totalseg import write_tiny_model
+
+    from maisi.evaluate.qc_check import check_with_totalsegmentator
+    from maisi.prepare.totalsegmentator import TotalSegSettings
+
+    monkeypatch.setattr(requests.Session, "request", lambda *a, **k: None)  # no usage-statistics request leaves the test
+    write_tiny_model(tmp_path / "weights", 297)
+    segmenter = TotalSegSettings(weights=str(tmp_path / "weights"), home=str(tmp_path / "home"), device="cpu", keep_labels=False)
+    _, held_out = phantom_intensity
+    hu, _, affine = held_out[0]
+    mid = hu.shape[2] // 2
+    hu = hu[:, :, mid - 8 : mid + 8]  # a slab a little taller than the tiny model's 96 mm patch keeps the test short
+    image, label = tmp_path / "case.nii.gz", tmp_path / "blank.nii.gz"
+    nib.save(nib.Nifti1Image(hu.astype(np.int16), affine), image)
+    nib.save(nib.Nifti1Image(np.zeros(hu.shape, np.uint8), affine), label)
+    groups = {"lung": (28,), "heart": (115,), "bone": ORGAN_GROUPS["bone"]}
+    ranges = reference_ranges({"lung": [-900.0, -800.0, -700.0], "heart": [-200.0, 0.0, 100.0], "bone": [300.0, 500.0, 700.0]}, groups)
+    first = check_files(image, label, ranges, QCSettings())
+    assert first.passed and first.checks == ["structure"] and not first.medians  # nothing to check in the label map
+
+    # The tiny model calls the blurred skin-air border lung (3 mm resampling): half of its "lung" lies outside the body.
+    loose = QCSettings(min_inside_body=0.5)
+    result = check_with_totalsegmentator(first, "case", image, tmp_path / "ts" / "case.nii.gz", segmenter, ranges, loose)
+    assert result.passed, result.reasons
+    assert result.checks == ["structure", "TotalSegmentator organs"] and {"lung", "heart", "bone"} <= set(result.medians)
+    assert result.medians["lung"] < -700 and result.medians["bone"] > 300  # the phantom's lungs dark, its bone bright
+    assert (tmp_path / "ts" / "case.nii.gz").is_file()
+
+    narrow = {**ranges, "heart": dataclasses.replace(ranges["heart"], low=500.0, high=600.0)}
+    failed = check_with_totalsegmentator(first, "case", image, tmp_path / "ts" / "case.nii.gz", segmenter, narrow, loose)
+    assert not failed.passed and failed.reasons[0].startswith("TotalSegmentator heart: median")
+
+    thin = tmp_path / "thin.nii.gz"
+    nib.save(nib.Nifti1Image(hu[:, :, :3].astype(np.int16), affine), thin)
+    failed = check_with_totalsegmentator(first, "thin", thin, tmp_path / "ts" / "thin.nii.gz", segmenter, ranges, loose)
+    assert not failed.passed and "TotalSegmentator: " in failed.reasons[0] and "scan too small" in failed.reasons[0]

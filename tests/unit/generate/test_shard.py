@@ -224,6 +224,34 @@ def test_case_failing_qc_is_generated_again_with_new_seeds(tmp_path, checkpoints
     assert not (tmp_path / "re2").exists()
 
 
+def test_image_only_case_is_checked_on_totalsegmentators_masks(tmp_path, checkpoints, monkeypatch):
+    """Where TotalSegmentator's weights are configured, a case without a checkable organ in its label map is
+    segmented (tiny real model) and the organs found are checked; the masks go under attempt-<k>/<request>/."""
+    import requests
+    from helpers.tiny_totalseg import write_tiny_model
+
+    from maisi.evaluate.qc import QCSettings
+    from maisi.evaluate.qc_check import attempt_root, check_shard
+    from maisi.prepare.totalsegmentator import TotalSegSettings
+
+    monkeypatch.setattr(requests.Session, "request", lambda *a, **k: None)  # no usage-statistics request leaves the test
+    write_tiny_model(tmp_path / "weights", 297)
+    segmenter = TotalSegSettings(weights=str(tmp_path / "weights"), home=str(tmp_path / "home"), device="cpu", keep_labels=False)
+    req = request(n_cases=1, size=[64, 64, 64], spacing=[4.0, 4.0, 4.0], masks=False)
+    generate_shard(req, req.cases(), checkpoints, None, SETTINGS, tmp_path / "gen", tmp_path / "gen.tsv", progress=False)
+    reference = _reference(tmp_path / "ref.json", (-1100.0, 1100.0))
+    qc = QCSettings(max_attempts=1)
+    check_shard(req, req.cases(), tmp_path / "gen.tsv", checkpoints, None, SETTINGS, qc, reference, tmp_path / "re", tmp_path / "q.tsv",
+                progress=False, segmenter=segmenter, segmented=tmp_path / "ts")  # fmt: skip
+    row = read_table(tmp_path / "q.tsv").iloc[0]
+    assert row.checks == "structure,TotalSegmentator organs", row  # the reference has no intensity ranges
+    assert (attempt_root(tmp_path / "ts", 0) / "r" / f"{row.case_id}.nii.gz").is_file()
+    assert json.loads(row.medians) or "TotalSegmentator" in row.qc_reasons  # organs measured on its masks
+    check_shard(req, req.cases(), tmp_path / "gen.tsv", checkpoints, None, SETTINGS, qc, reference, tmp_path / "re", tmp_path / "q2.tsv",
+                progress=False)  # fmt: skip
+    assert read_table(tmp_path / "q2.tsv").iloc[0].checks == "structure"  # without weights: no segmentation
+
+
 def test_qc_shard_keeps_cases_generation_could_not_make(tmp_path, checkpoints):
     from maisi.evaluate.qc import QCSettings
     from maisi.evaluate.qc_check import check_shard
