@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -35,10 +36,19 @@ import yaml
 
 from helpers import slurm_runner
 from helpers.paths import ROOT
-from helpers.workflow_runner import make_workdir, snakemake
+from helpers.workflow_runner import PREPARED, make_workdir, planned_jobs, snakemake
 
 #: The fixtures through which a test uses the shared run (tests/workflow/conftest.py).
 FIXTURE = "default_run_record"
+
+
+@dataclass
+class DerivedRun:
+    """A run made from the shared one by the same background process, for a test that only inspects it."""
+
+    work: Path
+    planned: dict[str, int]  # the jobs a dry run planned before it ran
+    before: dict[str, int]  # st_mtime_ns of files that must stay untouched, by path relative to ``work``
 
 
 @dataclass
@@ -47,6 +57,7 @@ class DefaultRunRecord:
     config: dict
     slurm: slurm_runner.SlurmRun | None  # None where the run went through profiles/local
     local_reason: str | None  # why it did (None for a SLURM run)
+    derived: dict[str, DerivedRun] = field(default_factory=dict)
 
 
 def deep_update(base: dict, overlay: dict) -> dict:
@@ -127,16 +138,51 @@ def _make(root: Path) -> DefaultRunRecord:
     if reason:
         work = make_workdir(root / "work", cfg)
         snakemake(work, "--profile", str(ROOT / "profiles/local"), "all", timeout=2400)
-        return DefaultRunRecord(work, cfg, None, reason)
-    (root / "cluster-up").touch()  # before "up": a part-started cluster is brought down too
-    slurm_runner.cluster("up")
-    cfg["cluster"] = {"cpu_partition": "cpu", "gpu_partition": "gpu", "max_mem_mb": slurm_runner.node_memory_mb()}
-    work = make_workdir(root / "work", cfg)
-    env = slurm_runner.install_profiles(root / "xdg-config")
-    run = slurm_runner.run_workflow(work, "all", env=env, cancel_rule="train_vae", cancel_after_s=8)  # cancelled mid-training
-    if run.returncode != 0:
-        raise RuntimeError(f"snakemake --profile slurm all failed ({run.returncode}):\n{run.output[-8000:]}")
-    return DefaultRunRecord(work, cfg, run, None)
+        record = DefaultRunRecord(work, cfg, None, reason)
+    else:
+        (root / "cluster-up").touch()  # before "up": a part-started cluster is brought down too
+        slurm_runner.cluster("up")
+        cfg["cluster"] = {"cpu_partition": "cpu", "gpu_partition": "gpu", "max_mem_mb": slurm_runner.node_memory_mb()}
+        work = make_workdir(root / "work", cfg)
+        env = slurm_runner.install_profiles(root / "xdg-config")
+        run = slurm_runner.run_workflow(work, "all", env=env, cancel_rule="train_vae", cancel_after_s=8)  # cancelled mid-training
+        if run.returncode != 0:
+            raise RuntimeError(f"snakemake --profile slurm all failed ({run.returncode}):\n{run.output[-8000:]}")
+        record = DefaultRunRecord(work, cfg, run, None)
+    # Runs the workflow tests would otherwise make after the shared one, while the other tests still go on.
+    record.derived = {"more_cases": _more_cases(root, work), "prepared_again": _prepared_again(root, cfg)}
+    return record
+
+
+def image_only_request(cfg: dict) -> str:
+    """The first request of ``cfg`` generated without masks."""
+    return next(name for name, r in cfg["generate"]["requests"].items() if r.get("masks") is False)
+
+
+def _more_cases(root: Path, work: Path) -> DerivedRun:
+    """A copy of the shared run with one more case of the image-only request and a new release version, run with `all`."""
+    copy = root / "more-cases"
+    shutil.copytree(work, copy, symlinks=True)  # outputs, file times and Snakemake's records
+    path = copy / "config" / "config.yaml"
+    cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+    free = image_only_request(cfg)
+    first = f"results/generated/{free}/imagesTr/{free}_00000.nii.gz"
+    cfg["generate"]["requests"][free]["n_cases"] += 1
+    cfg["release"] = {"version": "0.2.0"}  # new content, new release version
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    before = {first: (copy / first).stat().st_mtime_ns}
+    planned = planned_jobs(copy, "all")
+    snakemake(copy, "all", timeout=900)
+    return DerivedRun(copy, planned, before)
+
+
+def _prepared_again(root: Path, cfg: dict) -> DerivedRun:
+    """The data stages of the same config, with one phantom case, in another working directory."""
+    small = dict(cfg, sources={"phantom": dict(cfg["sources"]["phantom"], n_cases=1)})
+    small.pop("cluster", None)
+    other = make_workdir(root / "prepared-again", small)
+    snakemake(other, *PREPARED)
+    return DerivedRun(other, {}, {})
 
 
 def _terminate(signum, frame):  # SIGTERM from close(): unwind, so run_workflow kills Snakemake and cancels its jobs

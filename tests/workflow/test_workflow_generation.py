@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from helpers.default_run import image_only_request
 from helpers.workflow_runner import edit_config, planned_jobs, snakemake
 
 pytestmark = pytest.mark.e2e
@@ -56,7 +57,12 @@ def test_all_ends_in_a_release_with_qc_and_fid(default_run):
     qc = pd.read_csv(generated / "results/qc/cases.tsv", sep="\t", keep_default_na=False)
     assert sorted(qc.case_id) == [f"{FREE}_00000", f"{FREE}_00001", f"{MASKED}_00000", f"{MASKED}_00001"]
     assert set(qc.release) <= {"include", "flagged"} and set(qc.qc_status) <= {"pass", "fail"}
-    assert json.loads((generated / "results/qc/reference.json").read_text(encoding="utf-8"))["ranges"]  # organ ranges from the real phantoms
+    reference = json.loads((generated / "results/qc/reference.json").read_text(encoding="utf-8"))
+    assert reference["ranges"] and set(reference["intensity"]["ranges"]) == {"body", "air", "fat", "soft tissue", "bone"}  # from the real phantoms
+    # Every case had the intensity check; only the mask-conditioned ones had organs to check.
+    checks = {r.case_id: r.checks.split(",") for r in qc.itertuples()}
+    assert all(c[:2] == ["structure", "intensity"] for c in checks.values())
+    assert checks[f"{MASKED}_00000"][2:] == ["inside body", "organ HU"] and checks[f"{FREE}_00000"] == ["structure", "intensity"]
     fid = pd.read_csv(generated / "results/fid/fid.tsv", sep="\t")
     assert list(fid.plane) == ["axial", "coronal", "sagittal", "average"]
     assert (fid.extractor == "maisi-autoencoder-encoder").all() and np.isfinite(fid.fid).all() and (fid.real_floor >= 0).all()
@@ -191,27 +197,21 @@ def test_touched_script_reruns_its_stage_only(default_run, tmp_path):
     assert planned_jobs(generated, "all") == {}  # the checkout's own scripts are untouched
 
 
-def test_more_cases_add_shards_only(default_copy):
-    """One more case of a request adds one generation shard (run on a copy of the default run)."""
-    generated = default_copy
-    first = generated / f"results/generated/{FREE}/imagesTr/{FREE}_00000.nii.gz"
-    before = first.stat().st_mtime_ns
-    path = generated / "config" / "config.yaml"
-    original = path.read_text(encoding="utf-8")
-    cfg = yaml.safe_load(original)
-    cfg["generate"]["requests"][FREE]["n_cases"] = 3
-    cfg["release"] = {"version": "0.2.0"}  # new content, new release version
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
-    try:
-        assert planned_jobs(generated, "all") == {"generate": 1, "qc_check": 1, "generated": 1, "qc": 1, "fid": 1, "release": 1, "all": 1}
-        snakemake(generated, "all", timeout=900)
-        assert first.stat().st_mtime_ns == before  # the existing cases are untouched
-        assert (generated / f"results/generated/{FREE}/imagesTr/{FREE}_00002.nii.gz").is_file()
-        releases = generated / "results/releases/default"
-        assert (releases / f"0.2.0/imagesTr/{FREE}_00002.nii.gz").is_file()
-        assert not (releases / f"0.1.0/imagesTr/{FREE}_00002.nii.gz").exists()  # the earlier version is unchanged
-    finally:
-        path.write_text(original, encoding="utf-8")
+def test_more_cases_add_shards_only(default_run_record):
+    """One more case of a request adds one generation shard (a copy of the default run, run again by the
+    shared run's process: tests/helpers/default_run.py)."""
+    run = default_run_record.derived["more_cases"]
+    generated = run.work
+    assert FREE == image_only_request(default_run_record.config)
+    assert run.planned == {"generate": 1, "qc_check": 1, "generated": 1, "qc": 1, "fid": 1, "release": 1, "all": 1}
+    for rel, before in run.before.items():
+        assert (generated / rel).stat().st_mtime_ns == before  # the existing cases are untouched
+    n = default_run_record.config["generate"]["requests"][FREE]["n_cases"]
+    assert (generated / f"results/generated/{FREE}/imagesTr/{FREE}_{n:05d}.nii.gz").is_file()
+    releases = generated / "results/releases/default"
+    assert (releases / f"0.2.0/imagesTr/{FREE}_{n:05d}.nii.gz").is_file()
+    assert not (releases / f"0.1.0/imagesTr/{FREE}_{n:05d}.nii.gz").exists()  # the earlier version is unchanged
+    assert planned_jobs(generated, "all") == {}
 
 
 def test_decoder_setting_reruns_generation_only(default_run):

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
-from helpers.workflow_runner import TRAINING, edit_config, make_workdir, planned_jobs, snakemake
+from helpers.workflow_runner import PREPARED, TRAINING, edit_config, make_workdir, planned_jobs, snakemake
 
 from maisi.models.checkpoints import load_controlnet, load_diffusion
 from maisi.models.networks import build_autoencoder, build_diffusion_unet
@@ -75,27 +76,41 @@ def _released_checkpoints(folder):
     return folder
 
 
-def test_pretrained_checkpoints_skip_their_training(tmp_path):
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """The data stages of the training tests' phantom, run once; each test runs on a copy with its own `pretrained`."""
+    work = make_workdir(tmp_path_factory.mktemp("training") / "work", _config())
+    snakemake(work, *PREPARED)
+    return work
+
+
+def _work_with(prepared, dest, pretrained):
+    work = dest / "work"
+    shutil.copytree(prepared, work, symlinks=True)  # file times and Snakemake's records kept: nothing prepared again
+    return make_workdir(work, _config(pretrained=pretrained))
+
+
+def test_pretrained_checkpoints_skip_their_training(prepared, tmp_path):
     released = _released_checkpoints(tmp_path / "released")
     pretrained = {"autoencoder": str(released / "autoencoder.pt"), "diffusion": str(released / "diffusion.pt")}
-    work = make_workdir(tmp_path / "work", _config(pretrained=pretrained))
+    work = _work_with(prepared, tmp_path, pretrained)
     jobs = planned_jobs(work, "all")
-    assert "train_vae" not in jobs and "train_diffusion" not in jobs
+    assert "train_vae" not in jobs and "train_diffusion" not in jobs and not {"phantom", "preprocess", "dataset"} & set(jobs)
     assert jobs["cache_latents"] >= 1 and jobs["train_controlnet"] == 1
-    snakemake(work, "all", timeout=1500)
+    snakemake(work, "results/models/controlnet.pt", timeout=1500)
     models = work / "results" / "models"
     assert not (models / "autoencoder.pt").exists() and not (models / "diffusion_unet.pt").exists()
     sidecar = json.loads((models / "controlnet.pt.json").read_text(encoding="utf-8"))
     assert sidecar["diffusion_sha256"] == __import__("hashlib").sha256((released / "diffusion.pt").read_bytes()).hexdigest()
 
 
-def test_pretrained_checkpoint_that_does_not_fit_is_a_clear_error(tmp_path):
+def test_pretrained_checkpoint_that_does_not_fit_is_a_clear_error(prepared, tmp_path):
     released = _released_checkpoints(tmp_path / "released")
     state = torch.load(released / "autoencoder.pt", weights_only=True)
     key = next(k for k in state if k.endswith("weight") and state[k].ndim == 5)
     state[key] = torch.zeros(3, *state[key].shape[1:])
     torch.save(state, released / "autoencoder.pt")
-    work = make_workdir(tmp_path / "work", _config(pretrained={"autoencoder": str(released / "autoencoder.pt")}))
+    work = _work_with(prepared, tmp_path, {"autoencoder": str(released / "autoencoder.pt")})
     proc = snakemake(work, "all", check=False, timeout=1500)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
