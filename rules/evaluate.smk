@@ -12,6 +12,7 @@ rule qc_reference:
         table=report(f"{QC_ROOT}/reference_ranges.tsv", caption="../report/qc_reference.rst", category="Quality control"),
     params:
         settings=QC.reference_json(),
+        version=REFERENCE_VERSION,  # a new reference format or range rule rebuilds the reference
     resources:
         **cluster(),
     log:

@@ -1,5 +1,5 @@
 # Paths, settings and input functions of the evaluate rules (evaluate.smk); what every stage needs is in common.smk.
-from maisi.evaluate.qc import QCSettings
+from maisi.evaluate.qc import REFERENCE_VERSION, QCSettings
 from maisi.evaluate.settings import FIDSettings
 from maisi.prepare.totalsegmentator import TotalSegSettings, check_weights
 

@@ -117,8 +117,7 @@ class QCSettings(ConfigSettings):
 
     def reference_json(self) -> str:
         """The settings the reference ranges depend on."""
-        d = {"min_voxels": self.min_voxels, "min_reference_cases": self.min_reference_cases, "version": REFERENCE_VERSION,
-             "body_threshold_hu": self.body_threshold_hu}  # fmt: skip  # a new format or rule rebuilds the reference
+        d = {"min_voxels": self.min_voxels, "min_reference_cases": self.min_reference_cases, "body_threshold_hu": self.body_threshold_hu}
         if self.reference != "real":  # the real-data reference's parameters stay as they were
             d.update(reference=self.reference, nvidia_statistics=self.nvidia_statistics)
         return json.dumps(d, sort_keys=True)
