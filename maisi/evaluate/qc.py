@@ -34,7 +34,7 @@ from maisi.core.labels import BODY, label_name, maisi_labels
 from maisi.core.schema import schema_default
 from maisi.core.settings import ConfigSettings
 
-__all__ = ["QCSettings", "OrganRange", "QCResult", "ORGAN_GROUPS", "NVIDIA_GROUPS", "HU_BANDS", "BODY_SHARE", "REFERENCE_VERSION", "CT_RANGE", "organ_groups", "organ_medians", "intensity_profile", "load_case", "reference_ranges", "intensity_ranges", "build_reference", "nvidia_reference", "read_reference", "read_intensity", "read_groups", "check_case", "check_files"]
+__all__ = ["QCSettings", "OrganRange", "QCResult", "ORGAN_GROUPS", "NVIDIA_GROUPS", "HU_BANDS", "BODY_SHARE", "REFERENCE_VERSION", "CT_RANGE", "organ_groups", "organ_medians", "intensity_profile", "load_case", "reference_ranges", "intensity_ranges", "build_reference", "nvidia_reference", "Reference", "load_reference", "read_reference", "check_case", "check_files"]
 
 #: Version of the reference format and of the range rule; bumped when either changes.
 REFERENCE_VERSION = 2
@@ -328,13 +328,6 @@ def nvidia_reference(path: str | os.PathLike, intensity: Mapping[str, Any] | Non
     }  # fmt: skip
 
 
-def read_groups(path: str | os.PathLike) -> dict[str, tuple[int, ...]] | None:
-    """The organ groups a reference was made with (NVIDIA's for ``qc.reference: nvidia``), or None: MAISI's."""
-    with open(path, encoding="utf-8") as fh:
-        groups = json.load(fh).get("groups")
-    return None if groups is None else {k: tuple(v) for k, v in groups.items()}
-
-
 def _read_versioned(path: str | os.PathLike) -> dict[str, Any]:
     with open(path, encoding="utf-8") as fh:
         data = json.load(fh)
@@ -347,14 +340,29 @@ def _ranges(block: Mapping[str, Any]) -> dict[str, OrganRange]:
     return {k: OrganRange(**{**v, "labels": tuple(v["labels"])}) for k, v in block.items()}
 
 
+@dataclass(frozen=True)
+class Reference:
+    """What a QC reference file (:func:`build_reference`, :func:`nvidia_reference`) holds for checking cases."""
+
+    ranges: dict[str, OrganRange]  # organ median-HU ranges
+    groups: dict[str, tuple[int, ...]] | None  # the organ groups it was made with (NVIDIA's), or None: MAISI's
+    intensity: dict[str, OrganRange]  # BODY_SHARE and HU_BANDS; empty where the real data had too few cases
+
+
+def load_reference(path: str | os.PathLike) -> Reference:
+    """A QC reference file, read once."""
+    data = _read_versioned(path)
+    groups = data.get("groups")
+    return Reference(
+        _ranges(data["ranges"]),
+        None if groups is None else {k: tuple(v) for k, v in groups.items()},
+        _ranges(data.get("intensity", {}).get("ranges", {})),
+    )
+
+
 def read_reference(path: str | os.PathLike) -> dict[str, OrganRange]:
     """The organ ranges of a reference written by :func:`build_reference`."""
-    return _ranges(_read_versioned(path)["ranges"])
-
-
-def read_intensity(path: str | os.PathLike) -> dict[str, OrganRange]:
-    """The intensity ranges of a reference (:data:`BODY_SHARE` and :data:`HU_BANDS`); empty where the real data had too few cases."""
-    return _ranges(_read_versioned(path).get("intensity", {}).get("ranges", {}))
+    return load_reference(path).ranges
 
 
 def check_case(
@@ -367,7 +375,7 @@ def check_case(
     intensity: Mapping[str, OrganRange] | None = None,
 ) -> QCResult:
     """Check one generated case; every failed check adds a reason and :attr:`QCResult.checks` names the checks made.
-    ``groups``: the reference's organ groups; ``intensity``: the intensity ranges (:func:`read_intensity`)."""
+    ``groups``: the reference's organ groups; ``intensity``: the intensity ranges (:attr:`Reference.intensity`)."""
     reasons: list[str] = []
     checks = ["structure"]
     if hu.shape != label.shape:

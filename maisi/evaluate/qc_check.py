@@ -28,7 +28,7 @@ from typing import Any
 
 from maisi.core.shards import raise_first, run_in_turn
 from maisi.core.tables import read_table, write_table
-from maisi.evaluate.qc import OrganRange, QCResult, QCSettings, check_files, read_groups, read_intensity, read_reference
+from maisi.evaluate.qc import OrganRange, QCResult, QCSettings, check_files, load_reference
 from maisi.generate.requests import GenCase, GenerationRequest
 from maisi.generate.sampling import load_request
 from maisi.generate.settings import GenerateSettings
@@ -115,7 +115,8 @@ def check_shard(
     """
     loaded = functools.cache(lambda: load_request(request, checkpoints, mask_db, settings))  # only when a case fails
 
-    ranges, groups, intensity = read_reference(qc_reference), read_groups(qc_reference), read_intensity(qc_reference)
+    reference = load_reference(qc_reference)
+    ranges, groups, intensity = reference.ranges, reference.groups, reference.intensity
     by_id = {c.case_id: c for c in cases}
     generated = read_table(generated_table)
     missing = sorted(set(generated.case_id) - set(by_id))
@@ -125,7 +126,8 @@ def check_shard(
 
     def verdict_of(row: Mapping[str, Any], attempt: int) -> QCResult:
         verdict = check_files(row["image"], row["label"], ranges, qc, groups, intensity)
-        if segmenter is None or "inside body" in verdict.checks or "structure" not in verdict.checks:
+        unreadable = not verdict.checks  # check_files could not read the case
+        if segmenter is None or unreadable or "inside body" in verdict.checks:  # none, or its label map has organs
             return verdict
         dest = attempt_root(segmented, attempt) / request.name / f"{row['case_id']}.nii.gz"
         return check_with_totalsegmentator(verdict, row["case_id"], row["image"], dest, segmenter, ranges, qc, groups)

@@ -41,8 +41,6 @@ __all__ = ["RequestError", "GenerationRequest", "GenCase", "latent_factor", "val
 REGION_LENGTH_MM = {"head_neck": 250.0, "chest": 300.0, "abdomen": 250.0, "lower_body": 450.0}
 
 
-
-
 log = logging.getLogger(__name__)
 
 
@@ -359,8 +357,9 @@ def _trained_sampler(config: Mapping[str, Any], variant_name: str) -> str | None
     """The diffusion model's scheduler as far as the config tells: a released variant's own; the one it
     is trained with here; unknown (None) for a project variant's given checkpoint (generation checks
     the checkpoint's record)."""
-    if variant(variant_name).released:
-        return variant(variant_name).sampler
+    var = variant(variant_name)
+    if var.released:
+        return var.sampler
     if config.get("pretrained", {}).get("diffusion"):
         return None
     return resolve_scheduler(variant_name, config.get("train_diffusion", {}).get("scheduler"))

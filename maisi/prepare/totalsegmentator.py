@@ -89,23 +89,23 @@ class TotalSegSettings(ConfigSettings):
     @classmethod
     def from_config(cls, config: Mapping[str, Any], source: str) -> TotalSegSettings:
         """From ``config["totalsegmentator"]``, the source's ``regions.mode`` and ``threads.totalsegmentator``."""
-        block = config["totalsegmentator"]
-        return cls(
-            weights=str(block["weights"]), home=str(block["home"]), mode=str(config["sources"][source]["regions"].get("mode", cls.mode)),
-            device=str(block["device"]), threads=int(config["threads"]["totalsegmentator"]), body_threshold_hu=block["body_threshold_hu"],
-            keep_labels=bool(block["keep_labels"]), min_patch_fraction=float(block["min_patch_fraction"]),
-        )  # fmt: skip
+        mode = str(config["sources"][source]["regions"].get("mode", cls.mode))
+        return cls._from_block(config, mode, int(config["threads"]["totalsegmentator"]))
 
     @classmethod
     def for_qc(cls, config: Mapping[str, Any]) -> TotalSegSettings | None:
-        """The settings QC segments image-only generated cases with (fast mode, no case labels to keep), or
-        None where ``totalsegmentator.weights`` is unset or ``qc.totalsegmentator`` is off."""
-        block = config["totalsegmentator"]
-        if not block.get("weights") or not config.get("qc", {}).get("totalsegmentator", True):
+        """The settings QC segments image-only generated cases with (fast mode, in the generation job's threads,
+        no case labels to keep), or None where ``totalsegmentator.weights`` is unset or ``qc.totalsegmentator`` is off."""
+        if not config["totalsegmentator"]["weights"] or not config["qc"]["totalsegmentator"]:
             return None
+        return cls._from_block(config, "fast", int(config["threads"]["generate"]), keep_labels=False)
+
+    @classmethod
+    def _from_block(cls, config: Mapping[str, Any], mode: str, threads: int, keep_labels: bool | None = None) -> TotalSegSettings:
+        block = config["totalsegmentator"]
         return cls(
-            weights=str(block["weights"]), home=str(block["home"]), mode="fast", device=str(block["device"]),
-            threads=int(config["threads"]["generate"]), body_threshold_hu=block["body_threshold_hu"], keep_labels=False,
+            weights=str(block["weights"]), home=str(block["home"]), mode=mode, device=str(block["device"]), threads=threads,
+            body_threshold_hu=block["body_threshold_hu"], keep_labels=bool(block["keep_labels"] if keep_labels is None else keep_labels),
             min_patch_fraction=float(block["min_patch_fraction"]),
         )  # fmt: skip
 

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from snakemake.utils import update_config
 
 from helpers import slurm_runner
 from helpers.paths import ROOT
@@ -40,6 +41,9 @@ from helpers.workflow_runner import PREPARED, make_workdir, planned_jobs, snakem
 
 #: The fixtures through which a test uses the shared run (tests/workflow/conftest.py).
 FIXTURE = "default_run_record"
+#: What the run's process leaves in its folder: the pickled record (or the traceback), its output, and a marker
+#: written before it starts the SLURM cluster (so the session brings down even a part-started one).
+RECORD, LOG, CLUSTER_MARKER = "record.pickle", "default_run.log", "cluster-up"
 
 
 @dataclass
@@ -60,19 +64,10 @@ class DefaultRunRecord:
     derived: dict[str, DerivedRun] = field(default_factory=dict)
 
 
-def deep_update(base: dict, overlay: dict) -> dict:
-    """``base`` updated with ``overlay``, nested mappings merged key by key (as Snakemake merges ``--configfile``)."""
-    out = dict(base)
-    for key, value in overlay.items():
-        out[key] = deep_update(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def run_config() -> dict:
     """The embedded default config with the test budget of ``config/test.yaml`` on top."""
     cfg = yaml.safe_load((ROOT / "config/config.yaml").read_text(encoding="utf-8"))
-    overlay = yaml.safe_load((ROOT / "config/test.yaml").read_text(encoding="utf-8")) or {}
-    cfg = deep_update(cfg, overlay)
+    update_config(cfg, yaml.safe_load((ROOT / "config/test.yaml").read_text(encoding="utf-8")) or {})  # as --configfile merges
     cfg["catalog"] = str(ROOT / "config/datasets.yaml")
     return cfg
 
@@ -87,17 +82,9 @@ class DefaultRun:
         self._proc: subprocess.Popen | None = None
         self._record: DefaultRunRecord | None = None
 
-    @property
-    def _result_file(self) -> Path:
-        return self.root / "record.pickle"
-
-    @property
-    def _cluster_marker(self) -> Path:
-        return self.root / "cluster-up"
-
     def start(self) -> None:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
-        log = open(self.root / "default_run.log", "w", encoding="utf-8")  # noqa: SIM115 - the child holds it
+        log = open(self.root / LOG, "w", encoding="utf-8")  # noqa: SIM115 - the child holds it
         with log:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "helpers.default_run", str(self.root)], stdout=log, stderr=subprocess.STDOUT, env=env
@@ -109,9 +96,10 @@ class DefaultRun:
         if self._proc is None:
             self.start()
         self._proc.wait()
-        outcome = pickle.loads(self._result_file.read_bytes()) if self._result_file.is_file() else None
+        record = self.root / RECORD
+        outcome = pickle.loads(record.read_bytes()) if record.is_file() else None
         if not isinstance(outcome, DefaultRunRecord):
-            log = (self.root / "default_run.log").read_text(encoding="utf-8", errors="replace")[-8000:]
+            log = (self.root / LOG).read_text(encoding="utf-8", errors="replace")[-8000:]
             raise RuntimeError(f"the shared default run failed (exit {self._proc.returncode}):\n{outcome or ''}\n{log}")
         self._record = outcome
         return outcome
@@ -125,9 +113,10 @@ class DefaultRun:
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait()
-        if self._cluster_marker.exists():
+        marker = self.root / CLUSTER_MARKER
+        if marker.exists():
             slurm_runner.cluster("down")
-            self._cluster_marker.unlink()
+            marker.unlink()
 
 
 def _make(root: Path) -> DefaultRunRecord:
@@ -140,7 +129,7 @@ def _make(root: Path) -> DefaultRunRecord:
         snakemake(work, "--profile", str(ROOT / "profiles/local"), "all", timeout=2400)
         record = DefaultRunRecord(work, cfg, None, reason)
     else:
-        (root / "cluster-up").touch()  # before "up": a part-started cluster is brought down too
+        (root / CLUSTER_MARKER).touch()  # before "up": a part-started cluster is brought down too
         slurm_runner.cluster("up")
         cfg["cluster"] = {"cpu_partition": "cpu", "gpu_partition": "gpu", "max_mem_mb": slurm_runner.node_memory_mb()}
         work = make_workdir(root / "work", cfg)
@@ -196,9 +185,9 @@ def main(root: Path) -> int:
         outcome: object = _make(root)
     except BaseException:  # noqa: BLE001 - reported by result() in the test that needs the run
         outcome = traceback.format_exc()
-    tmp = root / "record.pickle.tmp"
+    tmp = root / f"{RECORD}.tmp"
     tmp.write_bytes(pickle.dumps(outcome))
-    tmp.replace(root / "record.pickle")
+    tmp.replace(root / RECORD)
     print(f"default run: {'done' if isinstance(outcome, DefaultRunRecord) else 'failed'} in {time.monotonic() - start:.0f} s", flush=True)
     return 0 if isinstance(outcome, DefaultRunRecord) else 1
 

@@ -23,9 +23,9 @@ from maisi.evaluate.qc import (
     check_files,
     intensity_profile,
     intensity_ranges,
+    load_reference,
     organ_groups,
     organ_medians,
-    read_intensity,
     read_reference,
     reference_ranges,
 )
@@ -104,7 +104,7 @@ def test_build_reference_from_cases(tmp_path):
     table = reference_table(ref, tmp_path / "ranges.tsv")
     assert list(table[table.measure == "median HU"].organ) == ["bone", "liver", "lung", "spleen"]
     assert list(table[table.measure == "share"].organ) == ["body", "air", "fat", "soft tissue", "bone"]
-    assert set(read_intensity(path)) == {"body", "air", "fat", "soft tissue", "bone"}
+    assert set(load_reference(path).intensity) == {"body", "air", "fat", "soft tissue", "bone"}
     bad = dict(ref, version=0)
     path.write_text(json.dumps(bad), encoding="utf-8")
     with pytest.raises(InputError, match="version"):
@@ -250,13 +250,14 @@ def _nvidia_case():
 def test_nvidia_reference_follows_nvidias_rules_and_verdicts(tmp_path):
     from helpers.nvidia import nvidia_config, nvidia_module
 
-    from maisi.evaluate.qc import NVIDIA_GROUPS, nvidia_reference, read_groups
+    from maisi.evaluate.qc import NVIDIA_GROUPS, nvidia_reference
 
     stats_path = nvidia_config("image_median_statistics_ct.json")
     stats = json.loads(stats_path.read_text())
     record = nvidia_reference(stats_path)
     (tmp_path / "reference.json").write_text(json.dumps(record))
-    ranges, groups = read_reference(tmp_path / "reference.json"), read_groups(tmp_path / "reference.json")
+    reference = load_reference(tmp_path / "reference.json")
+    ranges, groups = reference.ranges, reference.groups
     assert set(ranges) == set(stats) and groups["lung"] == (28, 29, 30, 31)
     assert ranges["bone"].high == 1000.0 and ranges["liver"].low == min(stats["liver"]["sigma_6_low"], stats["liver"]["percentile_0_5"])
     # The factory's own rule on the same statistics would cap bone well below 1000 HU.

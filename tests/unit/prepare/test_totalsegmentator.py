@@ -220,3 +220,18 @@ def test_segment_case_full_resolution_combines_the_five_models(tmp_path):
     assert np.all(mask[9:11, 14:30, 5:11] == mapping[first[292]])  # soft tissue
     assert np.all(mask[29:31, 14:30, 5:11] == mapping[first[293]])  # bone block
     assert np.all(mask[:6] == 0) and row["ts_mode"] == "full"
+
+
+def test_settings_for_the_regions_stage_and_for_qc():
+    from helpers.config import validated
+
+    cfg = validated(
+        totalsegmentator={"weights": "/w", "device": "cpu"}, threads={"totalsegmentator": 3, "generate": 5},
+        sources={"s": {"type": "local", "path": "/d", "images": "{case}.nii.gz", "regions": {"backend": "totalsegmentator", "mode": "full"}}},
+    )  # fmt: skip
+    regions = TotalSegSettings.from_config(cfg, "s")
+    assert (regions.mode, regions.threads, regions.keep_labels, regions.weights) == ("full", 3, True, "/w")
+    qc = TotalSegSettings.for_qc(cfg)  # image-only generated cases: the fast model, the generation job's threads
+    assert (qc.mode, qc.threads, qc.keep_labels, qc.weights, qc.device) == ("fast", 5, False, "/w", "cpu")
+    assert TotalSegSettings.for_qc({**cfg, "qc": {**cfg["qc"], "totalsegmentator": False}}) is None
+    assert TotalSegSettings.for_qc({**cfg, "totalsegmentator": {**cfg["totalsegmentator"], "weights": None}}) is None
