@@ -32,6 +32,7 @@ class VaeSettings(ConfigSettings):
     batch_size: int = schema_default("train_vae.batch_size")
     patch_sizes: tuple[tuple[int, int, int], ...] = schema_default("train_vae.patch_sizes")  # steps split evenly over them, in order
     lr: float = schema_default("train_vae.lr")
+    lr_power: float = schema_default("train_vae.lr_power")
     kl_weight: float = schema_default("train_vae.kl_weight")
     adv_weight: float = schema_default("train_vae.adv_weight")
     adv_start: int = schema_default("train_vae.adv_start")  # first step that uses the adversarial loss

@@ -33,6 +33,7 @@ from maisi.train.loop import (
     files_fingerprint,
     fingerprint,
     plot_losses,
+    polynomial_lr,
     progress,
     save_checkpoint,
     seed_everything,
@@ -275,6 +276,7 @@ def train_vae(
     eps = 1e-6 if amp_dtype is not None else 1e-8  # as MAISI: a larger epsilon under mixed precision
     opt_g = torch.optim.Adam(autoencoder.parameters(), lr=settings.lr, eps=eps)
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=settings.lr, eps=eps)
+    decay = [polynomial_lr(opt, settings.steps, settings.lr_power) for opt in (opt_g, opt_d)]
     scaler_g = torch.amp.GradScaler("cuda", enabled=use_scaler)
     scaler_d = torch.amp.GradScaler("cuda", enabled=use_scaler)
 
@@ -295,6 +297,9 @@ def train_vae(
         discriminator.load_state_dict(state["discriminator"])
         opt_g.load_state_dict(state["optimizer_g"])
         opt_d.load_state_dict(state["optimizer_d"])
+        for sched, key in zip(decay, ("lr_g", "lr_d"), strict=True):
+            if key in state:
+                sched.load_state_dict(state[key])
         if use_scaler and state.get("scaler_g"):
             scaler_g.load_state_dict(state["scaler_g"])
             scaler_d.load_state_dict(state["scaler_d"])
@@ -358,6 +363,8 @@ def train_vae(
                     scaler_d.step(opt_d)
                     scaler_d.update()
                     values["disc"] = (0.5 * (d_fake + d_real)).item()
+            for sched in decay:
+                sched.step()
 
             if not math.isfinite(values["total"]):
                 raise FloatingPointError(f"train_vae: loss is {values['total']} at step {step + 1}; lower train_vae.lr")
@@ -375,6 +382,8 @@ def train_vae(
                         "discriminator": discriminator.state_dict(),
                         "optimizer_g": opt_g.state_dict(),
                         "optimizer_d": opt_d.state_dict(),
+                        "lr_g": decay[0].state_dict(),
+                        "lr_d": decay[1].state_dict(),
                         "scaler_g": scaler_g.state_dict() if use_scaler else {},
                         "scaler_d": scaler_d.state_dict() if use_scaler else {},
                         "history": history,

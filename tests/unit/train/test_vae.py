@@ -20,9 +20,11 @@ from maisi.models.networks import build_autoencoder
 from maisi.train.loop import files_fingerprint, seed_everything
 
 SHAPE = (48, 40, 32)
-# Two patch sizes (steps 0-2, then 3-5); the second is longer than the volumes along z, so it is padded.
+# Two patch sizes (steps 0-2, then 3-5); the second is longer than the volumes along z, so it is padded. The learning
+# rate decays linearly, so a resumed run matches only if it resumes the decay too.
 BASE = tv.VaeSettings(
-    variant="tiny", device="cpu", steps=6, batch_size=2, patch_sizes=((16, 16, 16), (16, 16, 40)), lr=1e-3, checkpoint_every=2
+    variant="tiny", device="cpu", steps=6, batch_size=2, patch_sizes=((16, 16, 16), (16, 16, 40)), lr=1e-3, lr_power=1.0,
+    checkpoint_every=2,
 )
 
 
