@@ -132,6 +132,13 @@ class Batch:
     starts: list[Patch]  # crop origin in latent voxels
     shape: Patch  # the (padded) spatial size of z
 
+    @property
+    def whole(self) -> list[Patch] | None:
+        """Each sample's whole latent size when ``z`` holds crops (see :func:`noise_inputs`); ``None`` for whole latents."""
+        if all(c.shape == self.shape for c in self.cases):
+            return None
+        return [c.shape for c in self.cases]
+
 
 def _choose(gen: torch.Generator, pool: Sequence[int], first: int, batch_size: int) -> list[int]:
     """``first`` plus ``batch_size - 1`` other cases of ``pool`` (repeats only when the pool is too small)."""
@@ -173,8 +180,16 @@ def sample_batch(
     return Batch(z=z, cases=[cases[i] for i in chosen], starts=starts, shape=target)
 
 
-def noise_inputs(scheduler: Any, kind: str, z: torch.Tensor, gen: torch.Generator, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(noisy latents, timesteps, target) on ``device``: target = noise (DDPM) or ``z - noise`` (RFlow)."""
+def noise_inputs(
+    scheduler: Any, kind: str, z: torch.Tensor, gen: torch.Generator, device: torch.device, whole: Sequence[Patch] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(noisy latents, timesteps, target) on ``device``: target = noise (DDPM) or ``z - noise`` (RFlow).
+
+    ``whole``: the spatial size of each sample's whole latent when ``z`` holds crops of it. RFlow's timestep
+    transform shifts the noise levels by the latent's size; sampling them for the crop would train a patch
+    model mostly at low noise (16^3 crops: 2% of the draws above t = 0.8), while generation walks the whole
+    latent's levels evenly from pure noise. With ``whole`` they are drawn as for the whole latents.
+    """
     noise = torch.randn(z.shape, generator=gen)
     if kind == "ddpm":
         timesteps = torch.randint(0, scheduler.num_train_timesteps, (z.shape[0],), generator=gen)
@@ -182,7 +197,10 @@ def noise_inputs(scheduler: Any, kind: str, z: torch.Tensor, gen: torch.Generato
         sub_seed = int(torch.randint(0, 2**62, (1,), generator=gen))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sub_seed)
-            timesteps = scheduler.sample_timesteps(z)
+            if whole is None:
+                timesteps = scheduler.sample_timesteps(z)
+            else:  # only the shape of what sample_timesteps is given matters (empty: no memory is written)
+                timesteps = torch.cat([scheduler.sample_timesteps(torch.empty((1, 1, *shape))) for shape in whole])
     z, noise, timesteps = z.to(device), noise.to(device), timesteps.to(device)
     noisy = scheduler.add_noise(original_samples=z, noise=noise, timesteps=timesteps)
     target = noise if kind == "ddpm" else z - noise

@@ -142,7 +142,7 @@ def train_controlnet(
 
     def loss_fn(step: int, gen: torch.Generator) -> torch.Tensor:
         batch = sample_batch(cases, gen, settings.batch_size, settings.latent_patch, divisor, scale_t)
-        noisy, timesteps, target = noise_inputs(scheduler, kind, batch.z, gen, device)
+        noisy, timesteps, target = noise_inputs(scheduler, kind, batch.z, gen, device, batch.whole)
         label = labels.crops(batch).to(device)
         inputs = conditions(batch, device, var)
         down, mid = controlnet(x=noisy, timesteps=timesteps, controlnet_cond=label_to_bits(label), class_labels=inputs.get("class_labels"))

@@ -96,7 +96,7 @@ def train_diffusion(
 
     def loss_fn(step: int, gen: torch.Generator) -> torch.Tensor:
         batch = sample_batch(cases, gen, settings.batch_size, settings.latent_patch, divisor, scale)
-        noisy, timesteps, target = noise_inputs(scheduler, settings.kind, batch.z, gen, device)
+        noisy, timesteps, target = noise_inputs(scheduler, settings.kind, batch.z, gen, device, batch.whole)
         prediction = unet(x=noisy, timesteps=timesteps, **conditions(batch, device, var))
         return l1_loss(prediction, target)
 

@@ -312,3 +312,23 @@ def test_resume_fingerprint_ignores_the_device():
     a = DiffusionSettings(**{**FAST, "device": "cpu"}).run_fingerprint()
     assert a == DiffusionSettings(**{**FAST, "device": "auto"}).run_fingerprint()
     assert a != DiffusionSettings(**{**FAST, "seed": 3}).run_fingerprint()
+
+
+def test_rflow_noise_levels_of_crops_follow_their_whole_latents():
+    """Crops of a 32^3 latent get the noise levels RFlow gives 32^3 latents (what generation walks through),
+    not the lower ones of 16^3 latents."""
+    from monai.networks.schedulers import RFlowScheduler
+
+    from maisi.train.batches import noise_inputs
+
+    scheduler = RFlowScheduler(1000, use_discrete_timesteps=False, use_timestep_transform=True, sample_method="logit-normal")
+    z = torch.zeros(2, 4, 16, 16, 16)
+    crops, wholes = [], []
+    for k in range(1000):
+        for whole, into in ((None, crops), ([(32, 32, 32)] * 2, wholes)):
+            _, t, _ = noise_inputs(scheduler, "rflow", z, torch.Generator().manual_seed(k), torch.device("cpu"), whole)
+            into.append(t)
+    crops, wholes = torch.cat(crops), torch.cat(wholes)
+    # logit-normal noise levels: the 32^3 latent is RFlow's base size (no shift), 16^3 halves the odds of noise
+    assert abs(float(wholes.mean()) - 500) < 15 and float((wholes > 800).float().mean()) > 0.07
+    assert float(crops.mean()) < 380 and float((crops > 800).float().mean()) < 0.03
