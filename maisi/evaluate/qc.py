@@ -99,6 +99,8 @@ class QCSettings(ConfigSettings):
     body_threshold_hu: float = schema_default("qc.body_threshold_hu")
     hu_range: tuple[float, float] = schema_default("qc.hu_range")
     check_organs: bool = schema_default("qc.check_organs")
+    organs: str = schema_default("qc.organs")  # maisi: MAISI's seven QC organs; all: every organ with a range
+    min_halfwidth_hu: float = schema_default("qc.min_halfwidth_hu")  # floor of a range's half-width about its mean
     totalsegmentator: bool = schema_default("qc.totalsegmentator")  # image-only cases segmented where weights are set
     reference: str = schema_default("qc.reference")  # real | nvidia
     nvidia_statistics: str | None = schema_default("qc.nvidia_statistics")
@@ -118,6 +120,8 @@ class QCSettings(ConfigSettings):
     def reference_json(self) -> str:
         """The settings the reference ranges depend on."""
         d = {"min_voxels": self.min_voxels, "min_reference_cases": self.min_reference_cases, "body_threshold_hu": self.body_threshold_hu}
+        if self.min_halfwidth_hu:
+            d["min_halfwidth_hu"] = self.min_halfwidth_hu
         if self.reference != "real":  # the real-data reference's parameters stay as they were
             d.update(reference=self.reference, nvidia_statistics=self.nvidia_statistics)
         return json.dumps(d, sort_keys=True)
@@ -217,21 +221,27 @@ def load_case(image: str | os.PathLike, label: str | os.PathLike, scaled: bool =
 
 
 def _maisi_range(
-    name: str, values: Sequence[float], labels: tuple[int, ...] = (), cap: tuple[float, float] = (-np.inf, np.inf)
+    name: str, values: Sequence[float], labels: tuple[int, ...] = (), cap: tuple[float, float] = (-np.inf, np.inf), min_halfwidth: float = 0.0
 ) -> OrganRange:
-    """MAISI's rule on one set of per-case values: ``[min(mean - 3 sd, p0.5), max(mean + 3 sd, p99.5)]``, clipped to ``cap``."""
+    """MAISI's rule on one set of per-case values: ``[min(mean - 3 sd, p0.5), max(mean + 3 sd, p99.5)]``, at least
+    ``mean -/+ min_halfwidth``, clipped to ``cap``."""
     v = np.asarray(values, dtype=np.float64)
     mean, sd = float(v.mean()), float(v.std())
     p005, p995 = (float(x) for x in np.percentile(v, [0.5, 99.5]))
-    low, high = max(min(mean - 3 * sd, p005), cap[0]), min(max(mean + 3 * sd, p995), cap[1])
+    low = max(min(mean - 3 * sd, p005, mean - min_halfwidth), cap[0])
+    high = min(max(mean + 3 * sd, p995, mean + min_halfwidth), cap[1])
     return OrganRange(name, labels, int(v.size), mean, sd, p005, p995, low, high)
 
 
-def reference_ranges(medians: Mapping[str, Sequence[float]], groups: Mapping[str, Sequence[int]], min_cases: int = 3) -> dict[str, OrganRange]:
+def reference_ranges(
+    medians: Mapping[str, Sequence[float]], groups: Mapping[str, Sequence[int]], min_cases: int = 3, min_halfwidth: float = 0.0
+) -> dict[str, OrganRange]:
     """MAISI's allowed ranges from the per-case medians of each organ (organs with fewer than
-    ``min_cases`` cases get none: their spread is unknown)."""
+    ``min_cases`` cases get none: their spread is unknown), each at least ``min_halfwidth`` HU either side of
+    its mean (a floor for data whose organs barely vary, such as a phantom's)."""
     return {
-        organ: _maisi_range(organ, values, tuple(int(i) for i in groups[organ]), (-np.inf, BONE_CAP_HU if organ == "bone" else np.inf))
+        organ: _maisi_range(organ, values, tuple(int(i) for i in groups[organ]),
+                            (-np.inf, BONE_CAP_HU if organ == "bone" else np.inf), min_halfwidth)  # fmt: skip
         for organ, values in sorted(medians.items())
         if len(values) >= max(1, min_cases)
     }
@@ -278,10 +288,11 @@ def build_reference(cases: Iterable[Mapping[str, str]], settings: QCSettings, pr
         profiles[r["case_id"]] = intensity_profile(hu, body_mask(hu, settings.body_threshold_hu))
         for organ, value in found.items():
             medians.setdefault(organ, []).append(value)
-    ranges = reference_ranges(medians, groups, settings.min_reference_cases)
+    ranges = reference_ranges(medians, groups, settings.min_reference_cases, settings.min_halfwidth_hu)
+    floor = f", at least mean -/+ {settings.min_halfwidth_hu:g} HU" if settings.min_halfwidth_hu else ""
     return {
         "version": REFERENCE_VERSION,
-        "rule": "range = [min(mean - 3 sd, p0.5), max(mean + 3 sd, p99.5)] of per-case organ medians; bone capped at 1000 HU",
+        "rule": f"range = [min(mean - 3 sd, p0.5), max(mean + 3 sd, p99.5)] of per-case organ medians{floor}; bone capped at 1000 HU",
         "n_cases": len(rows),
         "ranges": {k: asdict(v) for k, v in ranges.items()},
         "too_few_cases": sorted(set(medians) - set(ranges)),
@@ -408,7 +419,7 @@ def check_case(
         if frac < settings.min_inside_body:
             reasons.append(f"{organ}: {100 * frac:.0f}% inside the body (< {100 * settings.min_inside_body:.0f}%)")
         medians[organ] = median = float(np.median(hu[inside]))
-        if not settings.check_organs:
+        if not settings.check_organs or (settings.organs == "maisi" and organ not in ORGAN_GROUPS):
             continue
         rng = ranges.get(organ)
         if rng is None:

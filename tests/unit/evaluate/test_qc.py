@@ -85,6 +85,13 @@ def test_reference_ranges_closed_form():
     # with one outlier the percentiles, not mean +- 3 sd, can set the bound
     wide = reference_ranges({"liver": [0.0] * 50 + [1000.0]}, {"liver": (1,)}, min_cases=3)["liver"]
     assert wide.high == pytest.approx(np.percentile([0.0] * 50 + [1000.0], 99.5))
+    # the half-width floor: a phantom's near-constant organ gets mean -/+ 40 HU; a wide range keeps MAISI's bounds
+    flat = reference_ranges({"liver": [60.0, 61.0, 62.0]}, {"liver": (1,)}, min_halfwidth=40.0)["liver"]
+    assert (flat.low, flat.high) == pytest.approx((21.0, 101.0))
+    assert reference_ranges({"liver": [60.0, 61.0, 62.0]}, {"liver": (1,)})["liver"].high < 64
+    floored = reference_ranges(medians, groups, min_cases=3, min_halfwidth=40.0)
+    assert (floored["liver"].low, floored["liver"].high) == pytest.approx((25.0, 105.0))  # 3 sd = 33.5 HU: the floor decides
+    assert (floored["bone"].low, floored["bone"].high) == pytest.approx((ranges["bone"].low, BONE_CAP_HU))  # 3 sd = 1006 HU
 
 
 def test_build_reference_from_cases(tmp_path):
@@ -132,6 +139,17 @@ def test_check_case_passes_and_fails_with_reasons(ranges):
     bad = check_case(hu, lab, ranges, settings)
     assert not bad.passed and len(bad.reasons) == 1 and bad.reasons[0].startswith("liver: median")
     assert not check_case(hu, lab, ranges, QCSettings(check_organs=False)).reasons  # structural checks only
+
+
+def test_organs_checked_are_maisis_seven_unless_all(ranges):
+    hu, lab = phantom(liver_hu=62.0, seed=9)
+    heart = lab == 200  # the body around the organs becomes a heart at 500 HU
+    lab, hu = np.where(heart, 115, lab), np.where(heart, 500.0, hu).astype(np.float32)
+    with_heart = {**ranges, **reference_ranges({"heart": [30.0, 35.0, 40.0]}, {"heart": (115,)}, min_halfwidth=40.0)}
+    maisi = check_case(hu, lab, with_heart, QCSettings())
+    assert maisi.passed and maisi.medians["heart"] == 500.0  # measured and reported, not judged
+    every = check_case(hu, lab, with_heart, QCSettings(organs="all"))
+    assert not every.passed and every.reasons == ["heart: median 500.0 HU outside [-5.0, 75.0]"]
 
 
 def test_structural_checks(ranges):
@@ -380,8 +398,14 @@ def test_image_only_case_checked_on_totalsegmentators_organs(tmp_path, phantom_i
     assert (tmp_path / "ts" / "case.nii.gz").is_file()
 
     narrow = {**ranges, "heart": dataclasses.replace(ranges["heart"], low=500.0, high=600.0)}
-    failed = check_with_totalsegmentator(first, "case", image, tmp_path / "ts" / "case.nii.gz", segmenter, narrow, loose)
+    passed = check_with_totalsegmentator(first, "case", image, tmp_path / "ts" / "case.nii.gz", segmenter, narrow, loose)
+    assert passed.passed, passed.reasons  # the heart is not one of MAISI's seven QC organs
+    everything = dataclasses.replace(loose, organs="all")
+    failed = check_with_totalsegmentator(first, "case", image, tmp_path / "ts" / "case.nii.gz", segmenter, narrow, everything)
     assert not failed.passed and failed.reasons[0].startswith("TotalSegmentator heart: median")
+    narrow = {**ranges, "lung": dataclasses.replace(ranges["lung"], low=500.0, high=600.0)}
+    failed = check_with_totalsegmentator(first, "case", image, tmp_path / "ts" / "case.nii.gz", segmenter, narrow, loose)
+    assert not failed.passed and failed.reasons[0].startswith("TotalSegmentator lung: median")
 
     thin = tmp_path / "thin.nii.gz"
     nib.save(nib.Nifti1Image(hu[:, :, :3].astype(np.int16), affine), thin)
