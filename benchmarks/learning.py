@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.default_run:
             raise SystemExit(f"--default-run {calibration}: no finished run there (results/qc/cases.tsv, results/fid/fid.json)")
         run_workflow(calibration, base)
-    calibration_wall = time.perf_counter() - t0
+    calibration_wall = float("nan") if args.default_run else time.perf_counter() - t0  # a reused run's time is not known
     cost = training_cost(calibration, base)
     per_step = {stage: c["cpu_s_per_step"] for stage, c in cost.items()}
     print("calibration (default config): " + ", ".join(f"{s} {c['steps']} steps, {c['cpu_s']:.0f} CPU-s" for s, c in cost.items()))
