@@ -46,7 +46,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from maisi.core.seeds import derive_seed  # noqa: E402
-from maisi.evaluate.qc import ORGAN_GROUPS  # noqa: E402
+from maisi.evaluate.fidelity import organ_agreement  # noqa: E402
+from maisi.generate.requests import config_requests  # noqa: E402
 from maisi.models.checkpoints import diffusion_scheduler, load_autoencoder, load_controlnet, load_diffusion  # noqa: E402
 from maisi.models.networks import build_scheduler, label_to_bits  # noqa: E402
 from maisi.models.variants import DOWNSAMPLE, scheduler_spec, variant  # noqa: E402
@@ -161,17 +162,17 @@ def evaluate_models(work: Path, cases: list[dict], config: dict) -> dict[str, fl
     }  # fmt: skip
 
 
-def evaluate_generated(work: Path) -> dict[str, float]:
+def evaluate_generated(work: Path, config: dict) -> dict[str, float]:
     """QC pass rate (first attempts), organ-median error of the mask-conditioned cases and FID over its floor."""
     qc = pd.read_csv(work / "results/qc/cases.tsv", sep="\t", keep_default_na=False)
     reference = pd.read_csv(work / "results/qc/reference_ranges.tsv", sep="\t")
     real = dict(zip(reference[reference.measure == "median HU"].organ, reference[reference.measure == "median HU"]["mean"], strict=True))
     errors: dict[str, list[float]] = {}
-    for _, row in qc.iterrows():
-        medians = json.loads(row["medians"]) if row["medians"] else {}
-        for organ in ORGAN_GROUPS:
-            if organ in medians and organ in real and row["request"].endswith("masked"):
-                errors.setdefault(organ, []).append(abs(float(medians[organ]) - float(real[organ])))
+    masked = {name for name, r in config_requests(config).items() if r.masks}
+    for _, row in qc[qc.request.isin(masked)].iterrows():
+        found = organ_agreement(json.loads(row["medians"]) if row["medians"] else {}, real, min_organs=1)
+        for organ, error in found.errors_hu.items():
+            errors.setdefault(organ, []).append(error)
     fid = json.loads((work / "results/fid/fid.json").read_text(encoding="utf-8"))
     return {
         "qc_pass": float((qc.qc_status == "pass").mean()),
@@ -218,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             "run": label, "training_cpu_min": sum(c["cpu_s"] for c in spent.values()) / 60.0,
             "training_wall_min": sum(c["wall_s"] for c in spent.values()) / 60.0, "run_wall_min": wall / 60.0,
             **{f"{s}_steps": cfg[STEP_KEYS[s]]["steps"] for s in SHARES},
-            **evaluate_models(work, cases, cfg), **evaluate_generated(work),
+            **evaluate_models(work, cases, cfg), **evaluate_generated(work, cfg),
         }  # fmt: skip
         print(json.dumps(row, default=float))
         return row
