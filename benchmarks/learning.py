@@ -57,7 +57,6 @@ from maisi.train.settings import LatentSettings  # noqa: E402
 
 #: Share of a budget each training stage gets.
 SHARES = {"train_vae": 0.35, "train_diffusion": 0.25, "train_controlnet": 0.40}
-STEP_KEYS = {"train_vae": "train_vae", "train_diffusion": "train_diffusion", "train_controlnet": "train_controlnet"}
 #: Crops (latent voxels) and repeats of the validation losses.
 VAL_PATCH, VAL_REPEATS = 16, 4
 
@@ -86,9 +85,9 @@ def finished(work: Path) -> bool:
 def training_cost(work: Path, config: dict) -> dict[str, dict[str, float]]:
     """Wall and CPU seconds of each training stage (Snakemake's benchmark files) and CPU seconds per step."""
     out = {}
-    for stage, key in STEP_KEYS.items():
+    for stage in SHARES:
         row = pd.read_csv(work / f"results/benchmarks/{stage}.tsv", sep="\t").iloc[-1]
-        steps = int(config[key]["steps"])
+        steps = int(config[stage]["steps"])
         out[stage] = {"wall_s": float(row["s"]), "cpu_s": float(row["cpu_time"]), "steps": steps, "cpu_s_per_step": float(row["cpu_time"]) / steps}
     return out
 
@@ -96,10 +95,9 @@ def training_cost(work: Path, config: dict) -> dict[str, dict[str, float]]:
 def budget_config(base: dict, budget_min: float, per_step: dict[str, float]) -> dict:
     cfg = json.loads(json.dumps(base))
     for stage, share in SHARES.items():
-        key = STEP_KEYS[stage]
         steps = max(int(round(share * budget_min * 60.0 / per_step[stage])), 10)
-        cfg[key]["steps"] = steps
-        cfg[key]["checkpoint_every"] = max(steps // 4, 1)
+        cfg[stage]["steps"] = steps
+        cfg[stage]["checkpoint_every"] = max(steps // 4, 1)
     return cfg
 
 
@@ -218,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         row = {
             "run": label, "training_cpu_min": sum(c["cpu_s"] for c in spent.values()) / 60.0,
             "training_wall_min": sum(c["wall_s"] for c in spent.values()) / 60.0, "run_wall_min": wall / 60.0,
-            **{f"{s}_steps": cfg[STEP_KEYS[s]]["steps"] for s in SHARES},
+            **{f"{s}_steps": cfg[s]["steps"] for s in SHARES},
             **evaluate_models(work, cases, cfg), **evaluate_generated(work, cfg),
         }  # fmt: skip
         print(json.dumps(row, default=float))
