@@ -127,7 +127,7 @@ def check_config(cfg: dict) -> None:
         raise ConfigError(
             "config key 'fid.enabled': FID reads the real cases in HU; set 'preprocess.keep_hu: true' or 'fid.enabled: false'"
         )
-    if cfg["fid"]["enabled"] and cfg["fid"]["extractor"] == "radimagenet_resnet50":
+    if cfg["fid"]["enabled"] and "radimagenet_resnet50" in cfg["fid"]["extractors"]:
         weights = cfg["fid"]["weights"]
         if not weights or not Path(weights).is_file():
             raise ConfigError(f"config key 'fid.weights': the radimagenet_resnet50 extractor needs a local weights file (got {weights!r}); "

@@ -69,14 +69,32 @@ rule qc:
         "../workflow_scripts/qc.py"
 
 
+rule fid_segmenter:
+    input:
+        real=PREPARED_CASES,
+    output:
+        model=FID_SEGMENTER,
+        losses=report(f"{FID_ROOT}/segmenter/losses.png", caption="../report/fid_segmenter.rst", category="FID"),
+    params:
+        settings=FID_SEGMENTER_SETTINGS.to_json(),
+        fid=FID.to_json(),
+    threads: config["threads"]["training"]
+    resources:
+        **model_resources(),
+    log:
+        "logs/fid/segmenter.log",
+    benchmark:
+        "results/benchmarks/fid_segmenter.tsv"
+    script:
+        "../workflow_scripts/fid_segmenter.py"
+
+
 rule fid:
     input:
-        qc=QC_CASES,
-        real=PREPARED_CASES,
-        autoencoder=AUTOENCODER,
+        unpack(fid_inputs),
     output:
-        table=report("results/fid/fid.tsv", caption="../report/fid.rst", category="FID"),
-        record="results/fid/fid.json",
+        table=report(f"{FID_ROOT}/fid.tsv", caption="../report/fid.rst", category="FID"),
+        record=f"{FID_ROOT}/fid.json",
     params:
         settings=FID.to_json(),
         variant=config["model"]["variant"],

@@ -20,6 +20,6 @@ with from_snakemake(smk):
         else:
             result = compute_fid(
                 images, sorted(read_table(smk.input.real).image_hu), FIDSettings.from_json(smk.params.settings),
-                autoencoder=smk.input.autoencoder, variant=smk.params.variant,
+                autoencoder=smk.input.get("autoencoder"), variant=smk.params.variant, segmenter=smk.input.get("segmenter"),
             )  # fmt: skip
             write_fid(result, smk.output.table, smk.output.record)

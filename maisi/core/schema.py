@@ -83,8 +83,10 @@ def source_default(source_type: str, key: str) -> Any:
 
 
 def schema_enum(key: str) -> tuple[Any, ...]:
-    """The values the schema allows for a dotted config key (its ``enum``), in the schema's order."""
-    return tuple(_node(key)["enum"])
+    """The values the schema allows for a dotted config key (its ``enum``, or its items' for an array), in the
+    schema's order."""
+    node = _node(key)
+    return tuple(node["enum"] if "enum" in node else node["items"]["enum"])
 
 
 @functools.cache

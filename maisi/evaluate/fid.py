@@ -12,14 +12,17 @@ The protocol follows MAISI's ``scripts/compute_fid_2-5d_ct.py``:
 3. per plane, the Frechet distance between the Gaussians fitted to the generated and the real
    feature vectors; the three planes are averaged.
 
-Two feature extractors:
+Three feature extractors; ``fid.extractors`` lists those to report, each with its own FID and floor:
 
+* :class:`maisi.evaluate.segmenter.SegmenterFeatures`, the independent offline default: a 2-D segmenter
+  trained once on the real cases only (no generative stage trains it), cached by their hash.
+* :class:`AutoencoderEncoderFeatures`: the project's own MAISI VAE encoder, i.e. the generator's own
+  features (a weak referee; reported beside the segmenter's).
 * :class:`RadImageNetResNet50`, MAISI's choice (published values). Its weights cannot be downloaded
   here; ``fid.weights`` names a local file (the hub file ``RadImageNet-ResNet50_notop.pth`` of
   ``Warvito/radimagenet-models``, or a torchvision-layout ResNet-50 state dict).
-* :class:`AutoencoderEncoderFeatures`, the offline default: the project's own MAISI VAE encoder.
-  Its distances measure the same thing (distribution mismatch in a learned feature space) but are
-  **not comparable with published MAISI FID values**.
+
+Only the last gives values **comparable with published MAISI FIDs**.
 
 Besides generated-vs-real, :func:`compute_fid` reports the real-vs-real floor: the distance between
 the two halves of the real set, i.e. the value a perfect generator could not get below with this
@@ -40,24 +43,21 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from maisi.core.checks import InputError
 from maisi.core.io import sha256_file, write_json
 from maisi.core.provenance import provenance
 from maisi.core.tables import write_table
+from maisi.evaluate.features import PLANES, FeatureExtractor, central_range, central_slices, load_label, load_volume
+from maisi.evaluate.segmenter import SegmenterFeatures
 from maisi.evaluate.settings import FIDSettings
 from maisi.models.checkpoints import CheckpointError, load_autoencoder, read_checkpoint
 from maisi.models.networks import select_device
 
-__all__ = ["PLANES", "FID_COLUMNS", "NOT_COMPARABLE", "load_volume", "central_range", "FeatureExtractor", "RadImageNetResNet50", "AutoencoderEncoderFeatures", "build_extractor", "feature_stats", "frechet_distance", "compute_fid", "write_fid", "write_fid_disabled"]
+__all__ = ["PLANES", "FID_COLUMNS", "NOT_COMPARABLE", "load_volume", "load_label", "central_range", "central_slices", "FeatureExtractor", "RadImageNetResNet50", "AutoencoderEncoderFeatures", "build_extractor", "feature_stats", "frechet_distance", "compute_fid", "write_fid", "write_fid_disabled"]
 
 log = logging.getLogger(__name__)
 
 
 STEP = "fid"
-
-
-#: Plane name -> the array axis (of the RAS volume) the slices are taken along.
-PLANES: dict[str, int] = {"axial": 2, "coronal": 1, "sagittal": 0}
 
 
 FID_COLUMNS = ("plane", "fid", "real_floor", "n_generated_slices", "n_real_slices", "extractor")
@@ -72,68 +72,6 @@ RADIMAGENET_MEAN = (0.406, 0.456, 0.485)
 
 #: The HU window the autoencoder is trained on (maisi.prepare.preprocess: clip, then scale to [0, 1]).
 AUTOENCODER_HU_RANGE = (-1000.0, 1000.0)
-
-
-def load_volume(path: str | os.PathLike, settings: FIDSettings) -> np.ndarray:
-    """A CT volume as MAISI's FID script prepares it: float32 HU ``(X, Y, Z)`` in RAS, resampled to
-    ``settings.spacing`` (bilinear), padded with -1000 HU / centre-cropped to ``settings.size`` and
-    clipped to ``settings.hu_range``. An unreadable file or one holding NaN is an :class:`InputError`."""
-    from monai.transforms import LoadImage, Orientation, ResizeWithPadOrCrop, Spacing
-
-    path = Path(path)
-    if not path.exists():
-        raise InputError(path, "file not found")
-    try:
-        img = LoadImage(image_only=True, ensure_channel_first=True, dtype=np.float32)(str(path))
-    except Exception as exc:  # readers raise many types for corrupt or truncated files
-        raise InputError(path, f"cannot be read ({type(exc).__name__}: {exc})") from exc
-    if img.ndim != 4 or img.shape[0] != 1:
-        raise InputError(
-            path, f"expected a single-channel 3-D image, got shape {tuple(img.shape[1:])} with {img.shape[0]} channel(s)"
-        )
-    if not bool(torch.isfinite(img.as_tensor()).all()):
-        raise InputError(path, "holds NaN or infinite values")
-    img = Orientation(axcodes="RAS")(img)
-    if settings.spacing is not None:
-        img = Spacing(pixdim=settings.spacing, mode="bilinear")(img)
-    if settings.size is not None:
-        # ResizeWithPadOrCrop = MAISI's SpatialPad(value=-1000) then CenterSpatialCrop; extra keyword
-        # arguments go to the pad function (torch.nn.functional.pad's ``value``).
-        img = ResizeWithPadOrCrop(spatial_size=settings.size, mode="constant", value=-1000.0)(img)
-    out = np.asarray(img.as_tensor()[0].numpy(), dtype=np.float32)
-    if not np.isfinite(out).all():
-        raise InputError(path, "NaN after resampling")
-    return np.clip(out, settings.hu_range[0], settings.hu_range[1]).astype(np.float32, copy=False)
-
-
-def central_range(n: int, fraction: float) -> tuple[int, int]:
-    """``(start, stop)`` of the central ``fraction`` of ``n`` slices, as MAISI's script (at least one slice)."""
-    start, stop = int((1.0 - fraction) / 2.0 * n), int((1.0 + fraction) / 2.0 * n)
-    if stop <= start:
-        start = min(start, n - 1)
-        stop = start + 1
-    return start, stop
-
-
-def _central_slices(array: torch.Tensor, axis: int, fraction: float) -> torch.Tensor:
-    """The central slices along spatial ``axis`` of a ``(..., X, Y, Z)`` tensor, slice index first:
-    ``(n, ..., a, b)`` with ``(a, b)`` the two other spatial axes in order."""
-    dim = array.ndim - 3 + axis
-    start, stop = central_range(array.shape[dim], fraction)
-    return torch.movedim(array.narrow(dim, start, stop - start), dim, 0)
-
-
-class FeatureExtractor:
-    """Slice features of a preprocessed HU volume per plane; ``describe()`` says what they are."""
-
-    name: str = ""
-
-    def describe(self) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def plane_features(self, volume: np.ndarray) -> dict[str, np.ndarray]:
-        """``{"axial", "coronal", "sagittal"}`` -> ``(n_slices, d)`` float64 features of an ``(X, Y, Z)`` HU volume."""
-        raise NotImplementedError
 
 
 #: Children of torchvision's ResNet in order; a ``Sequential`` of them has these as keys "0." ... "9.".
@@ -259,7 +197,7 @@ class RadImageNetResNet50(FeatureExtractor):
 
     def plane_features(self, volume: np.ndarray) -> dict[str, np.ndarray]:
         vol = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))
-        return {plane: self.slice_features(_central_slices(vol, axis, self.central_fraction)) for plane, axis in PLANES.items()}
+        return {plane: self.slice_features(central_slices(vol, axis, self.central_fraction)) for plane, axis in PLANES.items()}
 
 
 class AutoencoderEncoderFeatures(FeatureExtractor):
@@ -319,17 +257,25 @@ class AutoencoderEncoderFeatures(FeatureExtractor):
     def plane_features(self, volume: np.ndarray) -> dict[str, np.ndarray]:
         fmap = self.feature_map(volume)
         return {
-            plane: _central_slices(fmap, axis, self.central_fraction).mean(dim=(2, 3)).double().numpy()
+            plane: central_slices(fmap, axis, self.central_fraction).mean(dim=(2, 3)).double().numpy()
             for plane, axis in PLANES.items()
         }
 
 
 def build_extractor(
-    settings: FIDSettings, autoencoder_path: str | os.PathLike | None = None, variant: str = "tiny"
-) -> FeatureExtractor:
-    """The extractor ``settings.extractor`` names (the autoencoder one needs ``autoencoder_path``)."""
-    if settings.extractor == "radimagenet_resnet50":
+    name: str, settings: FIDSettings, autoencoder_path: str | os.PathLike | None = None, variant: str = "tiny",
+    segmenter_path: str | os.PathLike | None = None,
+) -> FeatureExtractor:  # fmt: skip
+    """The extractor ``name`` (one of ``fid.extractors``); the autoencoder one needs ``autoencoder_path``, the
+    segmenter ``segmenter_path`` (:func:`maisi.evaluate.segmenter.train_segmenter`'s output)."""
+    if name == "radimagenet_resnet50":
         return RadImageNetResNet50(settings.weights, settings.central_fraction, settings.batch_size, settings.device)
+    if name == "segmenter":
+        if segmenter_path is None:
+            raise ValueError("fid: the segmenter extractor needs the trained segmenter (segmenter_path)")
+        return SegmenterFeatures(segmenter_path, settings)
+    if name != "autoencoder":
+        raise ValueError(f"fid.extractors: unknown extractor {name!r}")
     if autoencoder_path is None:
         raise ValueError("fid: the autoencoder extractor needs the autoencoder checkpoint (autoencoder_path)")
     return AutoencoderEncoderFeatures(autoencoder_path, variant, settings.central_fraction, settings.device)
@@ -397,18 +343,32 @@ def _stack(features: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray
     return {plane: np.concatenate([f[plane] for f in features], axis=0) for plane in PLANES}
 
 
+def _extractor_fid(features: Mapping[str, Mapping[str, np.ndarray]], generated: Sequence[str], real: Sequence[str]) -> dict[str, Any]:
+    """FID, floor (even vs odd halves of the sorted real set) and feature counts of one extractor's features by path."""
+    gen, ref = _stack([features[p] for p in generated]), _stack([features[p] for p in real])
+    half_a, half_b = _stack([features[p] for p in real[0::2]]), _stack([features[p] for p in real[1::2]])
+    count = {name: {plane: int(f[plane].shape[0]) for plane in PLANES} for name, f in
+             (("generated", gen), ("real", ref), ("real_even", half_a), ("real_odd", half_b))}  # fmt: skip
+    return {"fid": _plane_fids(gen, ref), "real_floor": _plane_fids(half_a, half_b), "n_features": count,
+            "feature_dim": int(gen["axial"].shape[1])}  # fmt: skip
+
+
 def compute_fid(
     generated: Sequence[str | os.PathLike],
     real: Sequence[str | os.PathLike],
     settings: FIDSettings,
     autoencoder: str | os.PathLike | None = None,
     variant: str = "tiny",
+    segmenter: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Per-plane and average 2.5D FID of ``generated`` against ``real``, and the real-vs-real floor.
+    """Per-plane and average 2.5D FID of ``generated`` against ``real``, and the real-vs-real floor, for each
+    extractor of ``settings.extractors`` (each volume is loaded once).
 
-    The floor is the FID between the two halves of the real set (paths sorted, even vs odd positions).
-    ``autoencoder`` is the checkpoint the ``autoencoder`` extractor uses.
+    Returns the shared fields (cases, floor split, settings) and ``extractors``: one entry per extractor, in
+    the settings' order, with ``fid``, ``real_floor``, ``n_features``, ``feature_dim`` and ``extractor`` (its
+    description). The floor is the FID between the two halves of the real set (paths sorted, even vs odd
+    positions). ``autoencoder`` / ``segmenter`` are the checkpoints those extractors use.
     """
     from tqdm.auto import tqdm
 
@@ -418,54 +378,52 @@ def compute_fid(
         raise ValueError(
             f"fid: needs at least 2 generated and 2 real volumes, got {len(generated)} generated and {len(real)} real"
         )
-    extractor = build_extractor(settings, autoencoder, variant)
-    feats: dict[str, dict[str, np.ndarray]] = {}
+    extractors = [build_extractor(name, settings, autoencoder, variant, segmenter) for name in settings.extractors]
+    feats: list[dict[str, dict[str, np.ndarray]]] = [{} for _ in extractors]
     with contextlib.closing(
         tqdm(total=len(generated) + len(real), desc="fid features", unit="volume", disable=not progress, mininterval=1.0)
     ) as bar:
         for path in [*generated, *real]:
-            if path not in feats:
-                feats[path] = extractor.plane_features(load_volume(path, settings))
+            if path not in feats[0]:
+                volume = load_volume(path, settings)
+                for extractor, by_path in zip(extractors, feats, strict=True):
+                    by_path[path] = extractor.plane_features(volume)
             bar.update()
-    gen, ref = _stack([feats[p] for p in generated]), _stack([feats[p] for p in real])
-    even, odd = real[0::2], real[1::2]
-    half_a, half_b = _stack([feats[p] for p in even]), _stack([feats[p] for p in odd])
-    count = {name: {plane: int(f[plane].shape[0]) for plane in PLANES} for name, f in
-             (("generated", gen), ("real", ref), ("real_even", half_a), ("real_odd", half_b))}  # fmt: skip
-    result = {
-        "fid": _plane_fids(gen, ref),
-        "real_floor": _plane_fids(half_a, half_b),
+    results = []
+    for extractor, by_path in zip(extractors, feats, strict=True):
+        result = {**_extractor_fid(by_path, generated, real), "extractor": extractor.describe()}
+        results.append(result)
+        log.info(
+            "fid (%s): %s; real floor %.4g", extractor.name,
+            ", ".join(f"{k} {v:.4g}" for k, v in result["fid"].items()), result["real_floor"]["average"],
+        )  # fmt: skip
+    return {
+        "extractors": results,
         "n_generated": len(generated),
         "n_real": len(real),
-        "n_features": count,
-        "feature_dim": int(gen["axial"].shape[1]),
-        "floor_split": {"even": even, "odd": odd},
+        "floor_split": {"even": real[0::2], "odd": real[1::2]},
         "generated": generated,
         "real": real,
-        "extractor": extractor.describe(),
         "settings": settings.to_dict(),
     }
-    log.info(
-        "fid (%s): %s; real floor %s", extractor.name,
-        ", ".join(f"{k} {v:.4g}" for k, v in result["fid"].items()), f"{result['real_floor']['average']:.4g}",
-    )  # fmt: skip
-    return result
 
 
 def write_fid(result: Mapping[str, Any], table_path: str | os.PathLike, json_path: str | os.PathLike) -> None:
-    """The FID table (rows axial, coronal, sagittal, average; the average row's slice counts are the totals
-    over the planes) as TSV, and the whole result as JSON with the provenance."""
-    n_gen, n_real = result["n_features"]["generated"], result["n_features"]["real"]
-    name = result["extractor"]["name"]
-    rows = [
-        {"plane": plane, "fid": result["fid"][plane], "real_floor": result["real_floor"][plane],
-         "n_generated_slices": n_gen[plane], "n_real_slices": n_real[plane], "extractor": name}
-        for plane in PLANES
-    ]  # fmt: skip
-    rows.append({
-        "plane": "average", "fid": result["fid"]["average"], "real_floor": result["real_floor"]["average"],
-        "n_generated_slices": sum(n_gen.values()), "n_real_slices": sum(n_real.values()), "extractor": name,
-    })  # fmt: skip
+    """The FID table (per extractor, rows axial, coronal, sagittal, average; the average row's slice counts are
+    the totals over the planes) as TSV, and the whole result as JSON with the provenance."""
+    rows = []
+    for entry in result["extractors"]:
+        n_gen, n_real = entry["n_features"]["generated"], entry["n_features"]["real"]
+        name = entry["extractor"]["name"]
+        rows += [
+            {"plane": plane, "fid": entry["fid"][plane], "real_floor": entry["real_floor"][plane],
+             "n_generated_slices": n_gen[plane], "n_real_slices": n_real[plane], "extractor": name}
+            for plane in PLANES
+        ]  # fmt: skip
+        rows.append({
+            "plane": "average", "fid": entry["fid"]["average"], "real_floor": entry["real_floor"]["average"],
+            "n_generated_slices": sum(n_gen.values()), "n_real_slices": sum(n_real.values()), "extractor": name,
+        })  # fmt: skip
     write_table(rows, table_path, STEP, FID_COLUMNS)
     write_json(json_path, {**dict(result), "provenance": provenance(STEP)})
 

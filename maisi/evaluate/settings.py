@@ -1,4 +1,5 @@
-"""The FID stage's settings (extractor, MAISI's preprocessing, device), read from the config. Torch-free."""
+"""The FID stage's settings (extractors, MAISI's preprocessing, device) and those of its independent
+segmenter, read from the config. Torch-free."""
 
 from __future__ import annotations
 
@@ -13,17 +14,17 @@ if TYPE_CHECKING:
 from maisi.core.schema import schema_default, schema_enum
 from maisi.core.settings import ConfigSettings
 
-__all__ = ["FIDSettings", "EXTRACTORS"]
+__all__ = ["FIDSettings", "SegmenterSettings", "EXTRACTORS"]
 
 #: FID feature extractors (:mod:`maisi.evaluate.fid`).
-EXTRACTORS = schema_enum("fid.extractor")
+EXTRACTORS = schema_enum("fid.extractors")
 
 
 @dataclass(frozen=True)
 class FIDSettings(ConfigSettings):
-    """Feature extractor, preprocessing (MAISI's: spacing, size, central slices, HU window) and device."""
+    """Feature extractors, preprocessing (MAISI's: spacing, size, central slices, HU window) and device."""
 
-    extractor: str = schema_default("fid.extractor")
+    extractors: tuple[str, ...] = schema_default("fid.extractors")
     weights: str | None = schema_default("fid.weights")
     spacing: tuple[float, float, float] | None = schema_default("fid.spacing")
     size: tuple[int, int, int] | None = schema_default("fid.size")
@@ -36,15 +37,16 @@ class FIDSettings(ConfigSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.extractor == "radimagenet_resnet50" and not self.weights:
+        if "radimagenet_resnet50" in self.extractors and not self.weights:
             raise ValueError("fid.weights: the radimagenet_resnet50 extractor needs a local ResNet-50 weights file")
         if len(self.hu_range) != 2 or not self.hu_range[0] < self.hu_range[1]:  # not a config key: MAISI's window
             raise ValueError(f"fid.hu_range: expected [low, high] with low < high, got {self.hu_range}")
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> FIDSettings:
-        """From ``config["fid"]`` (whose ``enabled`` decides whether the stage runs at all, not how)."""
-        return cls.from_dict({k: v for k, v in config.get("fid", {}).items() if k != "enabled"})
+        """From ``config["fid"]`` (whose ``enabled`` decides whether the stage runs at all, not how; the
+        segmenter's training is :class:`SegmenterSettings`)."""
+        return cls.from_dict({k: v for k, v in config.get("fid", {}).items() if k not in ("enabled", "segmenter")})
 
     @classmethod
     def from_dict(cls, block: Mapping[str, Any]) -> FIDSettings:
@@ -61,7 +63,43 @@ class FIDSettings(ConfigSettings):
                 value = float(value)
             elif key == "batch_size":
                 value = int(value)
+            elif key == "extractors":
+                value = tuple(value)
             elif key == "weights" and value is not None:
                 value = os.fspath(value)
             kwargs[key] = value
         return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class SegmenterSettings(ConfigSettings):
+    """How FID's independent segmenter is trained (:mod:`maisi.evaluate.segmenter`) and where it is cached."""
+
+    steps: int = schema_default("fid.segmenter.steps")
+    batch_size: int = schema_default("fid.segmenter.batch_size")
+    lr: float = schema_default("fid.segmenter.lr")
+    init_filters: int = schema_default("fid.segmenter.init_filters")
+    seed: int = schema_default("fid.segmenter.seed")
+    cache: str | None = schema_default("fid.segmenter.cache")
+    device: str = "auto"
+
+    SECTION: ClassVar[str] = "fid.segmenter"
+
+    #: What the shared training loop reads besides the above: a linear decay, mixed precision on CUDA,
+    #: no intermediate resume states (a few minutes of training at most).
+    lr_power: ClassVar[float] = 1.0
+    amp: ClassVar[bool] = True
+
+    @property
+    def checkpoint_every(self) -> int:
+        return self.steps
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> SegmenterSettings:
+        block = dict(config.get("fid", {}).get("segmenter", {}))
+        device = config.get("model", {}).get("device")
+        return cls(**block, **({"device": device} if device else {}))
+
+    def training_dict(self) -> dict[str, Any]:
+        """What decides the trained weights (the cache folder and the device do not)."""
+        return {k: v for k, v in self.to_dict().items() if k not in ("cache", "device")}

@@ -20,6 +20,13 @@ DATACARD_TRAILER = "<!-- release build: not part of the content digest -->"
 PAPER_FID_EXTRACTOR = "RadImageNet ResNet-50 (maisi.evaluate.fid extractor radimagenet_resnet50)"
 
 
+#: What the offline extractors' FIDs mean (the ``extractor`` names of maisi.evaluate.fid's table).
+EXTRACTOR_NOTES = {
+    "fid-segmenter": "A 2-D segmenter trained on the real cases only: independent of the generator.",
+    "maisi-autoencoder-encoder": "The generator's own autoencoder: features its training shaped, a weak referee.",
+}
+
+
 MAISI_CITATION = (
     "P. Guo, C. Zhao, D. Yang, Z. Xu, V. Nath, Y. Tang, B. Simon, M. Belue, S. Harmon, B. Turkbey, D. Xu. "
     "MAISI: Medical AI for Synthetic Imaging. WACV 2025. arXiv:2409.11169"
@@ -110,12 +117,14 @@ def render_datacard(
             out += [f"{title}:", ""] + [f"- {c}: {_md_cell(why) or 'no reason recorded'}" for c, why in items] + [""]
     out += ["The full QC table is `qc.tsv`.", ""]
 
-    f = fid_summary(fid)
+    summaries = fid_summaries(fid)
     out += ["## FID", ""]
-    if not f["planes"] and f["average"] is None:
+    if not summaries:
         out += ["FID was not computed for this release (`fid.tsv` has no rows).", ""]
-    else:
-        out += [f"Feature extractor: {f['extractor']}.", ""]
+    for f in summaries:
+        if len(summaries) > 1:
+            out += [f"### {f['extractor']}", ""]
+        out += [f"Feature extractor: {f['extractor']}." + (f" {EXTRACTOR_NOTES[f['extractor']]}" if f["extractor"] in EXTRACTOR_NOTES else ""), ""]
         if f["warning"]:
             out += [f"> **Warning:** {f['warning']}", ""]
         else:
@@ -123,7 +132,9 @@ def render_datacard(
                     "the preprocessing (spacing, size, central slices) matches the paper's.", ""]  # fmt: skip
         out += ["| plane | FID (synthetic vs real) | real-vs-real floor |", "|---|---|---|"]
         out += [f"| {p} | {_fmt(v)} | {_fmt(floor)} |" for p, v, floor in [*f["planes"], f["average"]]]
-        out += ["", "The real-vs-real floor is the FID between two halves of the real data: values near it are as good as the data allows.",
+        out.append("")
+    if summaries:
+        out += ["The real-vs-real floor is the FID between two halves of the real data: values near it are as good as the data allows.",
                 "The full table is `fid.tsv`.", ""]  # fmt: skip
 
     out += ["## Sources and licences", "", f"Release licence: {licence}.", "", "| source | licence | citation |", "|---|---|---|"]
@@ -172,6 +183,16 @@ def qc_summary(qc: pd.DataFrame, organs: pd.DataFrame, cases: pd.DataFrame) -> d
         "n_checked": len(status), "n_pass": n_pass, "pass_rate": n_pass / len(status) if status else float("nan"),
         "organs": dict(sorted(per_organ.items())), "excluded": excluded, "flagged": flagged,
     }  # fmt: skip
+
+
+def fid_summaries(fid: pd.DataFrame) -> list[dict[str, Any]]:
+    """:func:`fid_summary` of each feature extractor's rows, in the table's order (none for an empty table)."""
+    if not len(fid) or not {"plane", "fid"} <= set(fid.columns):
+        return []
+    column = next((c for c in ("extractor", "feature_extractor") if c in fid.columns), None)
+    if column is None:
+        return [fid_summary(fid)]
+    return [fid_summary(rows) for _, rows in fid.groupby(fid[column].fillna("").astype(str), sort=False)]
 
 
 def fid_summary(fid: pd.DataFrame) -> dict[str, Any]:

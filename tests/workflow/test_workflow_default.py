@@ -23,7 +23,7 @@ from maisi.sources.cases import phantom_specs
 pytestmark = pytest.mark.e2e
 
 
-GPU_RULES = {"train_vae", "cache_latents", "train_diffusion", "train_controlnet", "generate", "qc_check", "fid"}
+GPU_RULES = {"train_vae", "cache_latents", "train_diffusion", "train_controlnet", "generate", "qc_check", "fid_segmenter", "fid"}
 
 
 def test_default_builds_prepared_phantom_dataset(default_run):
@@ -104,7 +104,8 @@ def test_nothing_reruns_and_one_more_case_reruns_one_shard(default_run):
         # checked against QC ranges of the larger dataset, scored and released
         assert jobs == {"phantom": 1, "preprocess": 1, "regions": 1, "dataset": 1, "dataset_summary": 1, "train_vae": 1,
                         "cache_latents": latent_shards, "train_diffusion": 1, "train_controlnet": 1, "mask_database": 1,
-                        "generate": 2, "qc_check": 2, "generated": 1, "qc_reference": 1, "qc": 1, "fid": 1, "release": 1, "all": 1}  # fmt: skip
+                        "generate": 2, "qc_check": 2, "generated": 1, "qc_reference": 1, "fid_segmenter": 1, "qc": 1, "fid": 1,
+                        "release": 1, "all": 1}  # fmt: skip
         coarser = yaml.safe_load(original)
         coarser["preprocess"]["divisor"] = 64
         config_file.write_text(yaml.safe_dump(coarser), encoding="utf-8")
@@ -135,7 +136,7 @@ def test_default_ends_in_a_release_with_qc_and_fid(default_run):
     ranges = json.loads((work / "results/qc/reference.json").read_text(encoding="utf-8"))["ranges"]
     assert {"liver", "lung", "bone"} <= set(ranges) and ranges["bone"]["high"] <= 1000
     fid = pd.read_csv(work / "results/fid/fid.tsv", sep="\t")
-    assert list(fid.plane) == ["axial", "coronal", "sagittal", "average"] and np.isfinite(fid.fid).all()
+    assert list(fid.plane) == ["axial", "coronal", "sagittal", "average"] * 2 and np.isfinite(fid.fid).all()
     release = work / "results/releases/default/0.1.0"
     dataset = json.loads((release / "dataset.json").read_text(encoding="utf-8"))
     assert dataset["numTraining"] == n and dataset["release"] == "0.1.0"

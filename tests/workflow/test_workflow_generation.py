@@ -64,8 +64,12 @@ def test_all_ends_in_a_release_with_qc_and_fid(default_run):
     assert all(c[:2] == ["structure", "intensity"] for c in checks.values())
     assert checks[f"{MASKED}_00000"][2:] == ["inside body", "organ HU"] and checks[f"{FREE}_00000"] == ["structure", "intensity"]
     fid = pd.read_csv(generated / "results/fid/fid.tsv", sep="\t")
-    assert list(fid.plane) == ["axial", "coronal", "sagittal", "average"]
-    assert (fid.extractor == "maisi-autoencoder-encoder").all() and np.isfinite(fid.fid).all() and (fid.real_floor >= 0).all()
+    # both default extractors: the independent segmenter, then the run's own autoencoder
+    assert list(fid.plane) == ["axial", "coronal", "sagittal", "average"] * 2
+    assert list(fid.extractor) == ["fid-segmenter"] * 4 + ["maisi-autoencoder-encoder"] * 4
+    assert np.isfinite(fid.fid).all() and (fid.real_floor >= 0).all()
+    segmenter = json.loads((generated / "results/fid/segmenter/segmenter.pt.json").read_text(encoding="utf-8"))
+    assert segmenter["target"] == "labels" and segmenter["dice_training_cases"]["body"] > 0.8 and segmenter["dice_training_cases"]["lung"] > 0.5
     release = generated / "results/releases/default/0.1.0"
     dataset = json.loads((release / "dataset.json").read_text(encoding="utf-8"))
     assert dataset["numTraining"] == 4 and dataset["modality"] == {"0": "CT"} and dataset["labels"]["1"] == "liver"
@@ -151,7 +155,7 @@ def test_preprocessing_setting_reruns_everything_downstream(default_run):
     jobs = _planned_after(generated, "preprocess", hu_range=[-1000, 1500])
     assert jobs == {"preprocess": shards, "regions": shards, "dataset": 1, "dataset_summary": 1, "train_vae": 1,
                     "cache_latents": _data_shards(generated, "latents"), "train_diffusion": 1, "train_controlnet": 1,
-                    "mask_database": 1, "qc_reference": 1, **_after_models(generated)}  # fmt: skip
+                    "mask_database": 1, "qc_reference": 1, "fid_segmenter": 1, **_after_models(generated)}  # fmt: skip
 
 
 def test_diffusion_hyperparameter_reruns_from_diffusion_training_on(default_run):

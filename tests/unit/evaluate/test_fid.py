@@ -17,7 +17,7 @@ from maisi.evaluate import fid
 from maisi.models.checkpoints import CheckpointError
 from maisi.models.networks import build_autoencoder
 
-KEEP = fid.FIDSettings(spacing=None, size=None, device="cpu")
+KEEP = fid.FIDSettings(extractors=("autoencoder",), spacing=None, size=None, device="cpu")
 
 
 def _phantom(shape=(32, 32, 32), seed=0) -> np.ndarray:
@@ -58,9 +58,9 @@ def test_settings_from_config_and_json():
     with pytest.raises(ConfigError, match="sizee"):
         validated(fid={"sizee": [1, 1, 1]})
     with pytest.raises(ValueError, match="fid.weights"):
-        fid.FIDSettings(extractor="radimagenet_resnet50")
+        fid.FIDSettings(extractors=("segmenter", "radimagenet_resnet50"))
     with pytest.raises(ValueError, match="inception"):
-        fid.FIDSettings(extractor="inception")
+        fid.FIDSettings(extractors=("inception",))
     with pytest.raises(ValueError, match="central_fraction"):
         fid.FIDSettings(central_fraction=0)
 
@@ -154,6 +154,23 @@ def test_load_volume_pads_with_air_crops_and_clips(tmp_path):
     assert padded[2:10, 2:10, 2:10].sum() == 1000 - 1000 + 2
     cropped = fid.load_volume(path, fid.FIDSettings(spacing=None, size=(4, 4, 4), device="cpu"))
     np.testing.assert_array_equal(cropped, np.clip(vol[2:6, 2:6, 2:6], -1000, 1000))
+
+
+def test_load_label_follows_its_image_grid(tmp_path):
+    label = np.zeros((20, 20, 10), np.uint8)
+    label[4:12, 6:14, 2:8] = 7
+    label[13:17, 2:5, 1:3] = 200
+    affine = np.diag([-1.0, 1.0, 2.0, 1.0])  # axis 0 points L
+    image = np.where(label > 0, 40, -1000).astype(np.int16)
+    lab_path = save_nifti(label, affine, tmp_path / "lab.nii.gz", np.uint8)
+    img_path = save_nifti(image, affine, tmp_path / "img.nii.gz", np.int16)
+    settings = fid.FIDSettings(spacing=(2.0, 2.0, 2.0), size=(12, 12, 12), device="cpu")
+    out, hu = fid.load_label(lab_path, settings), fid.load_volume(img_path, settings)
+    assert out.dtype == np.uint8 and out.shape == hu.shape == (12, 12, 12)
+    assert set(np.unique(out)) == {0, 7, 200}  # nearest: no new ids
+    assert ((out > 0) == (hu > -500)).mean() > 0.97  # on its image's grid (orientation, spacing, padding)
+    with pytest.raises(InputError, match=r"img\.nii\.gz.*0\.\.255"):
+        fid.load_label(img_path, settings)
 
 
 def test_load_volume_errors_name_the_file(tmp_path):
@@ -283,7 +300,9 @@ def test_radimagenet_errors(tmp_path):
     with pytest.raises(CheckpointError, match=r"resnet18\.pth.*not a ResNet-50"):
         fid.RadImageNetResNet50(wrong, device="cpu")
     with pytest.raises(ValueError, match="autoencoder"):
-        fid.build_extractor(fid.FIDSettings(device="cpu"))
+        fid.build_extractor("autoencoder", fid.FIDSettings(device="cpu"))
+    with pytest.raises(ValueError, match="segmenter"):
+        fid.build_extractor("segmenter", fid.FIDSettings(device="cpu"))
 
 
 # --------------------------------------------------------------------------- compute_fid end to end
@@ -294,38 +313,40 @@ def test_compute_fid_end_to_end(tmp_path, ae_checkpoint):
     noise = [np.random.default_rng(i).uniform(-1000, 1000, (16, 16, 16)) for i in range(3)]  # unlike any real volume
     gen = [save_nifti(v, affine, tmp_path / "gen" / f"g{i}.nii.gz", np.int16) for i, v in enumerate(noise)]
     real = [save_nifti(_phantom((16, 16, 16), seed=i), affine, tmp_path / "real" / f"r{i}.nii.gz", np.int16) for i in range(4)]
-    settings = fid.FIDSettings(spacing=(2.0, 2.0, 2.0), size=(16, 16, 16), central_fraction=1.0, device="cpu")
+    settings = fid.FIDSettings(extractors=("autoencoder",), spacing=(2.0, 2.0, 2.0), size=(16, 16, 16), central_fraction=1.0, device="cpu")
     shuffled = [real[2], real[0], real[3], real[1]]
     result = fid.compute_fid(gen, shuffled, settings, autoencoder=ae_checkpoint, variant="tiny", progress=False)
 
-    assert set(result) >= {"fid", "real_floor", "n_generated", "n_real", "n_features", "extractor", "settings", "floor_split"}
+    assert set(result) >= {"extractors", "n_generated", "n_real", "settings", "floor_split"}
     assert result["n_generated"] == 3 and result["n_real"] == 4
-    assert result["n_features"]["generated"] == {p: 12 for p in fid.PLANES}  # 4 feature-map slices per volume
-    assert result["n_features"]["real_even"] == {p: 8 for p in fid.PLANES}
+    (entry,) = result["extractors"]
+    assert entry["n_features"]["generated"] == {p: 12 for p in fid.PLANES}  # 4 feature-map slices per volume
+    assert entry["n_features"]["real_even"] == {p: 8 for p in fid.PLANES}
     assert result["floor_split"] == {"even": [str(real[0]), str(real[2])], "odd": [str(real[1]), str(real[3])]}
-    assert result["extractor"]["name"] == "maisi-autoencoder-encoder" and result["settings"]["size"] == [16, 16, 16]
+    assert entry["extractor"]["name"] == "maisi-autoencoder-encoder" and result["settings"]["size"] == [16, 16, 16]
 
     ex = fid.AutoencoderEncoderFeatures(ae_checkpoint, "tiny", 1.0, "cpu")
     per = {p: ex.plane_features(fid.load_volume(p, settings)) for p in [*gen, *real]}
     floor = fid._plane_fids(fid._stack([per[real[0]], per[real[2]]]), fid._stack([per[real[1]], per[real[3]]]))
     expected = fid._plane_fids(fid._stack([per[p] for p in gen]), fid._stack([per[p] for p in real]))
     for plane in (*fid.PLANES, "average"):
-        assert result["real_floor"][plane] == pytest.approx(floor[plane], rel=1e-6)
-        assert result["fid"][plane] == pytest.approx(expected[plane], rel=1e-6)
-        assert result["fid"][plane] > result["real_floor"][plane] > 0  # noise is farther from the real set than its halves
-    assert result["fid"]["average"] == pytest.approx(np.mean([result["fid"][p] for p in fid.PLANES]))
+        assert entry["real_floor"][plane] == pytest.approx(floor[plane], rel=1e-6)
+        assert entry["fid"][plane] == pytest.approx(expected[plane], rel=1e-6)
+        assert entry["fid"][plane] > entry["real_floor"][plane] > 0  # noise is farther from the real set than its halves
+    assert entry["fid"]["average"] == pytest.approx(np.mean([entry["fid"][p] for p in fid.PLANES]))
 
     table, js = tmp_path / "out" / "fid.tsv", tmp_path / "out" / "fid.json"
     fid.write_fid(result, table, js)
     frame = pd.read_csv(table, sep="\t")
     assert list(frame.columns) == list(fid.FID_COLUMNS)
     assert list(frame["plane"]) == ["axial", "coronal", "sagittal", "average"]
-    np.testing.assert_allclose(frame["fid"], [result["fid"][p] for p in frame["plane"]])
-    np.testing.assert_allclose(frame["real_floor"], [result["real_floor"][p] for p in frame["plane"]])
+    np.testing.assert_allclose(frame["fid"], [entry["fid"][p] for p in frame["plane"]])
+    np.testing.assert_allclose(frame["real_floor"], [entry["real_floor"][p] for p in frame["plane"]])
     assert list(frame["n_generated_slices"]) == [12, 12, 12, 36] and list(frame["n_real_slices"]) == [16, 16, 16, 48]
     assert set(frame["extractor"]) == {"maisi-autoencoder-encoder"}
     saved = read_json(js)
-    assert saved["fid"] == pytest.approx(result["fid"]) and saved["extractor"]["checkpoint_sha256"] == sha256_file(ae_checkpoint)
+    assert saved["extractors"][0]["fid"] == pytest.approx(entry["fid"])
+    assert saved["extractors"][0]["extractor"]["checkpoint_sha256"] == sha256_file(ae_checkpoint)
     assert "provenance" in saved
 
 

@@ -224,6 +224,20 @@ def test_datacard_fid_comparable_and_missing(gen):
     assert "FID was not computed" in card
 
 
+def test_datacard_fid_of_each_extractor(gen):
+    fid = gen["tmp"] / "fid_both.tsv"
+    planes = ("axial", "coronal", "sagittal", "average")
+    pd.DataFrame([{"plane": p, "fid": v + k, "real_floor": 1.0, "extractor": name}
+                  for k, name in ((0.0, "fid-segmenter"), (100.0, "maisi-autoencoder-encoder"))
+                  for p, v in zip(planes, (1.0, 2.0, 3.0, 2.0), strict=True)]).to_csv(fid, sep="\t", index=False)  # fmt: skip
+    card = (build(gen, fid_table=str(fid)).path / "DATACARD.md").read_text(encoding="utf-8")
+    section = card[card.index("## FID") : card.index("## Sources")]
+    # one table per extractor, in the table's order, each saying what its features are
+    assert section.index("### fid-segmenter") < section.index("| average | 2.00 | 1.00 |") < section.index("### maisi-autoencoder-encoder")
+    assert "| average | 102.00 | 1.00 |" in section and section.count("NOT comparable") == 2
+    assert "trained on the real cases only" in section and "weak referee" in section
+
+
 # --------------------------------------------------------------------------- immutability
 
 
