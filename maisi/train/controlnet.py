@@ -37,6 +37,7 @@ from maisi.train.loop import (
     plot_losses,
     save_checkpoint,
     seed_everything,
+    small_data_warning,
 )
 from maisi.train.settings import ControlNetSettings
 
@@ -155,6 +156,7 @@ def train_controlnet(
         "stage": STAGE, "settings": asdict(settings), "data_fingerprint": data_fp, "diffusion_checkpoint": str(diffusion_checkpoint),
         "diffusion_sha256": diffusion_sha, "scheduler": kind, "scale_factor": float(scale), "metrics": metrics,
         "cases": [c.case_id for c in cases], "resumed_from": loop.start, "device": str(device),
+        "small_data_warning": small_data_warning(STAGE, len(cases), settings.min_cases),
     }  # fmt: skip
     payload = {"controlnet_state_dict": cpu_state(controlnet), "variant": settings.variant, "steps": int(settings.steps)}
     save_checkpoint(checkpoint, payload, meta, STAGE)

@@ -39,6 +39,7 @@ from maisi.train.loop import (
     plot_losses,
     save_checkpoint,
     seed_everything,
+    small_data_warning,
     step_generator,
 )
 from maisi.train.settings import DiffusionSettings
@@ -105,6 +106,7 @@ def train_diffusion(
     meta = {
         "stage": STAGE, "settings": asdict(settings), "scheduler": settings.kind, "data_fingerprint": data_fp, "metrics": metrics,
         "scale_factor": float(scale), "cases": [c.case_id for c in cases], "resumed_from": loop.start, "device": str(device),
+        "small_data_warning": small_data_warning(STAGE, len(cases), settings.min_cases),
     }  # fmt: skip
     payload = {
         "unet_state_dict": cpu_state(unet), "scale_factor": scale.clone(), "num_train_timesteps": int(settings.num_train_timesteps),

@@ -28,6 +28,7 @@ class VaeSettings(ConfigSettings):
 
     variant: str = schema_default("model.variant")
     device: str = schema_default("model.device")
+    min_cases: int = schema_default("model.min_training_cases")  # fewer training cases: a small-data warning
     steps: int = schema_default("train_vae.steps")
     batch_size: int = schema_default("train_vae.batch_size")
     patch_sizes: tuple[tuple[int, int, int], ...] = schema_default("train_vae.patch_sizes")  # steps split evenly over them, in order
@@ -67,7 +68,7 @@ class VaeSettings(ConfigSettings):
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> VaeSettings:
         """From ``config["train_vae"]`` and ``config["model"]`` (whose ``variant`` and ``device`` are used)."""
-        return cls(**config.get("train_vae", {}), **_model(config))
+        return cls(**config.get("train_vae", {}), **_training(config))
 
 
 @dataclass(frozen=True)
@@ -122,17 +123,24 @@ def _model(config: Mapping[str, Any]) -> dict[str, Any]:
     return {k: model[k] for k in ("variant", "device") if k in model}
 
 
+def _training(config: Mapping[str, Any]) -> dict[str, Any]:
+    """What the training stages take from the ``model`` block: :func:`_model`'s keys and ``min_training_cases``."""
+    model = config.get("model", {})
+    return {**_model(config), **({"min_cases": model["min_training_cases"]} if "min_training_cases" in model else {})}
+
+
 class TrainSettings(ConfigSettings):
     """The protocol, for the diffusion and ControlNet stages (``config[SECTION]`` plus ``config["model"]``)."""
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Self:
-        return cls.from_dict({**config.get(cls.SECTION, {}), **_model(config)})
+        return cls.from_dict({**config.get(cls.SECTION, {}), **_training(config)})
 
     def run_fingerprint(self) -> dict[str, Any]:
-        """The settings that decide the trained weights (all but the device)."""
+        """The settings that decide the trained weights (all but the device and the small-data threshold)."""
         d = asdict(self)
         d.pop("device", None)
+        d.pop("min_cases", None)
         return d
 
 
@@ -144,6 +152,7 @@ class DiffusionSettings(TrainSettings):
 
     variant: str = schema_default("model.variant")
     device: str = schema_default("model.device")
+    min_cases: int = schema_default("model.min_training_cases")  # fewer training cases: a small-data warning
     scheduler: str | None = schema_default("train_diffusion.scheduler")  # rflow | ddpm | None = the variant's
     num_train_timesteps: int = schema_default("train_diffusion.num_train_timesteps")
     steps: int = schema_default("train_diffusion.steps")
@@ -184,6 +193,7 @@ class ControlNetSettings(TrainSettings):
 
     variant: str = schema_default("model.variant")
     device: str = schema_default("model.device")
+    min_cases: int = schema_default("model.min_training_cases")  # fewer training cases: a small-data warning
     steps: int = schema_default("train_controlnet.steps")
     batch_size: int = schema_default("train_controlnet.batch_size")
     latent_patch: Patch | None = schema_default("train_controlnet.latent_patch")  # None = whole latents
@@ -201,7 +211,7 @@ class ControlNetSettings(TrainSettings):
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> ControlNetSettings:
         scheduler = config.get("train_diffusion", {}).get("scheduler", cls.scheduler)
-        return cls.from_dict({**config.get(cls.SECTION, {}), **_model(config), "scheduler": scheduler})
+        return cls.from_dict({**config.get(cls.SECTION, {}), **_training(config), "scheduler": scheduler})
 
     def __post_init__(self) -> None:
         super().__post_init__()

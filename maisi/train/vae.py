@@ -37,6 +37,7 @@ from maisi.train.loop import (
     progress,
     save_checkpoint,
     seed_everything,
+    small_data_warning,
     step_generator,
 )
 from maisi.train.settings import VaeSettings
@@ -258,7 +259,7 @@ def train_vae(
     images = read_training_images(datalist)
     volumes = _Volumes(images)
     data_fp = files_fingerprint(images)
-    run_settings = {k: v for k, v in asdict(settings).items() if k != "device"}
+    run_settings = {k: v for k, v in asdict(settings).items() if k not in ("device", "min_cases")}
     resume = ResumeState(resume_path, fingerprint({"stage": STAGE, "settings": run_settings, "data": data_fp}))
 
     device = select_device(settings.device)
@@ -402,6 +403,7 @@ def train_vae(
         "data_fingerprint": data_fp,
         "metrics": metrics,
         "cases": len(volumes),
+        "small_data_warning": small_data_warning(STAGE, len(volumes), settings.min_cases),
         "perceptual": perceptual_on,
     }
     payload = {"autoencoder_state_dict": _cpu_state(autoencoder), "variant": settings.variant, "steps": settings.steps}

@@ -66,7 +66,11 @@ def test_default_trains_every_model(default_run):
     models = work / "results/models"
     for name in ("autoencoder", "diffusion_unet", "controlnet"):
         assert (models / f"{name}.pt").is_file() and (models / f"{name}_loss.png").is_file()
-        assert json.loads((models / f"{name}.pt.json").read_text(encoding="utf-8"))["settings"]["variant"] == "tiny"
+        sidecar = json.loads((models / f"{name}.pt.json").read_text(encoding="utf-8"))
+        assert sidecar["settings"]["variant"] == "tiny"
+        # 8 phantom cases, fewer than model.min_training_cases: each model says its results may blur
+        assert "trained on 8 case(s), fewer than model.min_training_cases (50)" in sidecar["small_data_warning"]
+    assert "results may blur" in (work / "logs/train/train_diffusion.log").read_text(encoding="utf-8")
     assert len(list((work / "results/latents/phantom").glob("*.npz"))) == 8
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 
 import nibabel as nib
 import numpy as np
@@ -21,8 +22,8 @@ from maisi.train.batches import latent_records
 from maisi.train.cache_latents import read_latent
 from maisi.train.controlnet import train_controlnet, tumour_weights
 from maisi.train.diffusion import train_diffusion
-from maisi.train.loop import files_fingerprint, step_generator
-from maisi.train.settings import ControlNetSettings, DiffusionSettings
+from maisi.train.loop import files_fingerprint, small_data_warning, step_generator
+from maisi.train.settings import ControlNetSettings, DiffusionSettings, VaeSettings
 
 LATENT = (4, 12, 10, 8)
 FAST = {"variant": "tiny", "device": "cpu", "steps": 6, "batch_size": 2, "latent_patch": (8, 8, 8), "checkpoint_every": 2}
@@ -106,7 +107,7 @@ def test_diffusion_writes_a_checkpoint_load_diffusion_reads(kind, data, referenc
         out, result, steps = reference["out"], reference["result"], FAST["steps"]
     else:
         out, steps = tmp_path, 2
-        result = _train(data["records"], out, scheduler="ddpm", steps=steps, batch_size=1)
+        result = _train(data["records"], out, scheduler="ddpm", steps=steps, batch_size=1, min_cases=3)
     ckpt = out / "diffusion.pt"
     unet, scale, timesteps = load_diffusion(ckpt, "tiny")
     assert timesteps == 1000 and isinstance(unet, torch.nn.Module)
@@ -118,6 +119,10 @@ def test_diffusion_writes_a_checkpoint_load_diffusion_reads(kind, data, referenc
     assert sidecar["stage"] == "train_diffusion" and sidecar["scheduler"] == kind
     assert sidecar["data_fingerprint"] == files_fingerprint([r["latent"] for r in data["records"]])
     assert sidecar["cases"] == ["c0", "c1", "c2"] and sidecar["scale_factor"] == pytest.approx(scale)
+    if kind == "rflow":  # 3 cases against the default threshold of 50
+        assert "train_diffusion: trained on 3 case(s), fewer than model.min_training_cases (50)" in sidecar["small_data_warning"]
+    else:  # min_cases=3: enough
+        assert sidecar["small_data_warning"] is None
     assert sidecar["metrics"]["final_loss"] == pytest.approx(result["history"][-1]) and len(result["history"]) == steps
     assert all(np.isfinite(result["history"]))
     assert (out / "diffusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -217,6 +222,7 @@ def test_controlnet_trains_on_the_frozen_unet(data, reference, controlnet):
     sidecar = json.loads((out / "controlnet.pt.json").read_text(encoding="utf-8"))
     assert sidecar["stage"] == "train_controlnet" and sidecar["scheduler"] == "rflow"
     assert sidecar["diffusion_sha256"] == sha256_file(reference["checkpoint"])
+    assert sidecar["small_data_warning"].startswith("train_controlnet: trained on 3 case(s)") and "may blur" in sidecar["small_data_warning"]
     labels = [r["label"] for r in data["records"]]
     assert sidecar["data_fingerprint"] == files_fingerprint([r["latent"] for r in data["records"]] + labels)
     assert sidecar["metrics"]["final_loss"] == pytest.approx(controlnet["result"]["history"][-1])
@@ -294,6 +300,19 @@ def test_settings_from_config_and_json():
         ControlNetSettings(scheduler="ddim")
     with pytest.raises(ConfigError, match="bogus"):
         validated(train_diffusion={"bogus": 1})
+    few = validated(model={"min_training_cases": 2})
+    assert DiffusionSettings.from_config(few).min_cases == ControlNetSettings.from_config(few).min_cases == VaeSettings.from_config(few).min_cases == 2
+    assert DiffusionSettings.from_config(validated()).min_cases == 50
+    with pytest.raises(ConfigError, match="min_training_cases"):
+        validated(model={"min_training_cases": -1})
+
+
+def test_small_data_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger="maisi.train.loop"):
+        assert small_data_warning("train_x", 5, 5) is None and small_data_warning("train_x", 9, 0) is None
+        assert not caplog.records
+        message = small_data_warning("train_x", 4, 5)
+    assert message.startswith("train_x: trained on 4 case(s), fewer than model.min_training_cases (5)") and caplog.records[0].message == message
 
 
 def test_latent_records_join_labels_from_the_case_table(data, tmp_path):
@@ -312,6 +331,7 @@ def test_resume_fingerprint_ignores_the_device():
     a = DiffusionSettings(**{**FAST, "device": "cpu"}).run_fingerprint()
     assert a == DiffusionSettings(**{**FAST, "device": "auto"}).run_fingerprint()
     assert a != DiffusionSettings(**{**FAST, "seed": 3}).run_fingerprint()
+    assert a == DiffusionSettings(**{**FAST, "device": "cpu", "min_cases": 1}).run_fingerprint()  # a warning threshold, not a weight
 
 
 def test_rflow_noise_levels_of_crops_follow_their_whole_latents():

@@ -130,6 +130,8 @@ def test_train_writes_checkpoint_sidecar_curve_and_learns(datalist, tmp_path):
     images = [datalist.parent / f"phantom/images/case_{i:04d}.nii.gz" for i in range(3)]
     assert meta["data_fingerprint"] == files_fingerprint(images)
     assert meta["cases"] == 3
+    # 3 cases, fewer than model.min_training_cases (50 by default): the sidecar says results may blur
+    assert meta["small_data_warning"].startswith("train_vae: trained on 3 case(s), fewer than model.min_training_cases (50)")
     assert meta["perceptual"] == tv.PERCEPTUAL_OFF == "off: no local weights (train_vae.perceptual_cache_dir)"
     assert meta["metrics"] == pytest.approx(metrics)
     assert {"final_l1", "mean_l1", "final_kl", "final_total", "final_adv_g", "final_disc"} <= set(metrics)
