@@ -34,7 +34,16 @@ from maisi.evaluate.qc import ORGAN_GROUPS
 from maisi.evaluate.settings import FIDSettings, SegmenterSettings
 from maisi.models.checkpoints import CheckpointError, read_checkpoint
 from maisi.models.networks import select_device
-from maisi.train.loop import ResumeState, TrainLoop, files_fingerprint, fingerprint, loss_metrics, plot_losses, seed_everything
+from maisi.train.loop import (
+    ResumeState,
+    TrainLoop,
+    cpu_state,
+    files_fingerprint,
+    fingerprint,
+    loss_metrics,
+    plot_losses,
+    seed_everything,
+)
 
 __all__ = ["STAGE", "NETWORK", "CLASSES", "WINDOWS", "hu_windows", "tissue_classes", "RealSlices", "build_segmenter", "segmenter_key", "train_segmenter", "SegmenterFeatures", "read_cases"]
 
@@ -194,14 +203,16 @@ def _copy(src: Path, dest: Path) -> None:
         shutil.copyfile(src, tmp)
 
 
-def _cached(cache: Path | None, key: str) -> Path | None:
-    """The cached checkpoint of ``key`` when it is there, readable and holds that key (else a warning, None)."""
+def _cached(cache: Path | None, key: str) -> tuple[Path, dict[str, Any]] | None:
+    """The cached checkpoint of ``key`` and its content, when it is there, readable and holds that key
+    (else a warning, None)."""
     if cache is None or not (cache / f"{key}.pt").is_file():
         return None
     path = cache / f"{key}.pt"
     try:
-        if read_checkpoint(path).get("key") == key:
-            return path
+        data = read_checkpoint(path)
+        if data.get("key") == key:
+            return path, data
         log.warning("%s: %s holds another key; training again", STAGE, path)
     except CheckpointError as exc:
         log.warning("%s: ignoring the unreadable cached segmenter %s (%s); training again", STAGE, path, exc)
@@ -219,8 +230,9 @@ def train_segmenter(
     label_files = [p for p in labels if p]
     key = segmenter_key(images, label_files, settings, fid)
     cache = Path(settings.cache) if settings.cache else None
-    hit = _cached(cache, key)
-    if hit is not None:
+    cached = _cached(cache, key)
+    if cached is not None:
+        hit, history = cached[0], cached[1]["history"]
         log.info("%s: reusing %s (same real cases, settings and preprocessing)", STAGE, hit)
         _copy(hit, out)
         meta = {k: v for k, v in read_json(hit.with_name(hit.name + ".json")).items() if k not in ("file", "sha256")}
@@ -243,7 +255,7 @@ def train_segmenter(
         history = loop.run(step_loss)
         dice = _dice(model, data, fid, device, settings.batch_size)
         log.info("%s: Dice on the training cases' central slices: mean %.3f over %d labels", STAGE, float(np.mean(list(dice.values()))), len(dice))
-        payload = {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "key": key, "classes": data.classes,
+        payload = {"state_dict": cpu_state(model), "key": key, "classes": data.classes,
                    "init_filters": settings.init_filters, "network": NETWORK, "history": history,
                    "preprocessing": {"spacing": fid.spacing, "size": fid.size, "hu_range": fid.hu_range}}  # fmt: skip
         with atomic_path(out, suffix=".pt") as tmp:
@@ -260,7 +272,7 @@ def train_segmenter(
     meta = {"file": out.name, "sha256": sha256_file(out), **meta, "provenance": provenance(STAGE)}
     write_json(out.with_name(out.name + ".json"), meta)
     if losses is not None:
-        plot_losses({"Dice + cross-entropy": read_checkpoint(out)["history"]}, losses, "FID segmenter (real cases only)")
+        plot_losses({"Dice + cross-entropy": history}, losses, "FID segmenter (real cases only)")
     return meta
 
 

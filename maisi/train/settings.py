@@ -17,13 +17,24 @@ from maisi.models.variants import DOWNSAMPLE, scheduler_spec, variant
 if TYPE_CHECKING:
     pass
 
-__all__ = ["VaeSettings", "LatentSettings", "TrainSettings", "DiffusionSettings", "ControlNetSettings", "Patch", "resolve_scheduler"]
+__all__ = ["TrainedSettings", "VaeSettings", "LatentSettings", "TrainSettings", "DiffusionSettings", "ControlNetSettings", "Patch", "resolve_scheduler"]
 
 Patch = tuple[int, int, int]
 
 
+class TrainedSettings(ConfigSettings):
+    """The settings of a stage that trains weights: which of them decide the weights (for resume states)."""
+
+    def run_fingerprint(self) -> dict[str, Any]:
+        """The settings that decide the trained weights (all but the device and the small-data threshold)."""
+        d = asdict(self)  # type: ignore[call-overload]
+        d.pop("device", None)
+        d.pop("min_cases", None)
+        return d
+
+
 @dataclass(frozen=True)
-class VaeSettings(ConfigSettings):
+class VaeSettings(TrainedSettings):
     """Settings of the autoencoder stage (``config["train_vae"]`` plus ``config["model"]``)."""
 
     variant: str = schema_default("model.variant")
@@ -129,19 +140,12 @@ def _training(config: Mapping[str, Any]) -> dict[str, Any]:
     return {**_model(config), **({"min_cases": model["min_training_cases"]} if "min_training_cases" in model else {})}
 
 
-class TrainSettings(ConfigSettings):
+class TrainSettings(TrainedSettings):
     """The protocol, for the diffusion and ControlNet stages (``config[SECTION]`` plus ``config["model"]``)."""
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Self:
         return cls.from_dict({**config.get(cls.SECTION, {}), **_training(config)})
-
-    def run_fingerprint(self) -> dict[str, Any]:
-        """The settings that decide the trained weights (all but the device and the small-data threshold)."""
-        d = asdict(self)
-        d.pop("device", None)
-        d.pop("min_cases", None)
-        return d
 
 
 @dataclass(frozen=True)

@@ -259,8 +259,7 @@ def train_vae(
     images = read_training_images(datalist)
     volumes = _Volumes(images)
     data_fp = files_fingerprint(images)
-    run_settings = {k: v for k, v in asdict(settings).items() if k not in ("device", "min_cases")}
-    resume = ResumeState(resume_path, fingerprint({"stage": STAGE, "settings": run_settings, "data": data_fp}))
+    resume = ResumeState(resume_path, fingerprint({"stage": STAGE, "settings": settings.run_fingerprint(), "data": data_fp}))
 
     device = select_device(settings.device)
     amp_dtype: torch.dtype | None = None
