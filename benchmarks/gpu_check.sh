@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The prepared GPU check (one call, under 8 minutes on one GPU): rflow-ct sampling and decoding time and
-# peak memory beside NVIDIA's A100 figures (benchmarks/gpu_check.py).
+# peak memory beside NVIDIA's A100 figures (benchmarks/gpu_check.py), then the streamed encoder at 512^3
+# (benchmarks/tsp_encode.py --cuda-only).
 #
 # The GPU machine has torch but cannot fetch packages: the other Python dependencies come from wheels
 # carried beside the checkout, made here with
@@ -15,4 +16,6 @@ if ! "$PY" -c "import monai, nibabel, yaml, jsonschema" 2>/dev/null; then
         || { echo "gpu_check: missing Python packages and no usable wheels in .wheels/" >&2; exit 2; }
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} timeout 460 "$PY" benchmarks/gpu_check.py "$@"
+PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} timeout 380 "$PY" benchmarks/gpu_check.py "$@"
+# The streamed encoder at 512^3 within 16 GB of GPU memory (its maps in host memory).
+PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} timeout 90 "$PY" benchmarks/tsp_encode.py --cuda-only || echo "tsp_encode_gpu: failed or timed out"

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -46,10 +47,23 @@ from maisi.core.shards import run_cases
 from maisi.core.tables import read_table
 from maisi.models.checkpoints import load_autoencoder
 from maisi.models.networks import float32_norms, select_device
+from maisi.models.tsp import TSPEncoder
 from maisi.models.variants import DOWNSAMPLE, LATENT_CHANNELS
 from maisi.train.settings import LatentSettings
 
-__all__ = ["LATENT_COLUMNS", "LATENT_LAYOUT", "encode_volume", "latent_affine", "latent_path", "latent_paths", "cache_case", "cache_shard", "read_latent", "LATENT_KEYS"]
+__all__ = [
+    "LATENT_COLUMNS",
+    "LATENT_LAYOUT",
+    "encode_volume",
+    "tsp_encoder",
+    "latent_affine",
+    "latent_path",
+    "latent_paths",
+    "cache_case",
+    "cache_shard",
+    "read_latent",
+    "LATENT_KEYS",
+]
 
 log = logging.getLogger(__name__)
 
@@ -78,15 +92,39 @@ LATENT_LAYOUT: dict[str, str] = {
 _STEP = "cache_latents"
 
 
+def tsp_encoder(
+    autoencoder: torch.nn.Module, settings: LatentSettings, device: torch.device | str, shape: Sequence[int]
+) -> TSPEncoder:
+    """The slab-streamed encoder of ``autoencoder`` as ``settings`` say, for images of ``shape`` on ``device``.
+
+    ``storage: auto`` keeps the maps on a GPU unless the ones the memory bound allows would fill more
+    than half of its memory (then in host memory); on the CPU they are always in host memory.
+    """
+    device = torch.device(device)
+    storage = torch.device("cpu") if settings.storage == "cpu" else device
+    if settings.storage == "auto" and device.type == "cuda":
+        first = max(m.out_channels for m in autoencoder.encoder.blocks[0].modules() if isinstance(m, torch.nn.Conv3d))
+        itemsize = getattr(torch, settings.storage_dtype).itemsize
+        need = first * math.prod(int(n) for n in shape) * itemsize * (settings.max_stored_maps or 2.0)
+        if need > torch.cuda.get_device_properties(device).total_memory / 2:
+            storage = torch.device("cpu")
+    return TSPEncoder(
+        autoencoder, [device], slab=settings.slab, storage=storage, storage_dtype=getattr(torch, settings.storage_dtype),
+        max_stored_maps=settings.max_stored_maps,
+    )  # fmt: skip
+
+
 def encode_volume(
     autoencoder: torch.nn.Module, image: np.ndarray | torch.Tensor, settings: LatentSettings, device: torch.device | str
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(mu, sigma)``, each float32 ``(4, X/4, Y/4, Z/4)``, of an ``(X, Y, Z)`` image in [0, 1].
 
-    With ``settings.roi_size`` the volume is encoded window by window with MONAI's
+    Whole volumes are encoded by :class:`~maisi.models.tsp.TSPEncoder` (``settings.encoder == "tsp"``:
+    MONAI's values with memory near one full-size feature map) or MONAI's ``encode``. With
+    ``settings.roi_size`` the volume is encoded window by window with MONAI's
     :func:`~monai.inferers.sliding_window_inference` (windows blended as ``settings.mode`` says),
-    so memory stays bounded by the window; otherwise in one pass. The model must already be on
-    ``device``; it runs under ``torch.no_grad`` (and float16 autocast on CUDA).
+    so memory stays bounded by the window. The model must already be on ``device``; MONAI's
+    encode runs under float16 autocast on CUDA, the streamed encoder in float32.
     """
     from monai.inferers import sliding_window_inference
 
@@ -96,6 +134,10 @@ def encode_volume(
         raise ValueError(f"expected an (X, Y, Z) image, got shape {tuple(x.shape)}")
     if any(int(n) % DOWNSAMPLE for n in x.shape):
         raise ValueError(f"image size {tuple(x.shape)} is not a multiple of {DOWNSAMPLE} along every axis")
+    if settings.roi_size is None and settings.encoder == "tsp":
+        engine = tsp_encoder(autoencoder, settings, device, x.shape)
+        mu, sigma = engine.encode(x.to(dtype=torch.float32)[None, None])
+        return np.ascontiguousarray(mu[0].cpu().numpy()), np.ascontiguousarray(sigma[0].cpu().numpy())
     x = x.to(device=device, dtype=torch.float32)[None, None]
 
     def predictor(window: torch.Tensor) -> torch.Tensor:

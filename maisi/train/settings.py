@@ -93,6 +93,13 @@ class LatentSettings(ConfigSettings):
     overlap: float = schema_default("cache_latents.overlap")
     #: How overlapping windows are blended: ``gaussian`` (less weight at window edges) or ``constant``.
     mode: str = schema_default("cache_latents.mode")
+    #: Whole volumes: ``tsp`` (the exact slab-streamed encoder) or ``monai`` (MONAI's ``encode``).
+    encoder: str = schema_default("cache_latents.encoder")
+    #: The ``tsp`` encoder's slab thickness (latent voxels, 0 = automatic), map storage and precision, memory bound.
+    slab: int = schema_default("cache_latents.slab")
+    storage: str = schema_default("cache_latents.storage")
+    storage_dtype: str = schema_default("cache_latents.storage_dtype")
+    max_stored_maps: float | None = schema_default("cache_latents.max_stored_maps")
 
     SECTION: ClassVar[str] = "cache_latents"
 
@@ -121,9 +128,11 @@ class LatentSettings(ConfigSettings):
         return cls.from_dict({**block, **_model(config)})
 
     def fingerprint(self) -> dict[str, Any]:
-        """The settings that decide the latents' values (the device does not)."""
+        """The settings that decide the latents' values (the device and the ``tsp`` encoder's memory layout do not:
+        it gives MONAI's values up to float32 rounding whatever its slabs, storage or memory bound)."""
         data = asdict(self)
-        data.pop("device")
+        for key in ("device", "slab", "storage", "max_stored_maps"):
+            data.pop(key)
         data["roi_size"] = list(self.roi_size) if self.roi_size is not None else None
         return data
 
