@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,24 +34,11 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from method_runs import build_released_autoencoder, fmt, peak_rss_bytes, rss_bytes, run_methods  # noqa: E402
+
 METHODS = ("monai", "monai_split4", "tsp")
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm", encoding="utf-8") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def _build(weights: Path):
-    from maisi.models.networks import build_autoencoder
-
-    autoencoder = build_autoencoder("rflow-ct")
-    autoencoder.load_state_dict(torch.load(str(weights), map_location="cpu", weights_only=True))
-    return autoencoder.eval()
 
 
 def worker(method: str, weights: Path, latent: Path, out: Path, device: str) -> dict:
@@ -61,7 +46,7 @@ def worker(method: str, weights: Path, latent: Path, out: Path, device: str) -> 
     from maisi.generate.tsp import TSPDecoder, monai_decode
 
     dev = torch.device(device)
-    autoencoder = _build(weights)
+    autoencoder = build_released_autoencoder(weights)
     z = torch.load(str(latent), weights_only=True)
     cuda = dev.type == "cuda"
     if cuda and method != "tsp":
@@ -71,7 +56,7 @@ def worker(method: str, weights: Path, latent: Path, out: Path, device: str) -> 
         torch.cuda.reset_peak_memory_stats(dev)
         base = torch.cuda.memory_allocated(dev)
     else:
-        base = _rss_bytes()
+        base = rss_bytes()
     start = time.perf_counter()
     try:
         if method == "monai":
@@ -87,7 +72,7 @@ def worker(method: str, weights: Path, latent: Path, out: Path, device: str) -> 
     except torch.OutOfMemoryError as exc:
         return {"method": method, "error": f"out of memory: {str(exc).splitlines()[0]}"}
     seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated(dev) if cuda else _peak_rss_bytes()
+    peak = torch.cuda.max_memory_allocated(dev) if cuda else peak_rss_bytes()
     torch.save(y.float().cpu(), str(out))
     return {"method": method, "seconds": seconds, "extra_bytes": peak - base, "baseline_bytes": base, "device": str(dev)}
 
@@ -101,31 +86,7 @@ def run_case(size: tuple[int, int, int], device: str, workdir: Path, seed: int =
     if not weights.exists():
         torch.save(build_autoencoder("rflow-ct").state_dict(), str(weights))
     torch.save(torch.randn(1, 4, *(s // 4 for s in size), generator=torch.Generator().manual_seed(seed)), str(latent))
-    results: dict[str, dict] = {}
-    for method in METHODS:
-        out = workdir / f"{method}.pt"
-        cmd = [sys.executable, __file__, "--worker", method, "--weights", str(weights), "--latent", str(latent), "--out", str(out),
-               "--device", device]  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, encoding="utf-8")
-        if proc.returncode != 0:
-            results[method] = {"method": method, "error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
-            continue
-        results[method] = json.loads(proc.stdout.strip().splitlines()[-1])
-    ref = workdir / "monai.pt"
-    for method, r in results.items():
-        out = workdir / f"{method}.pt"
-        if "error" not in r and ref.exists() and out.exists():
-            r["max_diff"] = float((torch.load(str(out)) - torch.load(str(ref))).abs().max())
-    for method in METHODS:
-        (workdir / f"{method}.pt").unlink(missing_ok=True)
-    return results
-
-
-def _fmt(r: dict) -> str:
-    if "error" in r:
-        return f"{r['method']:<13} {r['error']}"
-    return (f"{r['method']:<13} time {r['seconds']:8.1f} s   extra memory {r['extra_bytes'] / 2**30:7.2f} GiB"
-            f"   max diff {r.get('max_diff', float('nan')):.2e}")  # fmt: skip
+    return run_methods(__file__, METHODS, ["--weights", str(weights), "--latent", str(latent), "--device", device], workdir)
 
 
 def main() -> None:
@@ -150,13 +111,13 @@ def main() -> None:
             for size in ((512, 512, 512), (512, 512, 768)):
                 print(f"== CUDA ({name}), output {'x'.join(map(str, size))}, peak = torch.cuda.max_memory_allocated", flush=True)
                 for r in run_case(size, "cuda", work).values():
-                    print(_fmt(r), flush=True)
+                    print(fmt(r, 13), flush=True)
         size = (args.size,) * 3
         print(f"== CPU ({os.cpu_count()} cores, torch {torch.__version__}), output {'x'.join(map(str, size))}, "
               "extra = peak RSS above the loaded baseline", flush=True)  # fmt: skip
         res = run_case(size, "cpu", work)
         for r in res.values():
-            print(_fmt(r), flush=True)
+            print(fmt(r, 13), flush=True)
     tsp, unsplit, split4 = res["tsp"], res["monai"], res["monai_split4"]
     if any("error" in r for r in (tsp, unsplit, split4)):
         raise SystemExit("a method failed; no ratios")

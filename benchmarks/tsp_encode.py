@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,7 +45,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tsp_decode import _build, _peak_rss_bytes, _rss_bytes  # noqa: E402
+from method_runs import build_released_autoencoder, fmt, peak_rss_bytes, rss_bytes, run_methods  # noqa: E402
 
 METHODS = ("monai", "tsp", "tsp_store_all")
 
@@ -68,7 +67,7 @@ def worker(method: str, weights: Path, image: Path, out: Path, device: str) -> d
     from maisi.models.tsp import TSPEncoder
 
     dev = torch.device(device)
-    autoencoder = _build(weights)
+    autoencoder = build_released_autoencoder(weights)
     x = torch.load(str(image), weights_only=True)
     cuda = dev.type == "cuda"
     if cuda and method == "monai":
@@ -78,7 +77,7 @@ def worker(method: str, weights: Path, image: Path, out: Path, device: str) -> d
         torch.cuda.reset_peak_memory_stats(dev)
         base = torch.cuda.memory_allocated(dev)
     else:
-        base = _rss_bytes()
+        base = rss_bytes()
     start = time.perf_counter()
     try:
         with torch.no_grad():
@@ -94,7 +93,7 @@ def worker(method: str, weights: Path, image: Path, out: Path, device: str) -> d
     except torch.OutOfMemoryError as exc:
         return {"method": method, "error": f"out of memory: {str(exc).splitlines()[0]}"}
     seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated(dev) if cuda else _peak_rss_bytes()
+    peak = torch.cuda.max_memory_allocated(dev) if cuda else peak_rss_bytes()
     torch.save((mu.float().cpu(), sigma.float().cpu()), str(out))
     return {"method": method, "seconds": seconds, "extra_bytes": peak - base, "baseline_bytes": base, "device": str(dev)}
 
@@ -108,32 +107,7 @@ def run_case(size: tuple[int, int, int], device: str, workdir: Path, methods=MET
     if not weights.exists():
         torch.save(build_autoencoder("rflow-ct").state_dict(), str(weights))
     torch.save(_volume(size, seed), str(image))
-    results: dict[str, dict] = {}
-    for method in methods:
-        out = workdir / f"{method}.pt"
-        cmd = [sys.executable, __file__, "--worker", method, "--weights", str(weights), "--image", str(image), "--out", str(out),
-               "--device", device]  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, encoding="utf-8")
-        if proc.returncode != 0:
-            results[method] = {"method": method, "error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
-            continue
-        results[method] = json.loads(proc.stdout.strip().splitlines()[-1])
-    ref = workdir / "monai.pt"
-    for method, r in results.items():
-        out = workdir / f"{method}.pt"
-        if "error" not in r and ref.exists() and out.exists():
-            got, want = torch.load(str(out)), torch.load(str(ref))
-            r["max_diff"] = max(float((g - w).abs().max()) for g, w in zip(got, want, strict=True))
-    for method in methods:
-        (workdir / f"{method}.pt").unlink(missing_ok=True)
-    return results
-
-
-def _fmt(r: dict) -> str:
-    if "error" in r:
-        return f"{r['method']:<14} {r['error']}"
-    return (f"{r['method']:<14} time {r['seconds']:8.1f} s   extra memory {r['extra_bytes'] / 2**30:7.2f} GiB"
-            f"   max diff {r.get('max_diff', float('nan')):.2e}")  # fmt: skip
+    return run_methods(__file__, methods, ["--weights", str(weights), "--image", str(image), "--device", device], workdir)
 
 
 def main() -> None:
@@ -159,7 +133,7 @@ def main() -> None:
             print(f"== CUDA ({name}), image {'x'.join(map(str, size))}, peak = torch.cuda.max_memory_allocated", flush=True)
             res = run_case(size, "cuda", work, methods=("tsp",))
             for r in res.values():
-                print(_fmt(r), flush=True)
+                print(fmt(r), flush=True)
             tsp = res["tsp"]
             if "error" not in tsp:
                 print(
@@ -172,7 +146,7 @@ def main() -> None:
               "extra = peak RSS above the loaded baseline", flush=True)  # fmt: skip
         res = run_case(size, "cpu", work)
         for r in res.values():
-            print(_fmt(r), flush=True)
+            print(fmt(r), flush=True)
     tsp, monai = res["tsp"], res["monai"]
     if any("error" in r for r in (tsp, monai)):
         raise SystemExit("a method failed; no ratios")
