@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import numpy as np
 from scipy import ndimage
 
-from maisi.core.labels import label_name, maisi_labels
+from maisi.core.labels import label_name, maisi_labels, remove_tumours
 from maisi.core.schema import schema_default
 from maisi.core.settings import ConfigSettings
 from maisi.generate.mask_database import BONE_LESION, TUMOUR_LABELS
@@ -345,37 +345,3 @@ def augment_mask(label: np.ndarray, settings: AugmentSettings, seed: int) -> tup
         out = _shift(out, shifts)
         steps.append({"step": "translate", "applied": any(shifts), "voxels": shifts})
     return out, record
-
-
-#: Tumours that :func:`remove_tumours` gives to their host organ outright (hepatic -> liver, pancreatic ->
-#: pancreas, colon cancer -> colon, kidney cyst -> left / right kidney; brain tumours -> brain).
-TUMOUR_TO_ORGAN = {26: 1, 24: 4, 27: 62, 116: 14, 117: 5}
-_BRAIN_TUMOURS_TO_BRAIN = {176: 22}
-_LUNG_TUMOUR, _LUNG_LOBES = 23, (28, 29, 30, 31, 32)
-
-
-def remove_tumours(label: np.ndarray) -> np.ndarray:
-    """The label map with its tumours replaced by organ: the unconditional mask of NVIDIA's classifier-free guidance.
-
-    As NVIDIA's ``remove_tumors``: hepatic, pancreatic and colon tumours and kidney cysts become their
-    organ; every lung-tumour voxel becomes the most frequent lung lobe of the one-voxel ring around the
-    tumours (3x3x3 dilation, the volume's border counted as tumour; ties: the lowest id), or, with no
-    lobe in that ring, the most frequent lobe of the whole map (lobe 28 when there is none).
-    """
-    out = label.copy()
-    for tumour, organ in TUMOUR_TO_ORGAN.items():
-        out[label == tumour] = organ
-    tumour = out == _LUNG_TUMOUR
-    if tumour.any():
-        ring = ndimage.binary_dilation(tumour, structure=np.ones((3,) * tumour.ndim, bool), border_value=1) & ~tumour
-        ring &= np.isin(out, _LUNG_LOBES)
-        values = out[ring].astype(np.int64)
-        if values.size:
-            fill = int(np.bincount(values).argmax())
-        else:
-            counts = [int((out == lobe).sum()) for lobe in _LUNG_LOBES]
-            fill = _LUNG_LOBES[int(np.argmax(counts))]
-        out[tumour] = fill
-    for tumour_id, organ in _BRAIN_TUMOURS_TO_BRAIN.items():
-        out[out == tumour_id] = organ
-    return out
