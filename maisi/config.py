@@ -95,6 +95,27 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
         raise ConfigError(f"{path}: {exc}") from None
 
 
+#: The training stages that can start from a parent checkpoint: the ``pretrained`` key that replaces each, and its output.
+_FINE_TUNED = {"train_diffusion": ("diffusion", "results/models/diffusion_unet.pt"),
+               "train_controlnet": ("controlnet", "results/models/controlnet.pt")}  # fmt: skip
+
+
+def _check_init_from(cfg: Mapping[str, Any]) -> None:
+    """A stage's ``init_from`` must be a file, not the stage's own output, and not beside a ``pretrained`` file that
+    replaces the stage (which then does not run)."""
+    for stage, (role, output) in _FINE_TUNED.items():
+        path = cfg.get(stage, {}).get("init_from")
+        if not path:
+            continue
+        if cfg.get("pretrained", {}).get(role):
+            raise ConfigError(f"config key '{stage}.init_from': 'pretrained.{role}' is given too, so {stage} does not run and "
+                              f"nothing is fine-tuned; set one of them")  # fmt: skip
+        if not Path(path).is_file():
+            raise ConfigError(f"config key '{stage}.init_from': checkpoint file {path} does not exist")
+        if Path(path).resolve() == Path(output).resolve():
+            raise ConfigError(f"config key '{stage}.init_from': {path} is the stage's own output; copy it elsewhere first")
+
+
 def check_config(cfg: dict) -> None:
     """The checks the schema cannot express: across keys, against the file system, the requests.
 
@@ -119,6 +140,7 @@ def check_config(cfg: dict) -> None:
     for key, path in cfg.get("pretrained", {}).items():
         if path and not Path(path).is_file():
             raise ConfigError(f"config key 'pretrained.{key}': checkpoint file {path} does not exist")
+    _check_init_from(cfg)
     qc = cfg["qc"]
     if qc["reference"] == "nvidia" and not (qc["nvidia_statistics"] and Path(qc["nvidia_statistics"]).is_file()):
         raise ConfigError(f"config key 'qc.nvidia_statistics': qc.reference 'nvidia' needs NVIDIA's statistics file "

@@ -54,7 +54,7 @@ def user_mask_files(name):
 def generation_resources():
     """Placement, memory and runtime of the jobs that generate cases (generate, and qc_check when a case fails)."""
     block = config["generate"]["resources"]
-    return {**cluster(MODEL_GPUS), "mem_mb": memory(block["mem_mb"]), "runtime": block["runtime"]}
+    return {**cluster(min(MODEL_GPUS, 1)), "mem_mb": memory(block["mem_mb"]), "runtime": block["runtime"]}
 
 
 def request_json(wildcards):

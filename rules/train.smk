@@ -1,5 +1,6 @@
 # MAISI's model side: autoencoder, latent cache, latent diffusion UNet and ControlNet.
 # A checkpoint given under 'pretrained' replaces its rule's output, and the rule does not run.
+# A stage's 'init_from' checkpoint (fine-tuning) is an input of its rule: a changed parent retrains the stage.
 
 
 rule train_vae:
@@ -47,6 +48,8 @@ rule cache_latents:
 rule train_diffusion:
     input:
         latents=lambda w: stage_tables(LATENT_SHARDS),
+        cases=PREPARED_CASES if VALIDATION else [],  # the folds, for the held-out cases
+        parent=config["train_diffusion"]["init_from"] or [],
     output:
         checkpoint=f"{MODELS}/diffusion_unet.pt",
         curve=report(f"{MODELS}/diffusion_unet_loss.png", caption="../report/loss_diffusion.rst", category="Training"),
@@ -55,7 +58,7 @@ rule train_diffusion:
         resume=f"{MODELS}/.resume/diffusion_unet.pt",
     threads: config["threads"]["training"]
     resources:
-        **model_resources(),
+        **model_resources(all_gpus=True),
     log:
         "logs/train/train_diffusion.log",
     benchmark:
@@ -69,6 +72,7 @@ rule train_controlnet:
         latents=lambda w: stage_tables(LATENT_SHARDS),
         cases=PREPARED_CASES,
         diffusion=DIFFUSION,
+        parent=config["train_controlnet"]["init_from"] or [],
     output:
         checkpoint=f"{MODELS}/controlnet.pt",
         curve=report(f"{MODELS}/controlnet_loss.png", caption="../report/loss_controlnet.rst", category="Training"),
@@ -77,7 +81,7 @@ rule train_controlnet:
         resume=f"{MODELS}/.resume/controlnet.pt",
     threads: config["threads"]["training"]
     resources:
-        **model_resources(),
+        **model_resources(all_gpus=True),
     log:
         "logs/train/train_controlnet.log",
     benchmark:

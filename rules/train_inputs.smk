@@ -8,6 +8,8 @@ AUTOENCODER = config["pretrained"]["autoencoder"] or f"{MODELS}/autoencoder.pt"
 DIFFUSION = config["pretrained"]["diffusion"] or f"{MODELS}/diffusion_unet.pt"
 CONTROLNET = config["pretrained"]["controlnet"] or f"{MODELS}/controlnet.pt"
 MODEL_GPUS = 0 if config["model"]["device"] == "cpu" else config["model"]["resources"]["gpu"]
+#: Validation on held-out cases (model.validation_every, model.validation_fold): the diffusion stage then reads the folds.
+VALIDATION = config["model"]["validation_every"] > 0 and config["model"]["validation_fold"] is not None
 SETTINGS = {"train_vae": VaeSettings, "cache_latents": LatentSettings, "train_diffusion": DiffusionSettings,
             "train_controlnet": ControlNetSettings}  # fmt: skip
 
@@ -34,6 +36,10 @@ def training_targets():
     return targets
 
 
-def model_resources(runtime=True):
+def model_resources(runtime=True, all_gpus=False):
+    """Placement, memory and runtime of a model job: one GPU, or with `all_gpus` (the diffusion and ControlNet
+    training, one process per GPU) model.resources.gpu GPUs on one node."""
     block = config["model"]["resources"]
-    return {**cluster(MODEL_GPUS), "mem_mb": memory(block["mem_mb"]), **({"runtime": block["runtime"]} if runtime else {})}
+    gpus = MODEL_GPUS if all_gpus else min(MODEL_GPUS, 1)
+    return {**cluster(gpus), **({"nodes": 1} if gpus > 1 else {}), "mem_mb": memory(block["mem_mb"]),
+            **({"runtime": block["runtime"]} if runtime else {})}

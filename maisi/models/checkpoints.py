@@ -28,7 +28,7 @@ from maisi.models.variants import VARIANTS, Variant, variant
 
 __all__ = [
     "CheckpointError", "read_checkpoint", "load_weights", "load_autoencoder", "load_diffusion", "diffusion_scheduler", "load_controlnet",
-    "recognise_variants", "load_mask_models",
+    "recognise_variants", "load_mask_models", "load_parent",
 ]  # fmt: skip
 
 _BUILDERS = {"autoencoder": build_autoencoder, "diffusion UNet": build_diffusion_unet, "ControlNet": build_controlnet}
@@ -144,6 +144,37 @@ def load_controlnet(path, variant_name: str):
     controlnet = build_controlnet(variant_name)
     load_weights(controlnet, _state_dict(data, ("controlnet_state_dict",), path), path, "ControlNet", variant_name)
     return controlnet
+
+
+#: Where each network's weights lie in a checkpoint dict.
+_STATE_KEYS = {"autoencoder": ("autoencoder_state_dict", "state_dict"), "diffusion UNet": ("unet_state_dict",),
+               "ControlNet": ("controlnet_state_dict",)}  # fmt: skip
+
+
+def load_parent(
+    model: torch.nn.Module, path: str | os.PathLike, what: str, variant_name: str, key: str | None = None
+) -> dict[str, Any]:
+    """Fine-tuning: load a parent checkpoint's ``what`` weights (``diffusion UNet``, ``ControlNet`` or ``autoencoder``;
+    the factory's layout or NVIDIA's) strictly into ``model``; returns the checkpoint's other entries (e.g. its
+    ``scale_factor``).
+
+    A file of another variant (recorded in the file, or weights that do not fit ``variant_name``) is a
+    :class:`CheckpointError` naming the file, the variant it holds and the configured one (and the config ``key``
+    that named the file, when given).
+    """
+    if what not in _STATE_KEYS:
+        raise ValueError(f"unknown network {what!r}; expected one of {', '.join(_STATE_KEYS)}")
+    keys = _STATE_KEYS[what]
+    try:
+        data = read_checkpoint(path)
+        _check_recorded(data, variant_name, path, what)
+        state = _state_dict(data, keys, path)
+        load_weights(model, state, path, what, variant_name)
+    except CheckpointError as exc:
+        if key is None:
+            raise
+        raise CheckpointError(f"config key {key!r}: {exc}") from None
+    return {} if state is data else {k: v for k, v in data.items() if k not in keys}  # a plain state dict holds nothing else
 
 
 def load_mask_models(autoencoder_path, diffusion_path, var: str | Variant):

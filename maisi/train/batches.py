@@ -20,7 +20,8 @@ from maisi.models.variants import MODALITIES, Variant, variant
 from maisi.train.cache_latents import read_latent
 from maisi.train.settings import Patch
 
-__all__ = ["latent_records", "LatentCase", "read_cases", "sample_batch", "noise_inputs"]
+__all__ = ["latent_records", "LatentCase", "Batch", "read_cases", "sample_batch", "noise_inputs"]
+
 
 @dataclass
 class LatentCase:
@@ -34,6 +35,7 @@ class LatentCase:
     top: list[int]
     bottom: list[int]
     label: Path | None = None
+    fold: int | None = None  # the prepared dataset's fold, where the records give it
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -48,6 +50,17 @@ def _rows(records: pd.DataFrame | Iterable[Mapping[str, Any]]) -> list[dict[str,
 
 def _blank(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value)) or str(value).strip() == ""
+
+
+def _fold(row: Mapping[str, Any], case_id: str) -> int | None:
+    """A record's ``fold`` (the prepared dataset's), ``None`` where it has none."""
+    value = row.get("fold")
+    if _blank(value):
+        return None
+    try:
+        return int(float(value))
+    except (TypeError, ValueError):
+        raise ValueError(f"case {case_id}: fold {value!r} is not a whole number") from None
 
 
 def read_cases(records: pd.DataFrame | Iterable[Mapping[str, Any]], need_label: bool = False) -> list[LatentCase]:
@@ -79,7 +92,7 @@ def read_cases(records: pd.DataFrame | Iterable[Mapping[str, Any]], need_label: 
                 case_id=case_id, path=Path(str(row["latent"])), mu=torch.from_numpy(data["mu"]), sigma=torch.from_numpy(data["sigma"]),
                 spacing=[float(v) for v in data["spacing"].reshape(-1)],
                 top=[int(v) for v in data["top_region_index"].reshape(-1)],
-                bottom=[int(v) for v in data["bottom_region_index"].reshape(-1)], label=label,
+                bottom=[int(v) for v in data["bottom_region_index"].reshape(-1)], label=label, fold=_fold(row, case_id),
             )
         )  # fmt: skip
     channels = {int(c.mu.shape[0]) for c in cases}
@@ -88,10 +101,12 @@ def read_cases(records: pd.DataFrame | Iterable[Mapping[str, Any]], need_label: 
     return cases
 
 
-def latent_records(tables: Sequence[str | os.PathLike] | str | os.PathLike, cases: str | os.PathLike | None = None) -> pd.DataFrame:
+def latent_records(
+    tables: Sequence[str | os.PathLike] | str | os.PathLike, cases: str | os.PathLike | None = None
+) -> pd.DataFrame:
     """The training records from ``cache_latents``' shard tables: rows with a latent (and status ``ok``
-    where the table has a status), with the ``label`` path joined from the prepared ``cases`` table
-    (``results/prepared/cases.tsv``) when given. With several sources, case ids become ``source/case_id``."""
+    where the table has a status), with the ``label`` path and the ``fold`` joined from the prepared ``cases``
+    table (``results/prepared/cases.tsv``) when given. With several sources, case ids become ``source/case_id``."""
     paths = [tables] if isinstance(tables, (str, os.PathLike)) else list(tables)
     frames = [read_table(p) for p in paths]
     frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["case_id", "latent"])
@@ -107,8 +122,10 @@ def latent_records(tables: Sequence[str | os.PathLike] | str | os.PathLike, case
     if cases is not None:
         table = read_table(cases)
         on = [k for k in keys if k in table.columns]
-        frame = frame.drop(columns=["label"], errors="ignore").merge(table[[*on, "label"]], on=on, how="left")
-        frame["label"] = frame["label"].fillna("")
+        joined = [c for c in ("label", "fold") if c in table.columns]
+        frame = frame.drop(columns=joined, errors="ignore").merge(table[[*on, *joined]], on=on, how="left")
+        for column in joined:
+            frame[column] = frame[column].fillna("")
     if "source" in frame.columns and frame.source.nunique() > 1:
         frame["case_id"] = frame.source + "/" + frame.case_id
     return frame.reset_index(drop=True)
@@ -132,6 +149,12 @@ class Batch:
     starts: list[Patch]  # crop origin in latent voxels
     shape: Patch  # the (padded) spatial size of z
 
+    def select(self, part: slice | None) -> Batch:
+        """The samples ``part`` of the batch (one process's share of a global batch; all of it for ``None``)."""
+        if part is None:
+            return self
+        return Batch(z=self.z[part], cases=list(self.cases[part]), starts=list(self.starts[part]), shape=self.shape)
+
     @property
     def whole(self) -> list[Patch] | None:
         """Each sample's whole latent size when ``z`` holds crops (see :func:`noise_inputs`); ``None`` for whole latents."""
@@ -151,7 +174,12 @@ def _choose(gen: torch.Generator, pool: Sequence[int], first: int, batch_size: i
 
 
 def sample_batch(
-    cases: Sequence[LatentCase], gen: torch.Generator, batch_size: int, patch: Patch | None, divisor: int, scale: torch.Tensor | float
+    cases: Sequence[LatentCase],
+    gen: torch.Generator,
+    batch_size: int,
+    patch: Patch | None,
+    divisor: int,
+    scale: torch.Tensor | float,
 ) -> Batch:
     """Choose ``batch_size`` cases (random crops of size ``patch``, or whole latents of one shape), draw
     ``z = mu + sigma * eps`` and scale it. Latents smaller than the patch (or than a multiple of
@@ -181,9 +209,18 @@ def sample_batch(
 
 
 def noise_inputs(
-    scheduler: Any, kind: str, z: torch.Tensor, gen: torch.Generator, device: torch.device, whole: Sequence[Patch] | None = None
+    scheduler: Any,
+    kind: str,
+    z: torch.Tensor,
+    gen: torch.Generator,
+    device: torch.device,
+    whole: Sequence[Patch] | None = None,
+    part: slice | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(noisy latents, timesteps, target) on ``device``: target = noise (DDPM) or ``z - noise`` (RFlow).
+
+    ``part``: the samples to return (one process's share of the global batch ``z``); the noise and timesteps
+    are drawn for the whole batch first, so every share is what one process drawing the whole batch gets.
 
     ``whole``: the spatial size of each sample's whole latent when ``z`` holds crops of it. RFlow's timestep
     transform shifts the noise levels by the latent's size; sampling them for the crop would train a patch
@@ -201,6 +238,8 @@ def noise_inputs(
                 timesteps = scheduler.sample_timesteps(z)
             else:  # only the shape of what sample_timesteps is given matters (empty: no memory is written)
                 timesteps = torch.cat([scheduler.sample_timesteps(torch.empty((1, 1, *shape))) for shape in whole])
+    if part is not None:
+        z, noise, timesteps = z[part], noise[part], timesteps[part]
     z, noise, timesteps = z.to(device), noise.to(device), timesteps.to(device)
     noisy = scheduler.add_noise(original_samples=z, noise=noise, timesteps=timesteps)
     target = noise if kind == "ddpm" else z - noise
@@ -226,10 +265,14 @@ def check_patch(settings: Any, cases: Sequence[LatentCase]) -> int:
     divisor = model_divisor(settings.variant)
     if settings.latent_patch is not None:
         if any(p % divisor for p in settings.latent_patch):
-            raise ValueError(f"latent_patch {tuple(settings.latent_patch)} must be a multiple of {divisor} per axis for variant '{settings.variant}'")
+            raise ValueError(
+                f"latent_patch {tuple(settings.latent_patch)} must be a multiple of {divisor} per axis for variant '{settings.variant}'"
+            )
         small = [c.case_id for c in cases if any(n < p for n, p in zip(c.shape, settings.latent_patch, strict=True))]
         if small:
-            log.info("%d latents smaller than the patch %s are zero-padded (e.g. %s)", len(small), settings.latent_patch, small[0])
+            log.info(
+                "%d latents smaller than the patch %s are zero-padded (e.g. %s)", len(small), settings.latent_patch, small[0]
+            )
     else:
         odd = [c.case_id for c in cases if any(n % divisor for n in c.shape)]
         if odd:

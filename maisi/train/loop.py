@@ -4,6 +4,11 @@ loss curves and progress bars.
 Reproducibility: every random draw of step ``k`` comes from a generator seeded with
 ``derive_seed(seed, stage, k)``, so a run resumed at step ``k`` continues exactly as an
 uninterrupted run would, without saving RNG states.
+
+Several processes (:mod:`maisi.train.distributed`): every rank draws the step's whole global batch from
+that generator and trains on its slice (``TrainLoop.part``) through ``TrainLoop.net``, the
+``DistributedDataParallel`` wrapper; the loss history is the mean over the ranks, and only rank 0 writes
+(checkpoints, sidecars, loss curves and resume states: the writers here do nothing on the other ranks).
 """
 
 from __future__ import annotations
@@ -24,8 +29,21 @@ import torch
 from maisi.core.io import atomic_path, sha256_file, write_json
 from maisi.core.provenance import provenance
 from maisi.core.seeds import derive_seed
+from maisi.train.distributed import World, world
 
-__all__ = ["small_data_warning", "step_generator", "seed_everything", "fingerprint", "files_fingerprint", "ResumeState", "save_checkpoint", "plot_losses", "progress", "polynomial_lr", "TrainLoop"]
+__all__ = [
+    "small_data_warning",
+    "step_generator",
+    "seed_everything",
+    "fingerprint",
+    "files_fingerprint",
+    "ResumeState",
+    "save_checkpoint",
+    "plot_losses",
+    "progress",
+    "polynomial_lr",
+    "TrainLoop",
+]
 
 log = logging.getLogger(__name__)
 
@@ -97,25 +115,46 @@ class ResumeState:
         return state
 
     def save(self, step: int, payload: Mapping[str, Any]) -> None:
+        """Write the state (rank 0 only)."""
+        if not world().main:
+            return
         with atomic_path(self.path, suffix=".pt") as tmp:
             torch.save({"fingerprint": self.run_fingerprint, "step": int(step), **payload}, str(tmp))
 
     def clear(self) -> None:
-        self.path.unlink(missing_ok=True)
+        """Remove the state (rank 0 only)."""
+        if world().main:
+            self.path.unlink(missing_ok=True)
 
 
 def save_checkpoint(dest: str | os.PathLike, payload: Mapping[str, Any], meta: Mapping[str, Any], step: str) -> Path:
     """Atomically ``torch.save`` a checkpoint dict, then its JSON sidecar (config, data hash, metrics,
-    sha256 and provenance)."""
+    the number of training processes, sha256 and provenance). Rank 0 only: other ranks write nothing."""
     dest = Path(dest)
+    here = world()
+    if not here.main:
+        return dest
     with atomic_path(dest, suffix=".pt") as tmp:
         torch.save(dict(payload), str(tmp))
-    write_json(dest.with_name(dest.name + ".json"), {"file": dest.name, "sha256": sha256_file(dest), **dict(meta), "provenance": provenance(step)})
+    write_json(
+        dest.with_name(dest.name + ".json"),
+        {"file": dest.name, "sha256": sha256_file(dest), "processes": here.size, **dict(meta), "provenance": provenance(step)},
+    )
     return dest
 
 
-def plot_losses(history: Mapping[str, Sequence[float]], dest: str | os.PathLike, title: str) -> None:
-    """Loss curves (one line per loss, log scale when all positive) as PNG, written atomically."""
+def plot_losses(
+    history: Mapping[str, Sequence[float]],
+    dest: str | os.PathLike,
+    title: str,
+    validation: Mapping[str, Sequence[tuple[int, float]]] | None = None,
+) -> None:
+    """Loss curves (one line per loss, log scale when all positive) as PNG, written atomically (rank 0 only).
+
+    ``validation``: curves known at some steps only, ``(step, loss)`` pairs (validation losses), drawn with markers.
+    """
+    if not world().main:
+        return
     import matplotlib
 
     matplotlib.use("Agg")
@@ -134,6 +173,12 @@ def plot_losses(history: Mapping[str, Sequence[float]], dest: str | os.PathLike,
             k = max(values.size // 20, 2)
             smooth = np.convolve(values, np.ones(k) / k, mode="valid")
             ax.plot(np.arange(k, values.size + 1), smooth, lw=2, alpha=0.6, label=f"{name} (mean of {k})")
+    for name, points in (validation or {}).items():
+        if not points:
+            continue
+        steps, values = (np.asarray(v, dtype=float) for v in zip(*points, strict=True))
+        positive &= bool(np.all(values > 0))
+        ax.plot(steps, values, "o-", ms=3, lw=1.5, label=name)
     if positive:
         ax.set_yscale("log")
     ax.set_xlabel("step")
@@ -147,10 +192,12 @@ def plot_losses(history: Mapping[str, Sequence[float]], dest: str | os.PathLike,
 
 
 def progress(total: int, initial: int, desc: str):
-    """A tqdm bar over training steps; set the loss with ``bar.set_postfix(loss=...)``."""
+    """A tqdm bar over training steps; set the loss with ``bar.set_postfix(loss=...)``. Silent on ranks other than 0."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, unit="step", mininterval=1.0, dynamic_ncols=True)
+    return tqdm(
+        total=total, initial=initial, desc=desc, unit="step", mininterval=1.0, dynamic_ncols=True, disable=not world().main
+    )
 
 
 def polynomial_lr(optimizer: torch.optim.Optimizer, total_steps: int, power: float = 2.0):
@@ -162,17 +209,27 @@ class TrainLoop:
     """The loop both stages share: Adam, polynomial LR decay, AMP on CUDA, resume states, progress bar.
 
     ``loss_fn(step, generator)`` computes one step's loss (inside autocast); the generator is
-    ``step_generator(seed, stage, step)``.
+    ``step_generator(seed, stage, step)``. It draws the global batch (``settings.batch_size``) from the
+    generator, keeps the rows ``part`` and calls the model as ``net`` (with several processes the
+    ``DistributedDataParallel`` wrapper, which averages the gradients over the ranks; else the model).
+    ``stage`` is also the config section whose ``batch_size`` an uneven split names.
+
+    ``validate()`` (optional) gives the validation loss; it is called every ``settings.validation_every`` steps
+    and after the last, on rank 0 only, under ``torch.no_grad`` with the model in eval mode. Its ``(step, loss)``
+    pairs are ``validation`` (kept in the resume state).
     """
 
     def __init__(self, stage: str, model: torch.nn.Module, settings: Any, device: torch.device, resume: ResumeState):
         self.stage, self.model, self.settings, self.device, self.resume = stage, model, settings, device, resume
+        self.world: World = world()
+        self.part: slice = self.world.part(settings.batch_size, f"{stage}.batch_size")
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(self.params, lr=settings.lr)
         self.lr_scheduler = polynomial_lr(self.optimizer, settings.steps, settings.lr_power)
         self.amp = bool(settings.amp) and device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.history: list[float] = []
+        self.validation: list[tuple[int, float]] = []
         self.start = 0
         self.extra: dict[str, Any] = {}
         state = resume.load()
@@ -184,18 +241,51 @@ class TrainLoop:
             self.history = [float(v) for v in state["history"]]
             self.start = int(state["step"])
             self.extra = dict(state.get("extra", {}))
+            self.validation = [(int(step), float(value)) for step, value in state.get("validation", [])]
+        self.net: torch.nn.Module = model
+        if self.world.size > 1:  # after loading the state; DDP copies rank 0's weights to the others here
+            from torch.nn.parallel import DistributedDataParallel
+
+            # Every parameter of the UNet and the ControlNet gets a gradient (all variants), so DDP need not search the
+            # graph for unused ones. A loss_fn calls the net once per step (DDP's gradient hooks expect one forward).
+            self.net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
     def _save(self, step: int, extra: Mapping[str, Any]) -> None:
+        if not self.world.main:
+            return
         self.resume.save(step, {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-            "history": list(self.history), "extra": dict(extra),
+            "history": list(self.history), "extra": dict(extra), "validation": list(self.validation),
         })  # fmt: skip
 
-    def run(self, loss_fn: Callable[[int, torch.Generator], torch.Tensor], extra: Mapping[str, Any] | None = None) -> list[float]:
+    def _validate(self, step: int, validate: Callable[[], float], autocast: Callable[[], Any]) -> None:
+        """The validation loss after ``step`` steps (rank 0 only; the other ranks go on to the next step's sync)."""
+        if not self.world.main:
+            return
+        self.model.eval()
+        try:
+            with torch.no_grad(), autocast():
+                value = float(validate())
+        finally:
+            self.model.train()
+        self.validation.append((step, value))
+        log.info("%s: step %d, validation loss %.4f (training loss %.4f)", self.stage, step, value, self.history[-1])
+
+    def validation_metrics(self) -> dict[str, float]:
+        """The sidecar's validation summary: the last validation loss (nothing without validation)."""
+        return {"validation_loss": self.validation[-1][1]} if self.validation else {}
+
+    def run(
+        self,
+        loss_fn: Callable[[int, torch.Generator], torch.Tensor],
+        extra: Mapping[str, Any] | None = None,
+        validate: Callable[[], float] | None = None,
+    ) -> list[float]:
         """Train from the resumed (or first) step to ``settings.steps``; return the loss history."""
         s = self.settings
         extra = dict(extra or {})
+        every = int(getattr(s, "validation_every", 0) or 0) if validate is not None else 0
         self.model.train()
         autocast = (lambda: torch.autocast("cuda", dtype=torch.float16)) if self.amp else contextlib.nullcontext
         bar = progress(s.steps, self.start, self.stage)
@@ -206,16 +296,19 @@ class TrainLoop:
                 self.optimizer.zero_grad(set_to_none=True)
                 with autocast():
                     loss = loss_fn(step, gen)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"{self.stage}: the loss became {loss.item()} at step {step}")
+                value = self.world.mean(loss)  # the global batch's loss: every rank stops together on a bad one
+                if not np.isfinite(value):
+                    raise FloatingPointError(f"{self.stage}: the loss became {value} at step {step}")
                 self.scaler.scale(loss).backward()
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.lr_scheduler.step()
-                self.history.append(float(loss.item()))
+                self.history.append(value)
                 done += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{self.history[-1]:.4f}", refresh=False)
+                if every and ((step + 1) % every == 0 or step + 1 == s.steps):
+                    self._validate(step + 1, validate, autocast)  # type: ignore[arg-type]
                 if (step + 1) % s.checkpoint_every == 0 and step + 1 < s.steps:
                     self._save(step + 1, extra)
         finally:
@@ -230,7 +323,12 @@ def loss_metrics(history: Sequence[float]) -> dict[str, float]:
     """The sidecar's loss summary."""
     h = np.asarray(history, dtype=float)
     tail = h[-max(len(h) // 10, 1) :]
-    return {"final_loss": float(h[-1]), "mean_loss": float(h.mean()), "first_loss": float(h[0]), "mean_loss_last_10pct": float(tail.mean())}
+    return {
+        "final_loss": float(h[-1]),
+        "mean_loss": float(h.mean()),
+        "first_loss": float(h[0]),
+        "mean_loss_last_10pct": float(tail.mean()),
+    }
 
 
 def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -17,18 +17,32 @@ from maisi.models.variants import DOWNSAMPLE, scheduler_spec, variant
 if TYPE_CHECKING:
     pass
 
-__all__ = ["TrainedSettings", "VaeSettings", "LatentSettings", "TrainSettings", "DiffusionSettings", "ControlNetSettings", "Patch", "resolve_scheduler"]
+__all__ = [
+    "TrainedSettings", "VaeSettings", "LatentSettings", "TrainSettings", "DiffusionSettings", "ControlNetSettings", "Patch",
+    "resolve_scheduler", "CONTRASTIVE_LOSS", "CONTRASTIVE_MAX",
+]  # fmt: skip
 
 Patch = tuple[int, int, int]
+
+
+#: MAISI v2's region-contrastive ControlNet loss (weight, bound) of the variants NVIDIA trains with it
+#: (``configs/config_maisi_controlnet_train_rflow-ct.json`` of NV-Generate-CTMR); the others are trained without it.
+CONTRASTIVE_LOSS: dict[str, tuple[float, float]] = {"rflow-ct": (0.01, 2.0)}
+
+
+#: The contrastive term's bound where the variant gives none (NVIDIA's default).
+CONTRASTIVE_MAX = 2.0
 
 
 class TrainedSettings(ConfigSettings):
     """The settings of a stage that trains weights: which of them decide the weights (for resume states)."""
 
     def run_fingerprint(self) -> dict[str, Any]:
-        """The settings that decide the trained weights (all but the device and the small-data threshold)."""
+        """The settings that decide the trained weights (all but the device, the number of processes and the small-data
+        threshold)."""
         d = asdict(self)  # type: ignore[call-overload]
         d.pop("device", None)
+        d.pop("processes", None)
         d.pop("min_cases", None)
         return d
 
@@ -149,12 +163,36 @@ def _training(config: Mapping[str, Any]) -> dict[str, Any]:
     return {**_model(config), **({"min_cases": model["min_training_cases"]} if "min_training_cases" in model else {})}
 
 
+#: The ``model`` keys of validation on held-out cases (diffusion and ControlNet stages), under their own names.
+VALIDATION_KEYS = ("validation_every", "validation_fold", "validation_samples")
+
+
+def _processes(config: Mapping[str, Any]) -> dict[str, Any]:
+    """What the diffusion and ControlNet stages take from ``model`` besides :func:`_training`'s keys: the number of
+    training processes (``model.resources.gpu``, at least 1) and the validation keys."""
+    model = config.get("model", {})
+    gpus = model.get("resources", {}).get("gpu")
+    return {**({} if gpus is None else {"processes": max(int(gpus), 1)}), **{k: model[k] for k in VALIDATION_KEYS if k in model}}
+
+
 class TrainSettings(TrainedSettings):
     """The protocol, for the diffusion and ControlNet stages (``config[SECTION]`` plus ``config["model"]``)."""
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Self:
-        return cls.from_dict({**config.get(cls.SECTION, {}), **_training(config)})
+        return cls.from_dict({**config.get(cls.SECTION, {}), **_training(config), **_processes(config)})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_values("model", {k: getattr(self, k) for k in VALIDATION_KEYS if hasattr(self, k)})
+        processes, batch_size = getattr(self, "processes", 1), getattr(self, "batch_size", 1)
+        if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
+            raise ValueError(f"{self.SECTION}: model.resources.gpu, the number of processes, must be 1 or more: {processes!r}")
+        if batch_size % processes:
+            raise ValueError(
+                f"config key '{self.SECTION}.batch_size' ({batch_size}) must be a multiple of model.resources.gpu ({processes}), "
+                "the number of training processes: each process computes an equal share of the global batch"
+            )
 
 
 @dataclass(frozen=True)
@@ -176,8 +214,15 @@ class DiffusionSettings(TrainSettings):
     amp: bool = schema_default("train_diffusion.amp")  # mixed precision, CUDA only
     checkpoint_every: int = schema_default("train_diffusion.checkpoint_every")
     seed: int = schema_default("train_diffusion.seed")
+    processes: int = schema_default("model.resources.gpu")  # training processes, one GPU each (DistributedDataParallel)
+    validation_every: int = schema_default("model.validation_every")  # 0: no validation loss, every case trains
+    validation_fold: int | None = schema_default("model.validation_fold")  # held out; -1: the highest fold with cases
+    validation_samples: int = schema_default("model.validation_samples")
+    init_from: str | None = schema_default("train_diffusion.init_from")  # a checkpoint to fine-tune; None = random weights
+    recompute_scale_factor: bool = schema_default("train_diffusion.recompute_scale_factor")  # False keeps the parent's
 
     def __post_init__(self) -> None:
+        _path_as_text(self)
         super().__post_init__()
         resolve_scheduler(self.variant, self.scheduler)
 
@@ -188,6 +233,12 @@ class DiffusionSettings(TrainSettings):
 
     def scheduler_spec(self) -> dict[str, Any]:
         return scheduler_spec(variant(self.variant), self.kind, self.num_train_timesteps)
+
+
+def _path_as_text(settings: Any) -> None:
+    """``init_from`` as text (a ``Path`` given in Python), as the config and the job's JSON parameter hold it."""
+    if settings.init_from is not None:
+        object.__setattr__(settings, "init_from", str(settings.init_from))
 
 
 def resolve_scheduler(variant_name: str, scheduler: str | None) -> str:
@@ -217,6 +268,13 @@ class ControlNetSettings(TrainSettings):
     tumour_labels: tuple[int, ...] = schema_default("train_controlnet.tumour_labels")
     checkpoint_every: int = schema_default("train_controlnet.checkpoint_every")
     seed: int = schema_default("train_controlnet.seed")
+    processes: int = schema_default("model.resources.gpu")  # training processes, one GPU each (DistributedDataParallel)
+    validation_every: int = schema_default("model.validation_every")  # 0: no validation loss, every case trains
+    validation_fold: int | None = schema_default("model.validation_fold")  # held out; -1: the highest fold with cases
+    validation_samples: int = schema_default("model.validation_samples")
+    init_from: str | None = schema_default("train_controlnet.init_from")  # a ControlNet to fine-tune; None = the UNet's copy
+    contrastive_weight: float | None = schema_default("train_controlnet.contrastive_weight")  # None = CONTRASTIVE_LOSS's
+    contrastive_max: float | None = schema_default("train_controlnet.contrastive_max")  # None = the variant's
     #: The diffusion model's scheduler, used when its checkpoint does not record one (NVIDIA's
     #: released files do not): ``train_diffusion.scheduler``, else the variant's.
     scheduler: str | None = schema_default("train_diffusion.scheduler")
@@ -224,9 +282,10 @@ class ControlNetSettings(TrainSettings):
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> ControlNetSettings:
         scheduler = config.get("train_diffusion", {}).get("scheduler", cls.scheduler)
-        return cls.from_dict({**config.get(cls.SECTION, {}), **_training(config), "scheduler": scheduler})
+        return cls.from_dict({**config.get(cls.SECTION, {}), **_training(config), **_processes(config), "scheduler": scheduler})
 
     def __post_init__(self) -> None:
+        _path_as_text(self)
         super().__post_init__()
         check_values("train_diffusion", {"scheduler": self.scheduler})
         resolve_scheduler(self.variant, self.scheduler)
@@ -235,3 +294,12 @@ class ControlNetSettings(TrainSettings):
     def kind(self) -> str:
         """The diffusion model's scheduler when its checkpoint does not say."""
         return resolve_scheduler(self.variant, self.scheduler)
+
+    @property
+    def contrastive(self) -> tuple[float, float]:
+        """The region-contrastive loss's (weight, bound): the settings', else the variant's (:data:`CONTRASTIVE_LOSS`;
+        weight 0, off, for the variants NVIDIA trains without it)."""
+        weight, bound = CONTRASTIVE_LOSS.get(self.variant, (0.0, CONTRASTIVE_MAX))
+        weight = weight if self.contrastive_weight is None else self.contrastive_weight
+        bound = bound if self.contrastive_max is None else self.contrastive_max
+        return float(weight), float(bound)
