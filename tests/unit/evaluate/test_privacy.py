@@ -1,0 +1,122 @@
+"""The memorisation audit: planted copies of training cases are flagged, new cases are not."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from maisi.evaluate.features import PLANES, FeatureExtractor
+from maisi.evaluate.privacy import AUDIT_COLUMNS, audit_memorisation, image_similarity, nearest_training, pooled_features
+
+SHAPE = (32, 32, 24)
+
+
+def body(seed: int) -> np.ndarray:
+    """A CT-like volume whose anatomy varies with the seed: an ellipsoid body of random size and position, an
+    organ (60 HU) and a bone (700 HU) at random places, texture noise."""
+    rng = np.random.default_rng(seed)
+    x, y, z = np.meshgrid(*[np.linspace(-1, 1, n) for n in SHAPE], indexing="ij")
+    vol = np.full(SHAPE, -1000.0)
+    a, b, cx, cy = rng.uniform(0.5, 0.9), rng.uniform(0.4, 0.8), rng.uniform(-0.15, 0.15), rng.uniform(-0.15, 0.15)
+    inside = ((x - cx) / a) ** 2 + ((y - cy) / b) ** 2 < 1
+    vol[inside] = 0.0
+    ox, oy, oz = rng.uniform(-0.4, 0.4, 3)
+    vol[inside & ((x - ox) ** 2 + (y - oy) ** 2 + (z - oz) ** 2 < rng.uniform(0.04, 0.12))] = 60.0
+    bx, by = rng.uniform(-0.3, 0.3, 2)
+    vol[inside & ((x - bx) ** 2 + (y - by) ** 2 < 0.01)] = 700.0
+    return vol + rng.normal(0, 10, SHAPE)
+
+
+class PooledSlices(FeatureExtractor):
+    """Each slice average-pooled to 4x4 (a stand-in for FID's networks, with the same protocol)."""
+
+    name = "pooled_slices"
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name}
+
+    def plane_features(self, volume: np.ndarray) -> dict[str, np.ndarray]:
+        v = torch.from_numpy(np.clip(volume, -1000, 1000) / 1000.0).float()
+        out = {}
+        for plane, axis in PLANES.items():
+            slices = v.movedim(axis, 0)[:, None]
+            out[plane] = F.adaptive_avg_pool2d(slices, 4).flatten(1).double().numpy()
+        return out
+
+
+@pytest.fixture(scope="module")
+def cases():
+    ex = PooledSlices()
+    vols = {f"train{i}": body(i) for i in range(8)}
+    vols |= {f"held{i}": body(100 + i) for i in range(12)}
+    vols |= {f"new{i}": body(500 + i) for i in range(10)}
+    rng = np.random.default_rng(7)
+    vols["copy"] = vols["train2"].copy()
+    vols["noisy_copy"] = vols["train5"] + rng.normal(0, 30, SHAPE)  # a near-copy: 30 HU of noise on top
+    feats = {k: pooled_features(ex, v) for k, v in vols.items()}
+    return vols, feats
+
+
+def _split(feats, prefix):
+    return {k: v for k, v in feats.items() if k.startswith(prefix)}
+
+
+def test_planted_copies_are_flagged_and_new_cases_stand_apart(cases):
+    vols, feats = cases
+    generated = _split(feats, "new") | {"copy": feats["copy"], "noisy_copy": feats["noisy_copy"]}
+    audit, held = audit_memorisation(generated, _split(feats, "train"), _split(feats, "held"), percentile=5.0, volumes=vols.get)
+    assert list(audit.columns) == list(AUDIT_COLUMNS) and len(held) == 12
+    rows = audit.set_index("case_id")
+    assert rows.loc["copy", "flagged"] and rows.loc["copy", "nearest_training"] == "train2"
+    assert rows.loc["copy", "distance"] == pytest.approx(0.0, abs=1e-5) and rows.loc["copy", "image_similarity"] == pytest.approx(
+        1.0
+    )
+    assert rows.loc["noisy_copy", "flagged"] and rows.loc["noisy_copy", "nearest_training"] == "train5"
+    assert rows.loc["noisy_copy", "held_out_rank"] == 0.0 and rows.loc["noisy_copy", "image_similarity"] > 0.9
+    new = rows.loc[[f"new{i}" for i in range(10)]]
+    # New bodies lie among the held-out ones (measured: 2.3-5.6 against 2.2-6.0, the noisy copy 0.3) and their
+    # image similarity to the nearest training case is near 0: the copies stand apart in both measures. At the 5th
+    # percentile of 12 held-out distances (about their minimum) some honest cases are flagged, as the percentile says.
+    assert new["distance"].min() > 5 * rows.loc["noisy_copy", "distance"]
+    assert new["image_similarity"].abs().max() < 0.3
+    assert new["flagged"].mean() <= 0.5
+
+
+def test_the_threshold_is_the_held_out_percentile():
+    """With a known yardstick: a case as near as the median held-out case is not flagged, one nearer than the
+    chosen percentile is; the threshold moves with the percentile."""
+    rng = np.random.default_rng(0)
+    training = {f"t{i}": v for i, v in enumerate(rng.normal(size=(20, 5)))}
+    held_out = {f"h{i}": v for i, v in enumerate(rng.normal(size=(40, 5)))}
+    _, held = audit_memorisation({}, training, held_out)
+    median_case = held_out[held.sort_values("distance").iloc[20]["case_id"]]
+    near = training["t3"] + 1e-3
+    audit, _ = audit_memorisation({"median": median_case, "near": near}, training, held_out, percentile=5.0)
+    rows = audit.set_index("case_id")
+    assert not rows.loc["median", "flagged"] and rows.loc["near", "flagged"]
+    assert rows.loc["median", "held_out_rank"] == pytest.approx(0.5, abs=0.03)
+    loose, _ = audit_memorisation({"median": median_case}, training, held_out, percentile=60.0)
+    assert loose.loc[0, "flagged"] and loose.loc[0, "threshold"] > rows.loc["median", "threshold"]
+
+
+def test_nearest_training_and_similarity_by_hand():
+    train = np.array([[0.0, 0.0], [3.0, 4.0]])
+    index, dist = nearest_training(np.array([[2.9, 4.1], [0.1, 0.0]]), train)
+    assert index.tolist() == [1, 0] and np.allclose(dist, [np.hypot(0.1, 0.1), 0.1])
+    a = body(3)
+    assert image_similarity(a, a) == pytest.approx(1.0)
+    assert image_similarity(a, a + 50.0) == pytest.approx(1.0)  # a shift of every HU is no difference
+    with pytest.raises(ValueError, match="one grid"):
+        image_similarity(a, a[:-1])
+
+
+def test_errors_name_what_is_missing(cases):
+    _, feats = cases
+    with pytest.raises(ValueError, match="held-out"):
+        audit_memorisation({"copy": feats["copy"]}, _split(feats, "train"), {})
+    with pytest.raises(ValueError, match="percentile"):
+        audit_memorisation({}, _split(feats, "train"), _split(feats, "held"), percentile=100)
