@@ -1,4 +1,5 @@
-"""Does a mask-conditioned case show what its mask says? Agreement of its organ medians with the real data's.
+"""Does a mask-conditioned case show what its mask says? Agreement of its organ medians with the real data's,
+and the overlap of a segmenter's reading of the image with the mask (:func:`label_dice`).
 
 QC judges each organ against a range; these measures judge the generator: a model that ignores its mask
 (untrained, a zeroed ControlNet conditioning, a wrong latent scale) gives organ medians that do not follow
@@ -14,7 +15,7 @@ import numpy as np
 
 from maisi.evaluate.qc import ORGAN_GROUPS
 
-__all__ = ["OrganAgreement", "organ_agreement", "mean_agreement"]
+__all__ = ["OrganAgreement", "organ_agreement", "mean_agreement", "label_dice"]
 
 
 @dataclass(frozen=True)
@@ -52,3 +53,19 @@ def mean_agreement(cases: Sequence[OrganAgreement]) -> dict[str, float]:
         "organ_mae_hu": float(np.nanmean([c.mae_hu for c in cases])),
         "liver_minus_lung_min_hu": float(np.nanmin([c.liver_minus_lung_hu for c in cases])),
     }  # fmt: skip
+
+
+def label_dice(predicted: np.ndarray, mask: np.ndarray) -> dict[str, float]:
+    """Dice of each of MAISI's QC organ groups between a segmenter's classes of a generated image
+    (:func:`maisi.evaluate.segmenter.segment_volume`, trained on real cases only) and the label map the image
+    was conditioned on (both on one grid), for the groups the mask holds: the "does the image show what the
+    label says" check. A segmenter that cannot find an organ in real images either bounds what it can tell."""
+    if predicted.shape != mask.shape:
+        raise ValueError(f"segmentation {predicted.shape} and mask {mask.shape} are not on one grid")
+    out = {}
+    for k, (group, ids) in enumerate(ORGAN_GROUPS.items(), start=2):  # the segmenter's classes: outside, body, groups
+        truth = np.isin(mask, ids)
+        if truth.any():
+            pred = predicted == k
+            out[group] = float(2.0 * (pred & truth).sum() / (pred.sum() + truth.sum()))
+    return out

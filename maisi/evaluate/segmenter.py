@@ -45,7 +45,7 @@ from maisi.train.loop import (
     seed_everything,
 )
 
-__all__ = ["STAGE", "NETWORK", "CLASSES", "WINDOWS", "hu_windows", "tissue_classes", "RealSlices", "build_segmenter", "segmenter_key", "train_segmenter", "SegmenterFeatures", "read_cases"]
+__all__ = ["STAGE", "NETWORK", "CLASSES", "WINDOWS", "hu_windows", "tissue_classes", "RealSlices", "build_segmenter", "segmenter_key", "train_segmenter", "SegmenterFeatures", "read_cases", "segment_volume"]
 
 log = logging.getLogger(__name__)
 
@@ -274,6 +274,22 @@ def train_segmenter(
     if losses is not None:
         plot_losses({"Dice + cross-entropy": history}, losses, "FID segmenter (real cases only)")
     return meta
+
+
+@torch.no_grad()
+def segment_volume(
+    model: torch.nn.Module, hu: np.ndarray, device: torch.device | str = "cpu", batch_size: int = 8, axis: int = 2
+) -> np.ndarray:
+    """The segmenter's class (index into :data:`CLASSES`) of every voxel of an HU volume on FID's grid, slice by
+    slice along ``axis`` (axial by default; slices padded with air to a multiple of 8, centred, and cropped back)."""
+    model.eval()
+    vol = np.moveaxis(np.asarray(hu, dtype=np.float32), axis, 0)
+    h, w = vol.shape[1:]
+    th, tw = -(-h // _STRIDE) * _STRIDE, -(-w // _STRIDE) * _STRIDE
+    top, left = (th - h) // 2, (tw - w) // 2
+    padded = np.pad(vol, ((0, 0), (top, th - h - top), (left, tw - w - left)), constant_values=-1000.0)
+    classes = _predict(model, hu_windows(torch.from_numpy(padded)), torch.device(device), batch_size).numpy()
+    return np.moveaxis(classes[:, top : top + h, left : left + w].astype(np.uint8), 0, axis)
 
 
 class SegmenterFeatures(FeatureExtractor):

@@ -189,3 +189,22 @@ def test_segmenter_fid_orders_sets(tmp_path, trained):
     (entry,) = fid.compute_fid(noise, real, KEEP, segmenter=path, progress=False)["extractors"]
     assert entry["extractor"]["name"] == "fid-segmenter" and entry["feature_dim"] == 64
     assert entry["fid"]["average"] > 10 * entry["real_floor"]["average"]
+
+
+def test_label_fidelity_reads_what_the_image_shows(trained):
+    """The segmenter's reading of an unseen case agrees with the case's own label map and not with a mirrored one
+    (the liver lies on one side): the label-fidelity check tells an image that shows its mask from one that does not."""
+    from maisi.evaluate.fidelity import label_dice
+
+    checkpoint, _, _ = trained
+    model = seg.SegmenterFeatures(checkpoint, KEEP).model
+    hu, label = _case(10)
+    predicted = seg.segment_volume(model, hu, "cpu", batch_size=8)
+    assert predicted.shape == hu.shape and predicted.dtype == np.uint8
+    own = label_dice(predicted, label)
+    mirrored = label_dice(predicted, np.ascontiguousarray(label[::-1]))
+    assert set(own) == {"lung", "liver", "bone"}
+    assert own["lung"] > 0.7 and own["liver"] > 0.5
+    assert mirrored["liver"] < own["liver"] - 0.3
+    with pytest.raises(ValueError, match="one grid"):
+        label_dice(predicted, label[:-1])
