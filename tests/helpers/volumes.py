@@ -8,6 +8,10 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
+from maisi.evaluate.qc import ORGAN_GROUPS
+
+LUNG, BONE, LIVER = ORGAN_GROUPS["lung"][0], ORGAN_GROUPS["bone"][0], ORGAN_GROUPS["liver"][0]
+
 
 def write_nifti(path: Path, array: np.ndarray, spacing=(2.0, 2.0, 3.0), affine=None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -50,3 +54,23 @@ def write_dicom_series(folder: Path, vol: np.ndarray, spacing=(1.5, 1.5, 3.0)) -
         writer.SetFileName(str(folder / f"slice_{z:03d}.dcm"))
         writer.Execute(sl)
     return folder
+
+
+def organ_body(seed: int, shape=(32, 32, 32), liver_hu: float = 60.0) -> tuple[np.ndarray, np.ndarray]:
+    """A body (soft tissue) with two lungs, a liver and a spine whose sizes and positions vary with the seed: (HU, MAISI ids)."""
+    rng = np.random.default_rng(seed)
+    x, y, z = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    c = rng.uniform(-0.1, 0.1, 3)
+    hu = np.full(shape, -1000.0, dtype=np.float32)
+    label = np.zeros(shape, dtype=np.uint8)
+    body = ((x - c[0]) / 0.8) ** 2 + ((y - c[1]) / 0.6) ** 2 < 1
+    hu[body], label[body] = 30.0 + rng.normal(0, 10, int(body.sum())), 200
+    r = rng.uniform(0.22, 0.3)
+    for side in (-0.4, 0.4):
+        lung = body & (((x - c[0] - side) / r) ** 2 + ((y - c[1]) / 0.3) ** 2 + ((z - 0.3) / 0.5) ** 2 < 1)
+        hu[lung], label[lung] = -850.0 + rng.normal(0, 20, int(lung.sum())), LUNG
+    liver = body & (((x - c[0] + 0.3) / 0.35) ** 2 + ((y - c[1]) / 0.3) ** 2 + ((z + 0.4) / 0.3) ** 2 < 1)
+    hu[liver], label[liver] = liver_hu, LIVER
+    spine = body & (((x - c[0]) / 0.12) ** 2 + ((y - c[1] + 0.4) / 0.12) ** 2 < 1)
+    hu[spine], label[spine] = 500.0, BONE
+    return hu, label

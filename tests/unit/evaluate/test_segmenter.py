@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.volumes import organ_body as _case
 
 from maisi.core.io import read_json, save_nifti, sha256_file
 from maisi.evaluate import fid
@@ -18,26 +19,6 @@ from maisi.models.checkpoints import CheckpointError
 
 KEEP = FIDSettings(extractors=("segmenter",), spacing=None, size=None, central_fraction=1.0, batch_size=16, device="cpu")
 LUNG, BONE, LIVER = ORGAN_GROUPS["lung"][0], ORGAN_GROUPS["bone"][0], ORGAN_GROUPS["liver"][0]
-
-
-def _case(seed: int, shape=(32, 32, 32)) -> tuple[np.ndarray, np.ndarray]:
-    """A body (soft tissue) with two lungs, a liver and a spine whose sizes and positions vary with the seed."""
-    rng = np.random.default_rng(seed)
-    x, y, z = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
-    c = rng.uniform(-0.1, 0.1, 3)
-    hu = np.full(shape, -1000.0, dtype=np.float32)
-    label = np.zeros(shape, dtype=np.uint8)
-    body = ((x - c[0]) / 0.8) ** 2 + ((y - c[1]) / 0.6) ** 2 < 1
-    hu[body], label[body] = 30.0 + rng.normal(0, 10, int(body.sum())), 200
-    r = rng.uniform(0.22, 0.3)
-    for side in (-0.4, 0.4):
-        lung = body & (((x - c[0] - side) / r) ** 2 + ((y - c[1]) / 0.3) ** 2 + ((z - 0.3) / 0.5) ** 2 < 1)
-        hu[lung], label[lung] = -850.0 + rng.normal(0, 20, int(lung.sum())), LUNG
-    liver = body & (((x - c[0] + 0.3) / 0.35) ** 2 + ((y - c[1]) / 0.3) ** 2 + ((z + 0.4) / 0.3) ** 2 < 1)
-    hu[liver], label[liver] = 60.0, LIVER
-    spine = body & (((x - c[0]) / 0.12) ** 2 + ((y - c[1] + 0.4) / 0.12) ** 2 < 1)
-    hu[spine], label[spine] = 500.0, BONE
-    return hu, label
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers.volumes import organ_body
 
 from maisi.evaluate.qc import ORGAN_GROUPS
 from maisi.evaluate.utility import UtilityBudget, bootstrap_difference, class_map, utility_experiment
@@ -12,22 +13,9 @@ LUNG, LIVER = ORGAN_GROUPS["lung"][0], ORGAN_GROUPS["liver"][0]
 CLASSES = {"lung": ORGAN_GROUPS["lung"], "liver": ORGAN_GROUPS["liver"]}
 
 
-def _case(seed: int, shape=(32, 32, 32)) -> tuple[np.ndarray, np.ndarray]:
-    """A body with two lungs and a liver whose sizes and positions vary with the seed (HU, MAISI ids)."""
-    rng = np.random.default_rng(seed)
-    x, y, z = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
-    c = rng.uniform(-0.1, 0.1, 3)
-    hu = np.full(shape, -1000.0, dtype=np.float32)
-    label = np.zeros(shape, dtype=np.uint8)
-    body = ((x - c[0]) / 0.8) ** 2 + ((y - c[1]) / 0.6) ** 2 < 1
-    hu[body], label[body] = 30.0 + rng.normal(0, 10, int(body.sum())), 200
-    r = rng.uniform(0.22, 0.3)
-    for side in (-0.4, 0.4):
-        lung = body & (((x - c[0] - side) / r) ** 2 + ((y - c[1]) / 0.3) ** 2 + ((z - 0.3) / 0.5) ** 2 < 1)
-        hu[lung], label[lung] = -850.0 + rng.normal(0, 20, int(lung.sum())), LUNG
-    liver = body & (((x - c[0] + 0.3) / 0.35) ** 2 + ((y - c[1]) / 0.3) ** 2 + ((z + 0.4) / 0.3) ** 2 < 1)
-    hu[liver], label[liver] = 160.0, LIVER
-    return hu, label
+def _case(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A body with lungs, a liver (brighter than the phantom's, for the small budget) and a spine, varying with the seed."""
+    return organ_body(seed, liver_hu=160.0)
 
 
 def test_class_map_and_bootstrap_known_answers():
