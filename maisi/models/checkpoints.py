@@ -108,20 +108,31 @@ def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], path
     model.load_state_dict(state, strict=True)
 
 
-def load_autoencoder(path, variant_name: str):
+#: Where each network's weights lie in a checkpoint dict.
+_STATE_KEYS = {"autoencoder": ("autoencoder_state_dict", "state_dict"), "diffusion UNet": ("unet_state_dict",),
+               "ControlNet": ("controlnet_state_dict",)}  # fmt: skip
+
+
+def _read_into(model: torch.nn.Module, path, what: str, variant_name: str) -> tuple[Mapping[str, Any], Mapping[str, torch.Tensor]]:
+    """Read a checkpoint, check its recorded variant, load its ``what`` weights strictly into ``model``; returns
+    ``(checkpoint, state dict)`` (the same object for a plain state dict)."""
     data = read_checkpoint(path)
-    _check_recorded(data, variant_name, path, "autoencoder")
+    _check_recorded(data, variant_name, path, what)
+    state = _state_dict(data, _STATE_KEYS[what], path)
+    load_weights(model, state, path, what, variant_name)
+    return data, state
+
+
+def load_autoencoder(path, variant_name: str):
     model = build_autoencoder(variant_name)
-    load_weights(model, _state_dict(data, ("autoencoder_state_dict", "state_dict"), path), path, "autoencoder", variant_name)
+    _read_into(model, path, "autoencoder", variant_name)
     return model
 
 
 def load_diffusion(path, variant_name: str):
     """(unet, scale_factor, num_train_timesteps) from a diffusion checkpoint."""
-    data = read_checkpoint(path)
-    _check_recorded(data, variant_name, path, "diffusion UNet")
     unet = build_diffusion_unet(variant_name)
-    load_weights(unet, _state_dict(data, ("unet_state_dict",), path), path, "diffusion UNet", variant_name)
+    data, _ = _read_into(unet, path, "diffusion UNet", variant_name)
     if "scale_factor" not in data:
         raise CheckpointError(f"{path}: the diffusion checkpoint has no 'scale_factor'")
     scale = float(torch.as_tensor(data["scale_factor"]).reshape(-1)[0])
@@ -139,16 +150,9 @@ def diffusion_scheduler(path: str | os.PathLike, default: str) -> str:
 
 
 def load_controlnet(path, variant_name: str):
-    data = read_checkpoint(path)
-    _check_recorded(data, variant_name, path, "ControlNet")
     controlnet = build_controlnet(variant_name)
-    load_weights(controlnet, _state_dict(data, ("controlnet_state_dict",), path), path, "ControlNet", variant_name)
+    _read_into(controlnet, path, "ControlNet", variant_name)
     return controlnet
-
-
-#: Where each network's weights lie in a checkpoint dict.
-_STATE_KEYS = {"autoencoder": ("autoencoder_state_dict", "state_dict"), "diffusion UNet": ("unet_state_dict",),
-               "ControlNet": ("controlnet_state_dict",)}  # fmt: skip
 
 
 def load_parent(
@@ -166,10 +170,7 @@ def load_parent(
         raise ValueError(f"unknown network {what!r}; expected one of {', '.join(_STATE_KEYS)}")
     keys = _STATE_KEYS[what]
     try:
-        data = read_checkpoint(path)
-        _check_recorded(data, variant_name, path, what)
-        state = _state_dict(data, keys, path)
-        load_weights(model, state, path, what, variant_name)
+        data, state = _read_into(model, path, what, variant_name)
     except CheckpointError as exc:
         if key is None:
             raise
