@@ -12,12 +12,13 @@ NVIDIA_MASKS = "results/masks/nvidia"
 
 
 def mask_database_inputs(wildcards):
-    """The prepared cases' label maps, or NVIDIA's candidate list and masks (its archive extracted by nvidia_masks)."""
+    """The prepared cases (their label maps, or only the held-out split that no database may hold), and NVIDIA's
+    candidate list and masks (its archive extracted by nvidia_masks)."""
     db = config["generate"]["mask_database"]
     if db["source"] != "nvidia":
         return {"cases": PREPARED_CASES}
     masks = db["nvidia_masks"]
-    return {"candidates": db["nvidia_candidates"], "masks": NVIDIA_MASKS if str(masks).endswith(".zip") else masks}
+    return {"cases": PREPARED_CASES, "candidates": db["nvidia_candidates"], "masks": NVIDIA_MASKS if str(masks).endswith(".zip") else masks}
 GENERATE_SETTINGS = GenerateSettings.from_config(config).to_json()
 
 

@@ -74,6 +74,8 @@ rule dataset:
         rejected=report(f"{PREPARED}/rejected.tsv", caption="../report/rejected.rst", category="Prepared dataset"),
     params:
         folds=config["dataset"]["folds"],
+        held_out=config["dataset"]["held_out"],
+        seed=config["seed"],
         run_name=config["run_name"],
     resources:
         **cluster(),

@@ -27,6 +27,7 @@ rule cache_latents:
     input:
         prepared=PREPARED_SHARDS,
         regions=REGIONS_SHARDS,
+        cases=PREPARED_CASES,  # the held-out split, never encoded
         autoencoder=AUTOENCODER,
     output:
         table=LATENT_SHARDS,
@@ -48,7 +49,7 @@ rule cache_latents:
 rule train_diffusion:
     input:
         latents=lambda w: stage_tables(LATENT_SHARDS),
-        cases=PREPARED_CASES if VALIDATION else [],  # the folds, for the held-out cases
+        cases=PREPARED_CASES,  # the held-out split (refused) and the folds (model.validation_fold)
         parent=config["train_diffusion"]["init_from"] or [],
     output:
         checkpoint=f"{MODELS}/diffusion_unet.pt",

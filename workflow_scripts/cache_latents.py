@@ -3,6 +3,7 @@
 
 import torch
 
+from maisi.core.holdout import held_out_keys
 from maisi.core.logs import from_snakemake
 from maisi.core.tables import read_table, write_table
 from maisi.train.cache_latents import LATENT_COLUMNS, cache_shard
@@ -19,5 +20,6 @@ with from_snakemake(smk):
         out_root=smk.params.out_root,
         on_error=smk.params.on_error,
         desc=f"cache_latents {smk.wildcards.source}/{smk.wildcards.shard}",
+        held_out=held_out_keys(read_table(smk.input.cases)),
     )
     write_table(rows, smk.output.table, "cache_latents", LATENT_COLUMNS)

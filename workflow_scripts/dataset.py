@@ -13,4 +13,6 @@ with from_snakemake(smk):
         cases_path=smk.output.cases,
         rejected_path=smk.output.rejected,
         run_name=smk.params.run_name,
+        held_out=smk.params.held_out,
+        seed=smk.params.seed,
     )

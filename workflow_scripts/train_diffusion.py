@@ -11,7 +11,7 @@ smk = snakemake  # noqa: F821 (injected by Snakemake)
 with from_snakemake(smk):
     torch.set_num_threads(smk.threads)  # torch's default ignores the job's share of the cores
     train_diffusion(
-        latent_records(smk.input.latents, cases=smk.input.get("cases") or None),  # the folds, with validation
+        latent_records(smk.input.latents, cases=smk.input.cases),  # held-out split refused; folds for validation
         DiffusionSettings.from_json(smk.params.settings),
         checkpoint=smk.output.checkpoint,
         curve_png=smk.output.curve,

@@ -30,6 +30,7 @@ import numpy as np
 
 from maisi.core.anatomy import body_mask
 from maisi.core.checks import InputError
+from maisi.core.holdout import HELD_OUT, case_key, check_not_held_out
 from maisi.core.labels import BODY, label_name, maisi_labels
 from maisi.core.schema import schema_default
 from maisi.core.settings import ConfigSettings
@@ -269,7 +270,8 @@ def intensity_ranges(profiles: Mapping[str, Mapping[str, float]], min_cases: int
 
 def build_reference(cases: Iterable[Mapping[str, str]], settings: QCSettings, progress: bool = True) -> dict[str, Any]:
     """Per-organ median-HU statistics and ranges over the real cases (rows with ``case_id``,
-    ``image_hu`` or ``image`` and ``label``); the returned dict is what :func:`read_reference` reads."""
+    ``image_hu`` or ``image`` and ``label``; a row of the held-out ``split`` is refused); the returned dict is
+    what :func:`read_reference` reads."""
     from tqdm.auto import tqdm
 
     medians: dict[str, list[float]] = {}
@@ -277,6 +279,8 @@ def build_reference(cases: Iterable[Mapping[str, str]], settings: QCSettings, pr
     per_case: dict[str, dict[str, float]] = {}
     profiles: dict[str, dict[str, float]] = {}
     rows = [r for r in cases if r.get("label")]
+    leaked = {case_key(r.get("source", ""), r["case_id"]): r["label"] for r in rows if r.get("split") == HELD_OUT}
+    check_not_held_out(leaked, set(leaked), "QC reference")  # the held-out split never sets the ranges
     for r in tqdm(rows, desc="QC reference", unit="case", disable=not progress):
         scaled = not r.get("image_hu")
         hu, lab, _, _ = load_case(r.get("image_hu") or r["image"], r["label"], scaled=scaled)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from maisi.core.checks import InputError
+from maisi.core.holdout import HELD_OUT, split_column
 from maisi.core.io import write_json
 from maisi.core.provenance import provenance
 from maisi.core.shards import shard_of
@@ -21,7 +22,7 @@ __all__ = ["assemble", "check_not_all_rejected", "write_dataset", "CASE_COLUMNS"
 log = logging.getLogger(__name__)
 
 CASE_COLUMNS = (
-    "source", "case_id", "fold", "image", "image_hu", "label", "dim", "spacing", "orig_dim", "orig_spacing",
+    "source", "case_id", "fold", "split", "image", "image_hu", "label", "dim", "spacing", "orig_dim", "orig_spacing",
     "top_region", "bottom_region", "region_backend", "label_source", "labels_present",
 )  # fmt: skip
 
@@ -34,8 +35,11 @@ def _concat(paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def assemble(prepared_tables: Sequence, region_tables: Sequence, folds: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Join the shard tables of the preprocess and regions stages into (cases, rejected)."""
+def assemble(
+    prepared_tables: Sequence, region_tables: Sequence, folds: int, held_out: float = 0.0, seed: int = 0
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Join the shard tables of the preprocess and regions stages into (cases, rejected); ``held_out`` of each
+    source's cases (a fraction, :mod:`maisi.core.holdout`) form the held-out split."""
     prep = _concat(prepared_tables)
     regs = _concat(region_tables)
     rejected = []
@@ -58,17 +62,20 @@ def assemble(prepared_tables: Sequence, region_tables: Sequence, folds: int) -> 
     cases.loc[made, "labels_present"] = cases.loc[made, "region_labels_present"]
     cases["fold"] = [shard_of(f"{s}/{c}", folds) for s, c in zip(cases.source, cases.case_id, strict=True)]
     cases = cases.sort_values(["source", "case_id"]).reset_index(drop=True)
+    cases["split"] = split_column(cases, held_out, seed)
     return cases.reindex(columns=list(CASE_COLUMNS)), pd.DataFrame(rejected, columns=list(REJECTED_COLUMNS))
 
 
 def datalist(cases: pd.DataFrame, root: str | os.PathLike) -> dict:
-    """MAISI's datalist, paths relative to ``root`` (the folder holding the datalist)."""
+    """MAISI's datalist, paths relative to ``root`` (the folder holding the datalist): the training split under
+    ``training``, the held-out split under ``testing`` (the Decathlon's and MONAI's ``load_decathlon_datalist``
+    keys), each entry with its fold."""
     from maisi.core.anatomy import one_hot
 
     def rel(p: str) -> str:
         return os.path.relpath(p, root) if p else ""
 
-    entries = []
+    entries: dict[str, list] = {"training": [], "testing": []}
     for r in cases.itertuples():
         entry = {
             "image": rel(r.image),
@@ -84,8 +91,8 @@ def datalist(cases: pd.DataFrame, root: str | os.PathLike) -> dict:
             entry["label"] = rel(r.label)
         if r.image_hu:
             entry["image_hu"] = rel(r.image_hu)
-        entries.append(entry)
-    return {"training": entries}
+        entries["testing" if getattr(r, "split", "") == HELD_OUT else "training"].append(entry)
+    return entries
 
 
 def check_not_all_rejected(cases: pd.DataFrame, rejected: pd.DataFrame) -> None:
@@ -103,8 +110,11 @@ def check_not_all_rejected(cases: pd.DataFrame, rejected: pd.DataFrame) -> None:
     )
 
 
-def write_dataset(prepared_tables, region_tables, folds: int, datalist_path, cases_path, rejected_path, run_name: str) -> pd.DataFrame:
-    cases, rejected = assemble(prepared_tables, region_tables, folds)
+def write_dataset(
+    prepared_tables, region_tables, folds: int, datalist_path, cases_path, rejected_path, run_name: str,
+    held_out: float = 0.0, seed: int = 0,
+) -> pd.DataFrame:  # fmt: skip
+    cases, rejected = assemble(prepared_tables, region_tables, folds, held_out, seed)
     check_not_all_rejected(cases, rejected)
     write_table(cases.to_dict("records"), cases_path, "dataset", CASE_COLUMNS)
     write_table(rejected.to_dict("records"), rejected_path, "dataset", REJECTED_COLUMNS)

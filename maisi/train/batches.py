@@ -13,6 +13,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from maisi.core.holdout import case_key, check_not_held_out, held_out_keys
 from maisi.core.shards import log
 from maisi.core.tables import read_table
 from maisi.models.networks import condition_inputs
@@ -106,7 +107,8 @@ def latent_records(
 ) -> pd.DataFrame:
     """The training records from ``cache_latents``' shard tables: rows with a latent (and status ``ok``
     where the table has a status), with the ``label`` path and the ``fold`` joined from the prepared ``cases``
-    table (``results/prepared/cases.tsv``) when given. With several sources, case ids become ``source/case_id``."""
+    table (``results/prepared/cases.tsv``) when given (a held-out case of that table among the records is refused:
+    :class:`maisi.core.holdout.HeldOutLeak`). With several sources, case ids become ``source/case_id``."""
     paths = [tables] if isinstance(tables, (str, os.PathLike)) else list(tables)
     frames = [read_table(p) for p in paths]
     frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["case_id", "latent"])
@@ -121,6 +123,9 @@ def latent_records(
     keys = ["source", "case_id"] if "source" in frame.columns else ["case_id"]
     if cases is not None:
         table = read_table(cases)
+        if "source" in frame.columns:  # the held-out split never trains the diffusion UNet or the ControlNet
+            used = {case_key(s, c): p for s, c, p in zip(frame.source, frame.case_id, frame.latent, strict=True)}
+            check_not_held_out(used, held_out_keys(table), "diffusion / ControlNet training (latent records)")
         on = [k for k in keys if k in table.columns]
         joined = [c for c in ("label", "fold") if c in table.columns]
         frame = frame.drop(columns=joined, errors="ignore").merge(table[[*on, *joined]], on=on, how="left")

@@ -32,7 +32,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ import torch
 
 from maisi.core.anatomy import RegionError, one_hot
 from maisi.core.checks import InputError, spacing_from_affine
+from maisi.core.holdout import case_key
 from maisi.core.io import current_sidecar, sha256_file, write_with_sidecar
 from maisi.core.shards import run_cases
 from maisi.core.tables import read_table
@@ -317,8 +318,10 @@ def cache_shard(
     out_root: str | os.PathLike,
     on_error: str = "stop",
     desc: str = "",
+    held_out: Collection[str] = (),
 ) -> list[dict[str, Any]]:
-    """Encode every case that is ``ok`` in both the prepared and the regions table of a shard.
+    """Encode every case that is ``ok`` in both the prepared and the regions table of a shard, except the
+    ``held_out`` ones (:func:`maisi.core.holdout.case_key` values: no generative stage sees them).
 
     The autoencoder is loaded once (``settings.variant``, eval mode, on ``settings.device``);
     cases run one after the other (the model uses all cores). A case whose image cannot be read
@@ -336,6 +339,9 @@ def cache_shard(
     cases: list[dict[str, Any]] = []
     for row in prepared.to_dict("records"):
         if str(row.get("status", "ok")) != "ok":
+            continue
+        if case_key(*join_key(row)) in held_out:
+            log.info("case %s: held out (dataset.held_out); not encoded", row["case_id"])
             continue
         reg = ok_regions.get(join_key(row))
         if reg is None:

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from maisi.core.holdout import case_key, check_not_held_out
 from maisi.core.seeds import derive_seed
 from maisi.models.networks import build_autoencoder, build_discriminator, float32_norms_off, select_device
 from maisi.train.loop import (
@@ -73,7 +74,8 @@ class DatasetError(ValueError):
 
 
 def read_training_images(datalist: str | os.PathLike) -> list[Path]:
-    """The training images of a MAISI datalist (paths relative to its folder), each checked readable."""
+    """The training images of a MAISI datalist (paths relative to its folder), each checked readable; a
+    training entry that is also a held-out (``testing``) one is refused."""
     datalist = Path(datalist)
     try:
         with open(datalist, encoding="utf-8") as fh:
@@ -87,6 +89,12 @@ def read_training_images(datalist: str | os.PathLike) -> list[Path]:
         raise DatasetError(f"{datalist}: the datalist has no training entries")
     import nibabel as nib
 
+    def key(entry: Mapping) -> str:
+        return case_key(entry["source"], entry["case_id"]) if entry.get("source") and entry.get("case_id") else str(entry.get("image"))
+
+    testing = [e for e in data.get("testing") or [] if isinstance(e, Mapping)]
+    train_keys = {k: str(e.get("image")) for e in entries if isinstance(e, Mapping) for k in (key(e), str(e.get("image")))}
+    check_not_held_out(train_keys, {key(e) for e in testing} | {str(e.get("image")) for e in testing}, "train_vae")
     images = []
     for i, entry in enumerate(entries):
         if not isinstance(entry, Mapping) or not entry.get("image"):

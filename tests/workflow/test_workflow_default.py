@@ -28,8 +28,9 @@ GPU_RULES = {"train_vae", "cache_latents", "train_diffusion", "train_controlnet"
 
 def test_default_builds_prepared_phantom_dataset(default_run):
     work, cfg = default_run
-    datalist = json.loads((work / "results/prepared/datalist.json").read_text(encoding="utf-8"))["training"]
-    assert len(datalist) == cfg["sources"]["phantom"]["n_cases"] == 8
+    full = json.loads((work / "results/prepared/datalist.json").read_text(encoding="utf-8"))
+    datalist, testing = full["training"], full["testing"]
+    assert cfg["sources"]["phantom"]["n_cases"] == 10 and len(datalist) == 8 and len(testing) == 2  # dataset.held_out 0.2
     planned = {s.case_id: s for s in phantom_specs("phantom", cfg["sources"]["phantom"], cfg["seed"])}
     tops, bottoms = set(), set()
     for e in datalist:
@@ -49,7 +50,8 @@ def test_default_builds_prepared_phantom_dataset(default_run):
         assert 0 <= e["fold"] < cfg["dataset"]["folds"]
     assert tops == bottoms == set(BODY_REGIONS)
     cases = pd.read_csv(work / "results/prepared/cases.tsv", sep="\t")
-    assert len(cases) == 8 and (cases.region_backend == "labels").all()
+    assert len(cases) == 10 and (cases.region_backend == "labels").all()
+    assert set(cases.case_id[cases.split == "held_out"]) == {e["case_id"] for e in testing}
     assert pd.read_csv(work / "results/prepared/rejected.tsv", sep="\t").empty
     meta = json.loads((work / "results/prepared/phantom/cases/phantom_0000.json").read_text(encoding="utf-8"))
     assert {"dim", "spacing", "source", "outputs", "provenance"} <= set(meta)

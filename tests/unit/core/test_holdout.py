@@ -1,0 +1,177 @@
+"""The dataset-level held-out split: chosen once, recorded in the case table and datalist, refused everywhere it
+would train a model (maisi.core.holdout and the stages that check it)."""
+
+from __future__ import annotations
+
+import json
+import runpy
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from helpers.masks import COLUMNS, mask_row, phantom
+from helpers.paths import ROOT
+
+from maisi.core.checks import InputError
+from maisi.core.holdout import (
+    HELD_OUT,
+    TRAIN,
+    HeldOutLeak,
+    case_key,
+    check_not_held_out,
+    choose_held_out,
+    held_out_count,
+    held_out_keys,
+    held_out_rows,
+    require_held_out,
+    training_rows,
+)
+from maisi.core.io import save_nifti
+from maisi.generate.mask_database import build_mask_database, check_held_out_masks
+
+
+def test_held_out_count_known_answers():
+    assert [held_out_count(n, 0.2) for n in (1, 2, 3, 7, 8, 10, 100)] == [0, 1, 1, 1, 2, 2, 20]
+    assert held_out_count(8, 0.0) == 0 and held_out_count(2, 0.9) == 1  # never every case
+    with pytest.raises(ValueError, match="dataset.held_out"):
+        held_out_count(8, 1.0)
+
+
+def test_choice_is_per_source_seeded_and_independent_of_order():
+    keys = [("a", f"c{i}") for i in range(10)] + [("b", f"c{i}") for i in range(5)]
+    chosen = choose_held_out(keys, 0.2, seed=0)
+    assert sum(k.startswith("a/") for k in chosen) == 2 and sum(k.startswith("b/") for k in chosen) == 1
+    assert choose_held_out(list(reversed(keys)), 0.2, seed=0) == chosen
+    assert any(choose_held_out(keys, 0.2, seed=s) != chosen for s in (1, 2, 3))  # the seed decides
+    # adding cases to one source leaves the other's choice alone
+    assert {k for k in choose_held_out([*keys, ("a", "c99")], 0.2, 0) if k.startswith("b/")} == {k for k in chosen if k.startswith("b/")}
+
+
+def test_split_rows_and_the_refusal_names_the_case():
+    cases = pd.DataFrame({"source": ["s"] * 3, "case_id": ["x", "y", "z"], "split": [TRAIN, HELD_OUT, TRAIN]})
+    assert list(training_rows(cases).case_id) == ["x", "z"] and list(held_out_rows(cases).case_id) == ["y"]
+    assert held_out_keys(cases) == {"s/y"}
+    assert list(training_rows(cases.drop(columns="split")).case_id) == ["x", "y", "z"]  # tables from before the split
+    check_not_held_out({"s/x": "x.nii.gz"}, {"s/y"}, "stage")
+    with pytest.raises(HeldOutLeak, match=r"stage: held-out real case\(s\) s/y \(y.nii.gz\)"):
+        check_not_held_out({"s/x": "x.nii.gz", "s/y": "y.nii.gz"}, {"s/y"}, "stage")
+    with pytest.raises(ValueError, match="unknown split"):
+        training_rows(cases.assign(split=["train", "test", "train"]))
+    assert list(require_held_out(cases, "privacy").case_id) == ["y"]
+    with pytest.raises(InputError, match="utility needs held-out real cases.*no held-out case with a label map.*utility.enabled: false"):
+        require_held_out(cases.assign(label=["a", "", "c"]), "utility", need_labels=True)
+    with pytest.raises(InputError, match="set dataset.held_out above 0"):
+        require_held_out(cases.assign(split=TRAIN), "privacy")
+
+
+def test_dataset_records_the_split_in_the_case_table_and_datalist(tmp_path):
+    from maisi.prepare.dataset import write_dataset
+
+    prep, regs = tmp_path / "prep.tsv", tmp_path / "regs.tsv"
+    rows = [{"source": "s", "case_id": f"c{i}", "status": "ok", "reason": "", "image": f"/d/c{i}.nii.gz", "image_hu": "", "label": "",
+             "dim": "[8, 8, 8]", "spacing": "[1.0, 1.0, 1.0]", "labels_present": "[]"} for i in range(10)]  # fmt: skip
+    pd.DataFrame(rows).to_csv(prep, sep="\t", index=False)
+    pd.DataFrame([{"source": "s", "case_id": f"c{i}", "status": "ok", "top_region": "chest", "bottom_region": "abdomen",
+                   "region_backend": "manual", "label": "", "label_source": "", "labels_present": ""} for i in range(10)]
+                 ).to_csv(regs, sep="\t", index=False)  # fmt: skip
+    out = {k: tmp_path / f"{k}.out" for k in ("datalist", "cases", "rejected")}
+    cases = write_dataset([prep], [regs], 5, out["datalist"], out["cases"], out["rejected"], run_name="r", held_out=0.2, seed=3)
+    held = set(cases.case_id[cases.split == HELD_OUT])
+    assert len(held) == 2 and {case_key("s", c) for c in held} == choose_held_out([("s", f"c{i}") for i in range(10)], 0.2, 3)
+    datalist = json.loads(out["datalist"].read_text())
+    assert {e["case_id"] for e in datalist["testing"]} == held
+    assert {e["case_id"] for e in datalist["training"]} == set(cases.case_id) - held
+    assert all("fold" in e for e in datalist["testing"])
+
+
+def test_autoencoder_refuses_a_datalist_whose_training_holds_a_held_out_case(tmp_path):
+    from maisi.train.vae import read_training_images
+
+    image = tmp_path / "a.nii.gz"
+    save_nifti(np.zeros((8, 8, 8), np.int16), np.eye(4), image, np.int16)
+    entry = {"image": "a.nii.gz", "source": "s", "case_id": "a"}
+    (tmp_path / "ok.json").write_text(json.dumps({"training": [entry], "testing": [{**entry, "case_id": "b", "image": "b.nii.gz"}]}))
+    assert read_training_images(tmp_path / "ok.json") == [image]
+    (tmp_path / "bad.json").write_text(json.dumps({"training": [entry], "testing": [entry]}))
+    with pytest.raises(HeldOutLeak, match="train_vae: held-out real case"):
+        read_training_images(tmp_path / "bad.json")
+
+
+def test_diffusion_and_controlnet_records_refuse_a_held_out_latent(tmp_path):
+    from maisi.train.batches import latent_records
+
+    latents, cases = tmp_path / "latents.tsv", tmp_path / "cases.tsv"
+    pd.DataFrame({"source": ["s", "s"], "case_id": ["a", "b"], "latent": ["a.npz", "b.npz"]}).to_csv(latents, sep="\t", index=False)
+    table = pd.DataFrame({"source": ["s", "s"], "case_id": ["a", "b"], "label": ["", ""], "fold": ["0", "1"], "split": [TRAIN, TRAIN]})
+    table.to_csv(cases, sep="\t", index=False)
+    assert list(latent_records(latents, cases).case_id) == ["a", "b"]
+    table.assign(split=[TRAIN, HELD_OUT]).to_csv(cases, sep="\t", index=False)
+    with pytest.raises(HeldOutLeak, match=r"diffusion / ControlNet training .* s/b \(b.npz\)"):
+        latent_records(latents, cases)
+
+
+def test_qc_reference_refuses_a_held_out_case():
+    from maisi.evaluate.qc import QCSettings, build_reference
+
+    with pytest.raises(HeldOutLeak, match="QC reference: held-out real case.*s/b"):
+        build_reference([{"source": "s", "case_id": "b", "label": "b.nii.gz", "image": "b.nii.gz", "split": HELD_OUT}], QCSettings(), progress=False)
+
+
+@pytest.fixture()
+def prepared(tmp_path) -> pd.DataFrame:
+    """Four labelled cases, ``d`` held out."""
+    rows = [mask_row(tmp_path, c, np.roll(phantom(24, tumour=False, lesion=False), k, axis=2), (2.0, 2.0, 2.0), "chest", "abdomen")
+            for k, c in enumerate("abcd")]  # fmt: skip
+    cases = pd.DataFrame(rows, columns=list(COLUMNS)).astype(str)
+    cases["split"] = [TRAIN, TRAIN, TRAIN, HELD_OUT]
+    return cases
+
+
+def _nvidia_database(tmp_path, maps: dict[str, np.ndarray]) -> tuple:
+    """NVIDIA's candidate-list format: the given label maps (file name -> array) under one folder."""
+    folder = tmp_path / "nvidia_masks"
+    items = []
+    for name, label in maps.items():
+        save_nifti(label, np.diag([2.0, 2.0, 2.0, 1.0]), folder / name, np.uint8)
+        items.append({"pseudo_label_filename": name, "label_list": sorted(int(v) for v in np.unique(label) if v), "dim": list(label.shape),
+                      "spacing": [2.0, 2.0, 2.0], "top_region_index": [0, 1, 0, 0], "bottom_region_index": [0, 0, 1, 0]})  # fmt: skip
+    (tmp_path / "candidates.json").write_text(json.dumps(items))
+    return tmp_path / "candidates.json", folder
+
+
+def _run_mask_database_rule(tmp_path, cases: pd.DataFrame, source: str, **inputs) -> None:
+    """The mask_database rule's script, run as Snakemake runs it (its ``snakemake`` object)."""
+    from snakemake.iocontainers import Namedlist
+
+    cases.to_csv(tmp_path / "cases.tsv", sep="\t", index=False)
+    smk = type("Job", (), {})()
+    smk.input = Namedlist(fromdict={"cases": str(tmp_path / "cases.tsv"), **{k: str(v) for k, v in inputs.items()}})
+    smk.output = Namedlist(fromdict={"database": str(tmp_path / "database.json")})
+    smk.params = Namedlist(fromdict={"source": source})
+    smk.log = Namedlist()
+    runpy.run_path(str(ROOT / "workflow_scripts/mask_database.py"), init_globals={"snakemake": smk})
+
+
+def test_a_held_out_mask_in_the_database_stops_the_run(tmp_path, prepared):
+    """The prepared database holds the training split only; a database given from elsewhere (NVIDIA's format) that
+    holds a held-out case's label map, renamed and saved again, is refused, as is a held-out row by case id."""
+    _run_mask_database_rule(tmp_path, prepared, "prepared")
+    built = json.loads((tmp_path / "database.json").read_text())["masks"]
+    assert sorted(m["case_id"] for m in built) == ["src/a", "src/b", "src/c"]
+
+    held_label = np.asarray(nib.load(prepared.label[3]).dataobj)
+    other = np.roll(held_label, 1, axis=0)  # a different map on the same grid passes
+    candidates, folder = _nvidia_database(tmp_path, {"mask_0.nii.gz": other})
+    (tmp_path / "database.json").unlink()
+    _run_mask_database_rule(tmp_path, prepared, "nvidia", candidates=candidates, masks=folder)
+    assert (tmp_path / "database.json").is_file()
+
+    candidates, folder = _nvidia_database(tmp_path, {"mask_0.nii.gz": other, "mask_1.nii.gz": held_label.copy()})
+    (tmp_path / "database.json").unlink()
+    with pytest.raises(HeldOutLeak, match=r"mask database: held-out real case\(s\) src/d \(mask database entry nvidia/mask_1.nii.gz"):
+        _run_mask_database_rule(tmp_path, prepared, "nvidia", candidates=candidates, masks=folder)
+    assert not (tmp_path / "database.json").exists()  # nothing written
+
+    with pytest.raises(HeldOutLeak, match="src/d"):  # every row, the held-out one included
+        check_held_out_masks(build_mask_database(prepared), held_out_rows(prepared))
