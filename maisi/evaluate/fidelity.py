@@ -8,14 +8,23 @@ the real ones, however wide the ranges are.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 
 from maisi.evaluate.qc import ORGAN_GROUPS
 
-__all__ = ["OrganAgreement", "organ_agreement", "mean_agreement", "label_dice"]
+if TYPE_CHECKING:
+    from maisi.evaluate.settings import FIDSettings
+    from maisi.prepare.totalsegmentator import TotalSegSettings
+
+__all__ = ["OrganAgreement", "organ_agreement", "mean_agreement", "class_map", "class_dice", "label_fidelity", "label_dice", "fidelity_summary", "FIDELITY_COLUMNS",
+           "utility_reader", "totalseg_reader", "label_fidelity_rows"]
 
 
 @dataclass(frozen=True)
@@ -55,17 +64,94 @@ def mean_agreement(cases: Sequence[OrganAgreement]) -> dict[str, float]:
     }  # fmt: skip
 
 
-def label_dice(predicted: np.ndarray, mask: np.ndarray) -> dict[str, float]:
-    """Dice of each of MAISI's QC organ groups between a segmenter's classes of a generated image
-    (:func:`maisi.evaluate.segmenter.segment_volume`, trained on real cases only) and the label map the image
-    was conditioned on (both on one grid), for the groups the mask holds: the "does the image show what the
-    label says" check. A segmenter that cannot find an organ in real images either bounds what it can tell."""
-    if predicted.shape != mask.shape:
-        raise ValueError(f"segmentation {predicted.shape} and mask {mask.shape} are not on one grid")
-    out = {}
-    for k, (group, ids) in enumerate(ORGAN_GROUPS.items(), start=2):  # the segmenter's classes: outside, body, groups
-        truth = np.isin(mask, ids)
-        if truth.any():
-            pred = predicted == k
-            out[group] = float(2.0 * (pred & truth).sum() / (pred.sum() + truth.sum()))
+def class_map(label: np.ndarray, classes: Mapping[str, Sequence[int]] = ORGAN_GROUPS) -> np.ndarray:
+    """0 for background, ``k + 1`` for the voxels whose MAISI id is in the ``k``-th class group."""
+    out = np.zeros(label.shape, dtype=np.int64)
+    for k, ids in enumerate(classes.values(), start=1):
+        out[np.isin(label, list(ids))] = k
     return out
+
+
+def class_dice(predicted: np.ndarray, target: np.ndarray, n_classes: int) -> np.ndarray:
+    """Dice of classes ``1..n_classes`` between two class maps on one grid; NaN where a class is in neither."""
+    if predicted.shape != target.shape:
+        raise ValueError(f"segmentation {predicted.shape} and reference {target.shape} are not on one grid")
+    out = np.full(n_classes, np.nan)
+    for k in range(1, n_classes + 1):
+        p, t = predicted == k, target == k
+        if p.any() or t.any():
+            out[k - 1] = 2.0 * (p & t).sum() / (p.sum() + t.sum())
+    return out
+
+
+def label_fidelity(predicted: np.ndarray, mask: np.ndarray, classes: Mapping[str, Sequence[int]] = ORGAN_GROUPS) -> dict[str, float]:
+    """Dice of each class group between a segmenter's reading of a generated image (``predicted``: class map,
+    ``k + 1`` for the ``k``-th group of ``classes``) and the label map the image was conditioned on (``mask``: MAISI
+    ids), for the groups the mask holds: the "does the image show what the label says" check. The segmenter is
+    trained on real cases only; its Dice on held-out real cases bounds what it can tell."""
+    target = class_map(mask, classes)
+    scores = class_dice(predicted, target, len(classes))
+    return {name: float(scores[k]) for k, name in enumerate(classes) if (target == k + 1).any()}
+
+
+def label_dice(predicted: np.ndarray, mask: np.ndarray) -> dict[str, float]:
+    """:func:`label_fidelity` for FID's segmenter (:func:`maisi.evaluate.segmenter.segment_volume`), whose classes
+    are outside, body, then MAISI's QC organ groups."""
+    return label_fidelity(np.where(predicted >= 2, predicted.astype(np.int64) - 1, 0), mask, ORGAN_GROUPS)
+
+
+#: Columns of the per-case label-fidelity table (one row per case and organ group its mask holds).
+FIDELITY_COLUMNS: tuple[str, ...] = ("case_id", "request", "class", "dice")
+
+
+def fidelity_summary(cases: pd.DataFrame, held_out: pd.DataFrame | None, segmenter: str) -> pd.DataFrame:
+    """Per organ group: the cases, mean, median and lowest Dice between the segmenter's reading of generated images
+    and their masks, and (``held_out``: the utility stage's differences table) the same segmenter's mean Dice on
+    held-out real cases, what it can tell at best."""
+    columns = ["class", "n_cases", "dice_mean", "dice_median", "dice_min", "held_out_dice_real", "segmenter"]
+    if cases.empty:
+        return pd.DataFrame(columns=columns)
+    dice = cases.assign(dice=cases["dice"].astype(float)).groupby("class", sort=False)["dice"]
+    out = pd.DataFrame({"n_cases": dice.size(), "dice_mean": dice.mean(), "dice_median": dice.median(), "dice_min": dice.min()})
+    real = held_out.set_index("class")["dice_real"].astype(float) if held_out is not None and len(held_out) else pd.Series(dtype=float)
+    out["held_out_dice_real"] = [float(real.get(c, np.nan)) for c in out.index]
+    out["segmenter"] = segmenter
+    return out.reset_index().reindex(columns=columns)
+
+
+#: A segmenter's reading of a generated image: (case id, image file) -> class map on FID's grid.
+Reader = Callable[[str, str], np.ndarray]
+
+
+def utility_reader(checkpoint: str | os.PathLike, fid: FIDSettings, device: str = "cpu") -> tuple[Reader, dict[str, tuple[int, ...]]]:
+    """The utility stage's real-only network as the label-fidelity segmenter, and its class groups."""
+    from maisi.evaluate.features import load_volume
+    from maisi.evaluate.utility import load_segmentation, predict_classes
+
+    model, record = load_segmentation(checkpoint, device)
+    return (lambda case_id, image: predict_classes(model, load_volume(image, fid), record["budget"])), dict(record["classes"])
+
+
+def totalseg_reader(settings: TotalSegSettings, out_root: str | os.PathLike, fid: FIDSettings, classes: Mapping[str, Sequence[int]]) -> Reader:
+    """TotalSegmentator as the label-fidelity segmenter: its MAISI-id mask of each image (kept under ``out_root``,
+    reused while the image and settings are the same), on FID's grid, as class groups."""
+    from maisi.evaluate.features import load_label
+    from maisi.prepare.totalsegmentator import segment_case
+
+    def read(case_id: str, image: str) -> np.ndarray:
+        mask = segment_case(case_id, image, Path(out_root) / f"{case_id}.nii.gz", settings)["label"]
+        return class_map(load_label(mask, fid), classes)
+
+    return read
+
+
+def label_fidelity_rows(cases: pd.DataFrame, read: Reader, fid: FIDSettings, classes: Mapping[str, Sequence[int]]) -> list[dict[str, Any]]:
+    """One row (:data:`FIDELITY_COLUMNS`) per released case (``case_id``, ``request``, ``image``, ``label``) and organ
+    group its mask holds."""
+    from maisi.evaluate.features import load_label
+
+    rows = []
+    for r in cases.itertuples():
+        for name, dice in label_fidelity(read(str(r.case_id), str(r.image)), load_label(r.label, fid), classes).items():
+            rows.append({"case_id": r.case_id, "request": r.request, "class": name, "dice": dice})
+    return rows

@@ -15,14 +15,19 @@ chosen feature space, not every trace of a training case (a copied organ in a ne
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-from maisi.evaluate.features import PLANES, FeatureExtractor
+if TYPE_CHECKING:  # torch is imported only where features are computed (the release applies the audit without it)
+    from maisi.evaluate.features import FeatureExtractor
+    from maisi.evaluate.settings import FIDSettings
 
-__all__ = ["pooled_features", "nearest_training", "image_similarity", "audit_memorisation", "AUDIT_COLUMNS"]
+__all__ = ["pooled_features", "nearest_training", "image_similarity", "audit_memorisation", "audit_files", "apply_audit", "plot_audit", "AUDIT_COLUMNS"]
 
 #: Columns of the audit table (one row per generated case).
 AUDIT_COLUMNS: tuple[str, ...] = (
@@ -32,6 +37,8 @@ AUDIT_COLUMNS: tuple[str, ...] = (
 
 def pooled_features(extractor: FeatureExtractor, volume: np.ndarray) -> np.ndarray:
     """One feature vector per volume: the mean of each plane's slice features, the planes in :data:`PLANES`' order."""
+    from maisi.evaluate.features import PLANES
+
     planes = extractor.plane_features(volume)
     return np.concatenate([np.asarray(planes[name], dtype=np.float64).mean(axis=0) for name in PLANES])
 
@@ -116,3 +123,76 @@ def audit_memorisation(
                 "held_out_rank": float((h_dist < dist).mean()), "image_similarity": similarity, "flagged": bool(dist < threshold),
             })  # fmt: skip
     return pd.DataFrame(rows, columns=list(AUDIT_COLUMNS)), held
+
+
+def audit_files(
+    generated: Mapping[str, str | os.PathLike],
+    training: Mapping[str, str | os.PathLike],
+    held_out: Mapping[str, str | os.PathLike],
+    extractor: FeatureExtractor,
+    fid: FIDSettings,
+    percentile: float = 5.0,
+    progress: bool = True,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """:func:`audit_memorisation` of image files (case id -> path; ids unique across the three sets), each volume
+    on FID's grid (``fid``'s spacing and size) and read once for its features."""
+    from tqdm.auto import tqdm
+
+    from maisi.evaluate.features import load_volume
+
+    paths = {**generated, **training, **held_out}
+    if len(paths) != len(generated) + len(training) + len(held_out):
+        raise ValueError("privacy audit: a case id appears in more than one of the generated, training and held-out sets")
+    features: dict[str, np.ndarray] = {}
+    with contextlib.closing(tqdm(paths.items(), desc="privacy features", unit="volume", disable=not progress)) as bar:
+        for case, path in bar:
+            features[case] = pooled_features(extractor, load_volume(path, fid))
+
+    def pick(ids: Mapping[str, object]) -> dict[str, np.ndarray]:
+        return {c: features[c] for c in ids}
+
+    return audit_memorisation(pick(generated), pick(training), pick(held_out), percentile,
+                              volumes=lambda case: load_volume(paths[case], fid))  # fmt: skip
+
+
+def plot_audit(audit: pd.DataFrame, held: pd.DataFrame, dest: str | os.PathLike, title: str = "") -> None:
+    """Each case's distance to its nearest training case: held-out real cases (the yardstick) and generated cases,
+    the flagging threshold as a line, flagged cases in red."""
+    import matplotlib.pyplot as plt
+
+    from maisi.core.figures import save_figure
+
+    fig, ax = plt.subplots(figsize=(7.5, 2.6))
+    rng = np.random.default_rng(0)  # vertical jitter only, so overlapping points stay visible
+    ax.scatter(held["distance"], 1 + rng.uniform(-0.12, 0.12, len(held)), color="tab:blue", label="held-out real")
+    flagged = audit["flagged"].astype(str).str.lower() == "true"
+    for mask, colour, name in ((~flagged, "tab:green", "generated"), (flagged, "tab:red", "generated, flagged")):
+        if mask.any():
+            ax.scatter(audit["distance"][mask].astype(float), rng.uniform(-0.12, 0.12, int(mask.sum())), color=colour, label=name)
+    if len(audit):
+        ax.axvline(float(audit["threshold"].iloc[0]), color="k", ls="--", lw=1, label="threshold")
+    ax.set_yticks([0, 1], ["generated", "held-out"])
+    ax.set_ylim(-0.5, 1.5)
+    ax.set_xlabel("distance to the nearest training case (standardised pooled features)")
+    ax.set_title(title or "Memorisation audit: nearer than the threshold = possible copy")
+    ax.legend(loc="upper right", fontsize=7, frameon=False)
+    save_figure(fig, dest)
+
+
+def apply_audit(cases: pd.DataFrame, audit: pd.DataFrame, on_copy: str) -> pd.DataFrame:
+    """The released ``cases`` (``case_id``, ``qc_status``, ``qc_reasons``, ...) after the audit: a flagged case is
+    left out (``on_copy="drop"``) or kept with ``qc_status`` ``flagged`` and the audit's finding among its reasons."""
+    if on_copy not in ("flag", "drop"):
+        raise ValueError(f"privacy.on_copy must be 'flag' or 'drop', got {on_copy!r}")
+    hits = audit[audit["flagged"].astype(str).str.lower() == "true"].set_index("case_id")
+    cases = cases.copy()
+    found = cases["case_id"].astype(str).isin(hits.index.astype(str))
+    if on_copy == "drop":
+        return cases[~found].reset_index(drop=True)
+    for i in cases.index[found]:
+        h = hits.loc[str(cases.at[i, "case_id"])]
+        why = (f"privacy: nearest training case {h['nearest_training']} at distance {float(h['distance']):.3g} "
+               f"< {float(h['threshold']):.3g} (possible copy)")  # fmt: skip
+        cases.at[i, "qc_status"] = "flagged"
+        cases.at[i, "qc_reasons"] = "; ".join(r for r in (str(cases.at[i, "qc_reasons"]), why) if r)
+    return cases

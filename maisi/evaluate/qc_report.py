@@ -12,10 +12,10 @@ import numpy as np
 import pandas as pd
 
 from maisi.core.provenance import provenance
-from maisi.core.tables import write_table
+from maisi.core.tables import read_table, write_table
 from maisi.evaluate.qc import OrganRange, QCSettings, load_case, organ_groups
 
-__all__ = ["QC_CASE_COLUMNS", "QC_ORGAN_COLUMNS", "REFERENCE_COLUMNS", "assess_generated", "reference_table", "plot_hu_histograms", "plot_generated_vs_real"]
+__all__ = ["QC_CASE_COLUMNS", "QC_ORGAN_COLUMNS", "REFERENCE_COLUMNS", "assess_generated", "reference_table", "plot_hu_histograms", "plot_generated_vs_real", "released_cases"]
 
 QC_CASE_COLUMNS = ("request", "case_id", "status", "attempt", "image", "label", "qc_status", "release", "qc_reasons", "checks", "medians", "unchecked")
 
@@ -154,3 +154,13 @@ def plot_generated_vs_real(generated: pd.DataFrame, real: pd.DataFrame, dest, n:
 def reference_record(reference: Mapping[str, Any]) -> dict[str, Any]:
     """The reference with the provenance of the step that made it."""
     return {**reference, "provenance": provenance("qc_reference")}
+
+
+def released_cases(qc_cases: str | os.PathLike) -> pd.DataFrame:
+    """Generated cases that QC lets into the release (``include``, or ``flagged`` under ``qc.on_fail: flag``),
+    each with the files of its final attempt and ``qc_status`` ``pass`` or ``flagged`` as
+    :func:`maisi.release.build_release` takes them."""
+    qc = read_table(qc_cases)
+    cases = qc[qc.release.isin(["include", "flagged"])].copy()
+    cases["qc_status"] = np.where(cases.release == "include", "pass", "flagged")
+    return cases[["case_id", "request", "image", "label", "qc_status", "qc_reasons"]].reset_index(drop=True)

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 from maisi.core.schema import schema_default, schema_enum
 from maisi.core.settings import ConfigSettings
 
-__all__ = ["FIDSettings", "SegmenterSettings", "EXTRACTORS"]
+__all__ = ["FIDSettings", "SegmenterSettings", "PrivacySettings", "UtilitySettings", "EXTRACTORS"]
 
 #: FID feature extractors (:mod:`maisi.evaluate.fid`).
 EXTRACTORS = schema_enum("fid.extractors")
@@ -103,3 +103,48 @@ class SegmenterSettings(ConfigSettings):
     def training_dict(self) -> dict[str, Any]:
         """What decides the trained weights (the cache folder and the device do not)."""
         return {k: v for k, v in self.to_dict().items() if k not in ("cache", "device")}
+
+
+@dataclass(frozen=True)
+class PrivacySettings(ConfigSettings):
+    """The memorisation audit (:mod:`maisi.evaluate.privacy`): its feature network, threshold and what a flag does."""
+
+    extractor: str = schema_default("privacy.extractor")
+    percentile: float = schema_default("privacy.percentile")
+    on_copy: str = schema_default("privacy.on_copy")
+
+    SECTION: ClassVar[str] = "privacy"
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> PrivacySettings:
+        return cls(**{k: v for k, v in config.get("privacy", {}).items() if k != "enabled"})
+
+
+@dataclass(frozen=True)
+class UtilitySettings(ConfigSettings):
+    """The downstream-utility stage (:mod:`maisi.evaluate.utility`): classes, each arm's budget, the bootstrap."""
+
+    classes: tuple[str, ...] | None = schema_default("utility.classes")
+    steps: int = schema_default("utility.steps")
+    batch_size: int = schema_default("utility.batch_size")
+    crop: tuple[int, int, int] = schema_default("utility.crop")
+    lr: float = schema_default("utility.lr")
+    init_filters: int = schema_default("utility.init_filters")
+    blocks_down: tuple[int, ...] = schema_default("utility.blocks_down")
+    norm: str = schema_default("utility.norm")
+    seed: int = schema_default("utility.seed")
+    n_boot: int = schema_default("utility.n_boot")
+    level: float = schema_default("utility.level")
+    device: str = "auto"
+
+    SECTION: ClassVar[str] = "utility"
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> UtilitySettings:
+        block = {k: v for k, v in config.get("utility", {}).items() if k != "enabled"}
+        device = config.get("model", {}).get("device")
+        return cls.from_dict({**block, **({"device": device} if device else {})})
+
+    def training_dict(self) -> dict[str, Any]:
+        """What decides an arm's trained weights (the bootstrap and the device do not)."""
+        return {k: v for k, v in self.to_dict().items() if k not in ("n_boot", "level", "device")}

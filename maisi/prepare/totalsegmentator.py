@@ -101,6 +101,12 @@ class TotalSegSettings(ConfigSettings):
         return cls._from_block(config, "fast", int(config["threads"]["generate"]), keep_labels=False)
 
     @classmethod
+    def for_fidelity(cls, config: Mapping[str, Any]) -> TotalSegSettings:
+        """The settings the label-fidelity check segments generated images with (``label_fidelity.segmenter:
+        totalsegmentator``; fast mode, no case labels to keep)."""
+        return cls._from_block(config, "fast", int(config["threads"]["generate"]), keep_labels=False)
+
+    @classmethod
     def _from_block(cls, config: Mapping[str, Any], mode: str, threads: int, keep_labels: bool | None = None) -> TotalSegSettings:
         block = config["totalsegmentator"]
         return cls(

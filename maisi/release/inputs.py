@@ -7,23 +7,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
-from maisi.core.tables import read_table
+from maisi.evaluate.qc_report import released_cases
 
 __all__ = ["released_cases", "labels_present", "source_records", "PHANTOM_LICENCE"]
 
 PHANTOM_LICENCE = "CC0-1.0 (procedural phantom made by this workflow; no patient data)"
-
-
-def released_cases(qc_cases: str | os.PathLike) -> pd.DataFrame:
-    """Generated cases that QC lets into the release (``include``, or ``flagged`` under ``qc.on_fail: flag``),
-    each with the files of its final attempt and ``qc_status`` ``pass`` or ``flagged`` as
-    :func:`maisi.release.build_release` takes them."""
-    qc = read_table(qc_cases)
-    cases = qc[qc.release.isin(["include", "flagged"])].copy()
-    cases["qc_status"] = np.where(cases.release == "include", "pass", "flagged")
-    return cases[["case_id", "request", "image", "label", "qc_status", "qc_reasons"]].reset_index(drop=True)
 
 
 def labels_present(paths: Sequence[str | os.PathLike]) -> list[int]:

@@ -30,3 +30,68 @@ def test_errors_ranks_and_contrast_are_measured():
 def test_too_few_organs_is_an_error():
     with pytest.raises(ValueError, match="only 2 organs"):
         organ_agreement({"liver": 60.0, "lung": -800.0, "unknown organ": 5.0}, REAL)
+
+
+def test_label_fidelity_known_answers():
+    """A reading that is the mask itself scores 1 for each group the mask holds (and nothing for groups it lacks);
+    a liver shifted by half its width scores what the overlap says; FID's segmenter's class offset is undone."""
+    import pandas as pd
+
+    from maisi.evaluate.fidelity import class_dice, class_map, fidelity_summary, label_dice, label_fidelity
+    from maisi.evaluate.qc import ORGAN_GROUPS
+
+    classes = {"liver": ORGAN_GROUPS["liver"], "lung": ORGAN_GROUPS["lung"], "spleen": ORGAN_GROUPS["spleen"]}
+    mask = np.zeros((10, 10, 4), np.uint8)
+    mask[0:4, 0:4] = ORGAN_GROUPS["liver"][0]
+    mask[6:10, 6:10] = ORGAN_GROUPS["lung"][1]
+    assert label_fidelity(class_map(mask, classes), mask, classes) == {"liver": 1.0, "lung": 1.0}
+    shifted = class_map(np.roll(mask, 2, axis=0), classes)  # liver rows 2-5: 2 of 4 rows overlap
+    assert label_fidelity(shifted, mask, classes)["liver"] == pytest.approx(0.5)
+    assert np.isnan(class_dice(np.zeros((2, 2)), np.zeros((2, 2)), 1)[0])
+    fid_classes = np.where(class_map(mask) > 0, class_map(mask) + 1, 1)  # outside/body = 0/1, groups from 2
+    assert label_dice(fid_classes, mask) == {"liver": 1.0, "lung": 1.0}
+    cases = pd.DataFrame({"case_id": ["a", "b"], "request": ["r", "r"], "class": ["liver", "liver"], "dice": ["0.5", "0.7"]})
+    held = pd.DataFrame({"class": ["liver"], "dice_real": ["0.9"]})
+    row = fidelity_summary(cases, held, "utility").iloc[0]
+    assert (row["n_cases"], row["dice_mean"], row["dice_min"], row["held_out_dice_real"]) == (2, pytest.approx(0.6), 0.5, 0.9)
+
+
+def test_totalsegmentator_as_the_label_fidelity_segmenter(tmp_path, monkeypatch):
+    """``label_fidelity.segmenter: totalsegmentator`` with a tiny real nnU-Net model (a pointwise HU classifier:
+    lung lobe for -900..-300 HU, vertebra from 300 HU): an image whose mask says lung where the lung-dark block is
+    and bone where the bright block is scores 1, the same image with the two labels swapped scores 0."""
+    import requests
+    from helpers.tiny_totalseg import write_tiny_model
+
+    from maisi.core.io import save_nifti
+    from maisi.core.labels import label_id
+    from maisi.evaluate.fidelity import label_fidelity_rows, totalseg_reader
+    from maisi.evaluate.qc import ORGAN_GROUPS
+    from maisi.evaluate.settings import FIDSettings
+    from maisi.prepare.totalsegmentator import TotalSegSettings
+
+    monkeypatch.setattr(requests.Session, "request", lambda self, method, url, *a, **k: None)  # never the network
+    write_tiny_model(tmp_path / "w", 297)
+    affine = np.diag([3.0, 3.0, 3.0, 1.0])
+    hu = np.full((48, 48, 32), -1000, np.int16)
+    hu[8:40, 8:40, :] = 40
+    hu[12:24, 12:36, 4:28] = -700
+    hu[28:36, 12:36, 4:28] = 700
+    save_nifti(hu, affine, tmp_path / "image.nii.gz", np.int16)
+    lung, bone = label_id("left lung upper lobe"), label_id("vertebrae T6")
+    for name, (a, b) in {"right": (lung, bone), "swapped": (bone, lung)}.items():
+        mask = np.zeros(hu.shape, np.uint8)
+        mask[12:24, 12:36, 4:28], mask[28:36, 12:36, 4:28] = a, b
+        save_nifti(mask, affine, tmp_path / f"{name}.nii.gz", np.uint8)
+    import pandas as pd
+
+    cases = pd.DataFrame({"case_id": ["right", "swapped"], "request": ["r", "r"], "image": [str(tmp_path / "image.nii.gz")] * 2,
+                          "label": [str(tmp_path / "right.nii.gz"), str(tmp_path / "swapped.nii.gz")]})  # fmt: skip
+    classes = {"lung": ORGAN_GROUPS["lung"], "bone": ORGAN_GROUPS["bone"]}
+    fid = FIDSettings(extractors=("autoencoder",), spacing=(3.0, 3.0, 3.0), size=(48, 48, 32))
+    settings = TotalSegSettings(weights=str(tmp_path / "w"), home=str(tmp_path / "home"), device="cpu", keep_labels=False)
+    rows = label_fidelity_rows(cases, totalseg_reader(settings, tmp_path / "ts", fid, classes), fid, classes)
+    dice = {(r["case_id"], r["class"]): r["dice"] for r in rows}
+    assert dice[("right", "lung")] > 0.95 and dice[("right", "bone")] > 0.95
+    assert dice[("swapped", "lung")] < 0.05 and dice[("swapped", "bone")] < 0.05
+    assert (tmp_path / "ts" / "right.nii.gz").is_file()  # TotalSegmentator's mask kept, with its sidecar

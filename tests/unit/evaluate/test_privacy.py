@@ -120,3 +120,33 @@ def test_errors_name_what_is_missing(cases):
         audit_memorisation({"copy": feats["copy"]}, _split(feats, "train"), {})
     with pytest.raises(ValueError, match="percentile"):
         audit_memorisation({}, _split(feats, "train"), _split(feats, "held"), percentile=100)
+
+
+def test_audit_of_files_on_fids_grid_flags_a_planted_copy(tmp_path):
+    """The workflow's path: NIfTI files read once onto FID's grid; an exact copy of a training file (another name)
+    is flagged with image correlation 1, a new body is not; the figure is written."""
+    import pandas as pd
+
+    from maisi.core.io import save_nifti
+    from maisi.evaluate.privacy import audit_files, plot_audit
+    from maisi.evaluate.settings import FIDSettings
+
+    def write(name: str, seed: int) -> str:
+        path = tmp_path / f"{name}.nii.gz"
+        save_nifti(body(seed), np.diag([2.0, 2.0, 2.0, 1.0]), path, np.int16)
+        return str(path)
+
+    training = {f"s/t{i}": write(f"t{i}", i) for i in range(5)}
+    held = {f"s/h{i}": write(f"h{i}", 100 + i) for i in range(4)}
+    generated = {"copy": write("copy", 3), "new": write("new", 500)}
+    fid = FIDSettings(extractors=("autoencoder",), spacing=(2.0, 2.0, 2.0), size=SHAPE)
+    audit, held_table = audit_files(generated, training, held, PooledSlices(), fid, percentile=5.0, progress=False)
+    rows = audit.set_index("case_id")
+    assert rows.loc["copy", "flagged"] and rows.loc["copy", "nearest_training"] == "s/t3"
+    assert rows.loc["copy", "image_similarity"] == pytest.approx(1.0) and not rows.loc["new", "flagged"]
+    assert sorted(held_table.case_id) == sorted(held)
+    plot_audit(audit.astype({"flagged": str}), held_table, tmp_path / "audit.png")
+    assert (tmp_path / "audit.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="more than one"):
+        audit_files({"s/t0": training["s/t0"]}, training, held, PooledSlices(), fid, progress=False)
+    assert isinstance(audit, pd.DataFrame)

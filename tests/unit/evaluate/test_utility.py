@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from helpers.volumes import organ_body
 
+from maisi.evaluate.fidelity import class_map
 from maisi.evaluate.qc import ORGAN_GROUPS
-from maisi.evaluate.utility import UtilityBudget, bootstrap_difference, class_map, utility_experiment
+from maisi.evaluate.utility import UtilityBudget, bootstrap_difference, utility_experiment
 
 LUNG, LIVER = ORGAN_GROUPS["lung"][0], ORGAN_GROUPS["liver"][0]
 CLASSES = {"lung": ORGAN_GROUPS["lung"], "liver": ORGAN_GROUPS["liver"]}
@@ -50,3 +51,32 @@ def test_mislabelled_synthetic_data_shows_as_a_loss():
 def test_no_held_out_cases_is_an_error():
     with pytest.raises(ValueError, match="held-out"):
         utility_experiment([_case(0)], [], {}, CLASSES, UtilityBudget(steps=1))
+
+
+def test_an_arm_saved_and_loaded_predicts_the_same(tmp_path):
+    """The workflow trains each arm in a job of its own: the checkpoint (with its sidecar) gives back the same
+    network, classes, budget and arm; evaluation refuses a missing arm."""
+    from maisi.core.io import read_json, sha256_file
+    from maisi.evaluate.utility import (
+        arm_cases,
+        evaluate_arms,
+        load_segmentation,
+        predict_classes,
+        save_segmentation,
+        train_segmentation,
+    )
+
+    budget = UtilityBudget(steps=2, crop=(32, 32, 32), init_filters=8)
+    model = train_segmentation(arm_cases("real", [_case(0)], [], CLASSES), 2, budget, "real")
+    save_segmentation(model, tmp_path / "real.pt", CLASSES, budget, "real", ["s/a"])
+    loaded, record = load_segmentation(tmp_path / "real.pt")
+    assert record["arm"] == "real" and record["budget"] == budget and record["classes"] == CLASSES
+    hu = _case(5)[0]
+    assert np.array_equal(predict_classes(model, hu, budget), predict_classes(loaded, hu, budget))
+    side = read_json(tmp_path / "real.pt.json")
+    assert side["cases"] == ["s/a"] and side["sha256"] == sha256_file(tmp_path / "real.pt")
+    with pytest.raises(ValueError, match="synthetic have no network"):
+        evaluate_arms({"real": loaded, "real+synthetic": loaded}, {"h": _case(1)}, CLASSES, budget)
+    (tmp_path / "bad.pt").write_bytes(b"no")
+    with pytest.raises(ValueError, match="not a utility segmentation checkpoint"):
+        load_segmentation(tmp_path / "bad.pt")
