@@ -126,6 +126,9 @@ def check_config(cfg: dict) -> None:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     _check_requests(cfg)
+    if cfg["label_fidelity"]["segmenter"] == "totalsegmentator" and not cfg["totalsegmentator"]["weights"]:
+        raise ConfigError("config key 'label_fidelity.segmenter': 'totalsegmentator' needs its weights in "
+                          "'totalsegmentator.weights' (see the README, 'TotalSegmentator weights')")  # fmt: skip
     db = cfg["generate"]["mask_database"]
     if db["source"] == "nvidia":
         for key in ("nvidia_candidates", "nvidia_masks"):

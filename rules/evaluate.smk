@@ -108,3 +108,99 @@ rule fid:
         "results/benchmarks/fid.tsv"
     script:
         "../workflow_scripts/fid.py"
+
+
+# What no MAISI tool measures. The held-out real cases (dataset.held_out) judge both: how near honest new
+# cases come to the training set (privacy), and how well segmentation networks trained on real, real plus
+# synthetic and synthetic cases do on real cases no generative stage saw (utility).
+
+
+rule privacy:
+    input:
+        unpack(lambda w: {"qc": QC_CASES, "real": PREPARED_CASES, **extractor_inputs([PRIVACY.extractor])}),
+    output:
+        audit=report(PRIVACY_AUDIT, caption="../report/privacy.rst", category="Privacy audit"),
+        held_out=f"{PRIVACY_ROOT}/held_out.tsv",
+        figure=report(f"{PRIVACY_ROOT}/distances.png", caption="../report/privacy.rst", category="Privacy audit"),
+    params:
+        settings=PRIVACY.to_json(),
+        fid=FID.to_json(),
+        variant=config["model"]["variant"],
+    threads: config["threads"]["generate"]
+    resources:
+        **model_resources(runtime=False),
+    log:
+        "logs/privacy/privacy.log",
+    benchmark:
+        "results/benchmarks/privacy.tsv"
+    script:
+        "../workflow_scripts/privacy.py"
+
+
+rule utility_arm:
+    input:
+        unpack(utility_arm_inputs),
+    output:
+        model=UTILITY_MODEL,
+    params:
+        arm=lambda w: UTILITY_ARMS[w.arm],
+        settings=UTILITY.to_json(),
+        fid=FID.to_json(),
+        masked=MASKED_REQUESTS,
+    wildcard_constraints:
+        arm="|".join(UTILITY_ARMS),
+    threads: config["threads"]["training"]
+    resources:
+        **model_resources(),
+    log:
+        "logs/utility/{arm}.log",
+    benchmark:
+        "results/benchmarks/utility/{arm}.tsv"
+    script:
+        "../workflow_scripts/utility_arm.py"
+
+
+rule utility:
+    input:
+        models=expand(UTILITY_MODEL, arm=list(UTILITY_ARMS)),
+        real=PREPARED_CASES,
+    output:
+        differences=report(UTILITY_DIFFERENCES, caption="../report/utility.rst", category="Downstream utility"),
+        dice=f"{UTILITY_ROOT}/dice.tsv",
+        figure=report(f"{UTILITY_ROOT}/utility.png", caption="../report/utility.rst", category="Downstream utility"),
+    params:
+        settings=UTILITY.to_json(),
+        fid=FID.to_json(),
+    threads: config["threads"]["generate"]
+    resources:
+        **model_resources(runtime=False),
+    log:
+        "logs/utility/utility.log",
+    benchmark:
+        "results/benchmarks/utility/evaluate.tsv"
+    script:
+        "../workflow_scripts/utility.py"
+
+
+rule label_fidelity:
+    input:
+        unpack(label_fidelity_inputs),
+    output:
+        cases=f"{FIDELITY_ROOT}/cases.tsv",
+        summary=report(f"{FIDELITY_ROOT}/summary.tsv", caption="../report/label_fidelity.rst", category="Label fidelity"),
+    params:
+        segmenter=FIDELITY_SEGMENTER,
+        totalseg=lambda w: TotalSegSettings.for_fidelity(config).to_json() if FIDELITY_SEGMENTER == "totalsegmentator" else "",
+        segmented=f"{FIDELITY_ROOT}/totalseg",
+        settings=UTILITY.to_json(),
+        fid=FID.to_json(),
+        masked=MASKED_REQUESTS,
+    threads: config["threads"]["generate"]
+    resources:
+        **model_resources(runtime=False),
+    log:
+        "logs/label_fidelity/label_fidelity.log",
+    benchmark:
+        "results/benchmarks/label_fidelity.tsv"
+    script:
+        "../workflow_scripts/label_fidelity.py"

@@ -7,6 +7,7 @@ rule release:
         qc_organs=rules.qc.output.organs,
         fid=rules.fid.output.table,
         checkpoints=list(release_checkpoints().values()),
+        evaluation=list(evaluation_targets().values()),
     output:
         record=RELEASE_RECORD,
     params:
@@ -16,6 +17,8 @@ rule release:
         # taken for a wildcard.
         description=lambda w: config["release"]["description"],
         checkpoints=lambda w: json.dumps(release_checkpoints(), sort_keys=True),
+        evaluation=lambda w: json.dumps(evaluation_targets(), sort_keys=True),
+        on_copy=PRIVACY.on_copy,
         config=lambda w: json.dumps(config, sort_keys=True, default=str),
         sources=lambda w: json.dumps(source_records(config["sources"], CATALOG), sort_keys=True),
         root=output_root(RELEASE_RECORD, root=RELEASES, key="record"),

@@ -38,6 +38,7 @@ from maisi.core.io import current_umask, read_json, sha256_file, sidecar_path, w
 from maisi.core.labels import label_name
 from maisi.core.provenance import git_state, package_versions, utc_now
 from maisi.release.card import MAISI_CITATION, datacard_trailer, render_datacard
+from maisi.release.evaluation import EVALUATION_FILES, privacy_columns, read_evaluation
 from maisi.release.inspect import content_changes, content_digest, describe, file_changes, jsonable, sha256_text
 
 __all__ = ["case_files", "ReleaseResult", "ReleaseConflict", "build_release"]
@@ -231,6 +232,7 @@ def build_release(
     repo_dir: str | os.PathLike,
     description: str = "",
     qc_organs_table: str | os.PathLike | None = None,
+    evaluation: Mapping[str, str | os.PathLike] | None = None,
 ) -> ReleaseResult:
     """Build ``<root>/<name>/<version>/`` from the generated ``cases`` (or find it already built).
 
@@ -238,7 +240,9 @@ def build_release(
     ``flagged``) and ``qc_reasons``; ``checkpoints`` maps model name -> checkpoint file; ``labels``
     are the label ids in the released maps; ``sources`` are ``{source, licence, citation}`` records.
     An existing version with the same content digest is left untouched (``created=False``); with a
-    different digest :class:`ReleaseConflict` says what differs.
+    different digest :class:`ReleaseConflict` says what differs. ``evaluation`` maps the privacy, label-fidelity
+    and utility reports (:data:`maisi.release.evaluation.EVALUATION_FILES` keys) to their files: copied under
+    ``evaluation/``, summarised in the data card, the audit's columns joined to ``qc.tsv``.
     """
     _check_name("name", name)
     _check_name("version", version)
@@ -246,7 +250,10 @@ def build_release(
     for model, path in checkpoints.items():
         if not Path(path).is_file():
             raise FileNotFoundError(f"{model} checkpoint {path} does not exist")
-    qc, fid = _read_tsv(qc_table, "QC"), _read_tsv(fid_table, "FID")
+    evaluation = dict(evaluation or {})
+    tables = read_evaluation(evaluation)
+    qc, fid = privacy_columns(_read_tsv(qc_table, "QC"), tables.get("privacy")), _read_tsv(fid_table, "FID")
+    qc_text = qc.to_csv(sep="\t", index=False)
     organs = _read_tsv(qc_organs_table, "QC organ") if qc_organs_table else pd.DataFrame()
     labels = sorted({int(i) for i in labels})
 
@@ -266,11 +273,12 @@ def build_release(
     description = description or f"Synthetic CT volumes with label maps generated with MAISI ({len(cases)} cases)."
     dataset = _dataset_json(name, version, description, licence, labels, list(cases.case_id))
     dataset_text = json.dumps(dataset, indent=2, sort_keys=True) + "\n"
-    card_body = render_datacard(name, version, description, content, qc, fid, cases, licence, organs)
+    card_body = render_datacard(name, version, description, content, qc, fid, cases, licence, organs, tables)
     identity.update({
-        "dataset.json": sha256_text(dataset_text), "qc.tsv": sha256_file(qc_table), "fid.tsv": sha256_file(fid_table),
+        "dataset.json": sha256_text(dataset_text), "qc.tsv": sha256_text(qc_text), "fid.tsv": sha256_file(fid_table),
         "DATACARD.md": sha256_text(card_body),
     })  # fmt: skip
+    identity.update({f"evaluation/{EVALUATION_FILES[k]}": sha256_file(p) for k, p in sorted(evaluation.items()) if k in tables})
     if qc_organs_table:
         identity["qc_organs.tsv"] = sha256_file(qc_organs_table)
     digest = content_digest(identity, content)
@@ -290,7 +298,11 @@ def build_release(
                 for kind, rel in case_files(r.case_id).items():
                     _place(Path(getattr(r, kind)), tmp / rel)
             write_text(tmp / "dataset.json", dataset_text)
-            shutil.copyfile(qc_table, tmp / "qc.tsv")
+            write_text(tmp / "qc.tsv", qc_text)
+            if evaluation:
+                (tmp / "evaluation").mkdir()
+            for key, path in sorted(evaluation.items()):  # copies: the release is made read-only, the run's reports not
+                shutil.copyfile(path, tmp / "evaluation" / EVALUATION_FILES[key])
             shutil.copyfile(fid_table, tmp / "fid.tsv")
             if qc_organs_table:
                 shutil.copyfile(qc_organs_table, tmp / "qc_organs.tsv")

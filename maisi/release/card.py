@@ -9,6 +9,7 @@ from typing import Any
 import pandas as pd
 
 from maisi.core.labels import label_name
+from maisi.release.evaluation import evaluation_sections
 
 __all__ = ["render_datacard", "DATACARD_TRAILER"]
 
@@ -55,6 +56,7 @@ def render_datacard(
     cases: pd.DataFrame,
     licence: str,
     qc_organs: pd.DataFrame | None = None,
+    evaluation: Mapping[str, pd.DataFrame] | None = None,
 ) -> str:
     """The data card's deterministic body (no build information, no digest)."""
     records = content["cases"]
@@ -136,6 +138,8 @@ def render_datacard(
     if summaries:
         out += ["The real-vs-real floor is the FID between two halves of the real data: values near it are as good as the data allows.",
                 "The full table is `fid.tsv`.", ""]  # fmt: skip
+
+    out += evaluation_sections(evaluation or {}, content.get("config") or {})
 
     out += ["## Sources and licences", "", f"Release licence: {licence}.", "", "| source | licence | citation |", "|---|---|---|"]
     out += [f"| {_md_cell(s.get('source', ''))} | {_md_cell(s.get('licence', ''))} | {_md_cell(s.get('citation', ''))} |"

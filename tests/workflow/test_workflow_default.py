@@ -100,18 +100,19 @@ def test_nothing_reruns_and_one_more_case_reruns_one_shard(default_run):
     original = config_file.read_text(encoding="utf-8")
     try:
         more = yaml.safe_load(original)
-        more["sources"]["phantom"]["n_cases"] = 9
+        more["sources"]["phantom"]["n_cases"] = 11
         config_file.write_text(yaml.safe_dump(more), encoding="utf-8")
         jobs = planned_jobs(work, "all")
-        # one shard of each data stage; the autoencoder is trained again on the larger dataset, so every
-        # shard's latents are encoded again, and the diffusion UNet and ControlNet trained again
+        # one shard of each data stage; the datalist and case table change (the split is decided again), so the
+        # autoencoder is trained again, every shard's latents are encoded again, and the diffusion UNet and
+        # ControlNet trained again
         latent_shards = len(list((work / "results/latents/phantom/shards").glob("*.tsv")))
-        # and the generated cases again with the new models (and the mask database of the larger dataset),
-        # checked against QC ranges of the larger dataset, scored and released
+        # and the generated cases again with the new models (and the mask database of the new split), checked
+        # against QC ranges of the new split, scored, audited, the three utility arms trained again, and released
         assert jobs == {"phantom": 1, "preprocess": 1, "regions": 1, "dataset": 1, "dataset_summary": 1, "train_vae": 1,
                         "cache_latents": latent_shards, "train_diffusion": 1, "train_controlnet": 1, "mask_database": 1,
                         "generate": 2, "qc_check": 2, "generated": 1, "qc_reference": 1, "fid_segmenter": 1, "qc": 1, "fid": 1,
-                        "release": 1, "all": 1}  # fmt: skip
+                        "privacy": 1, "utility_arm": 3, "utility": 1, "label_fidelity": 1, "release": 1, "all": 1}  # fmt: skip
         coarser = yaml.safe_load(original)
         coarser["preprocess"]["divisor"] = 64
         config_file.write_text(yaml.safe_dump(coarser), encoding="utf-8")
@@ -151,6 +152,86 @@ def test_default_ends_in_a_release_with_qc_and_fid(default_run):
     assert "NOT FOR CLINICAL USE" in (release / "DATACARD.md").read_text(encoding="utf-8")
     for figure in ("hu_histograms.png", "generated_vs_real.png"):
         assert (work / "results/qc" / figure).stat().st_size > 10_000
+
+
+def test_default_release_reports_privacy_label_fidelity_and_utility(default_run):
+    """The release holds the three reports the data card explains; the held-out cases they judge by reached none of
+    the autoencoder, latent cache (so diffusion and ControlNet), mask database, QC reference or FID segmenter."""
+    work, cfg = default_run
+    cases = pd.read_csv(work / "results/prepared/cases.tsv", sep="\t", keep_default_na=False)
+    held = set(cases.source[cases.split == "held_out"] + "/" + cases.case_id[cases.split == "held_out"])
+    held_ids = {k.split("/")[1] for k in held}
+    training = set(cases.source[cases.split == "train"] + "/" + cases.case_id[cases.split == "train"])
+    assert len(held) == 2 and len(training) == 8
+    def used(model):
+        return json.loads((work / f"results/models/{model}.pt.json").read_text(encoding="utf-8"))["cases"]
+
+    assert used("autoencoder") == 8  # its sidecar counts the images of the datalist's training key
+    for model in ("diffusion_unet", "controlnet"):
+        assert set(used(model)) == {k.split("/")[1] for k in training}, model
+    assert not held_ids & {p.stem for p in (work / "results/latents/phantom").glob("*.npz")}
+    masks = json.loads((work / "results/masks/database.json").read_text(encoding="utf-8"))["masks"]
+    assert {m["case_id"] for m in masks} == training
+    assert not held_ids & set(json.loads((work / "results/qc/reference.json").read_text(encoding="utf-8"))["medians"])
+    utility_cases = json.loads((work / "results/utility/real.pt.json").read_text(encoding="utf-8"))["cases"]
+    assert set(utility_cases) == training
+
+    release = work / "results/releases/default/0.1.0"
+    audit = pd.read_csv(release / "evaluation/privacy_audit.tsv", sep="\t", keep_default_na=False)
+    released = pd.read_csv(release / "qc.tsv", sep="\t", keep_default_na=False)
+    assert sorted(audit.case_id) == sorted(released.case_id) and set(audit.nearest_training) <= training
+    assert (audit.distance > 0).all() and (audit.image_similarity.abs() <= 1).all()
+    assert set(pd.read_csv(release / "evaluation/privacy_held_out.tsv", sep="\t").case_id) == held
+    assert {"privacy_distance", "privacy_flagged"} <= set(released.columns)
+    fidelity = pd.read_csv(release / "evaluation/label_fidelity_cases.tsv", sep="\t")
+    masked = [n for n, r in cfg["generate"]["requests"].items() if r.get("masks")]
+    assert set(fidelity.request) == set(masked) and fidelity.dice.between(0, 1).all() and "liver" in set(fidelity["class"])
+    utility = pd.read_csv(release / "evaluation/utility.tsv", sep="\t")
+    assert list(utility["class"]) == cfg["utility"]["classes"]
+    measured = utility.dropna(subset=["dice_real"])
+    assert len(measured) >= 3 and measured[["dice_real", "dice_synthetic"]].stack().between(0, 1).all()
+    assert (measured.b_minus_a_lo <= measured.b_minus_a).all() and (measured.b_minus_a <= measured.b_minus_a_hi).all()
+    dice = pd.read_csv(release / "evaluation/utility_dice.tsv", sep="\t")
+    assert set(dice.case_id) == held and set(dice.arm) == {"real", "real+synthetic", "synthetic"}
+    card = (release / "DATACARD.md").read_text(encoding="utf-8")
+    for section in ("## Privacy audit (memorisation)", "## Label fidelity", "## Downstream utility"):
+        assert section in card
+    assert "Not run" not in card and card.count("**Limits.**") == 3
+    for figure in ("privacy_distances.png", "utility.png"):
+        assert (release / "evaluation" / figure).stat().st_size > 10_000
+
+
+def test_planted_copies_of_training_cases_are_flagged_by_the_runs_audit(default_run, tmp_path):
+    """The audit as the run made it (FID's segmenter trained on the training split, FID's grid, the held-out cases as
+    the yardstick), with an exact copy and a copy with 20 HU of noise of a training case planted among the released
+    cases: both are flagged with their source as the nearest case, the released cases are not."""
+    from maisi.core.io import save_nifti
+    from maisi.evaluate.fid import build_extractor
+    from maisi.evaluate.privacy import audit_files
+    from maisi.evaluate.settings import FIDSettings, PrivacySettings
+
+    work, cfg = default_run
+    cases = pd.read_csv(work / "results/prepared/cases.tsv", sep="\t", keep_default_na=False)
+    paths = {f"{r.source}/{r.case_id}": str(work / r.image_hu) for r in cases.itertuples()}
+    training = {k: paths[k] for k, split in zip(paths, cases.split, strict=True) if split == "train"}
+    held = {k: paths[k] for k, split in zip(paths, cases.split, strict=True) if split == "held_out"}
+    source = sorted(training)[2]
+    img = nib.load(training[source])
+    hu = np.asanyarray(img.dataobj).astype(np.float32)
+    save_nifti(hu, img.affine, tmp_path / "copy.nii.gz", np.int16)
+    save_nifti(hu + np.random.default_rng(0).normal(0, 20, hu.shape), img.affine, tmp_path / "noisy.nii.gz", np.int16)
+    released = pd.read_csv(work / "results/qc/cases.tsv", sep="\t", keep_default_na=False)
+    generated = {"copy": str(tmp_path / "copy.nii.gz"), "noisy_copy": str(tmp_path / "noisy.nii.gz")}
+    generated |= {r.case_id: str(work / r.image) for r in released.itertuples()}
+    fid = FIDSettings.from_config(cfg)
+    settings = PrivacySettings.from_config(cfg)
+    extractor = build_extractor(settings.extractor, fid, segmenter_path=work / "results/fid/segmenter/segmenter.pt")
+    audit, _ = audit_files(generated, training, held, extractor, fid, settings.percentile, progress=False)
+    rows = audit.set_index("case_id")
+    for planted in ("copy", "noisy_copy"):
+        assert rows.loc[planted, "flagged"] and rows.loc[planted, "nearest_training"] == source, rows
+        assert rows.loc[planted, "image_similarity"] > 0.99
+    assert not rows.loc[list(released.case_id), "flagged"].any(), rows
 
 
 #: What the test budget's mask-conditioned cases must show (config/test.yaml; 2 CPU cores, measured: liver 440 and

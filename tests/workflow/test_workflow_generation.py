@@ -139,10 +139,16 @@ def _planned_after(work, section, **values):
         assert planned_jobs(work, "all") == {}
 
 
-def _after_models(work):
+def _after_qc(arms: int = 2) -> dict[str, int]:
+    """What reads QC's verdicts: the FID, the privacy audit, the utility arms that learn from released cases (the
+    real-only arm does not), the utility evaluation, label fidelity and the release."""
+    return {"qc": 1, "fid": 1, "privacy": 1, "utility_arm": arms, "utility": 1, "label_fidelity": 1, "release": 1, "all": 1}
+
+
+def _after_models(work, arms: int = 2):
     """After the models, what every change of a trained model reruns: all generation shards and what follows."""
     n = _n_generation_shards(work)
-    return {"generate": n, "qc_check": n, "generated": 1, "qc": 1, "fid": 1, "release": 1, "all": 1}
+    return {"generate": n, "qc_check": n, "generated": 1, **_after_qc(arms)}
 
 
 def _data_shards(work, stage):
@@ -155,7 +161,7 @@ def test_preprocessing_setting_reruns_everything_downstream(default_run):
     jobs = _planned_after(generated, "preprocess", hu_range=[-1000, 1500])
     assert jobs == {"preprocess": shards, "regions": shards, "dataset": 1, "dataset_summary": 1, "train_vae": 1,
                     "cache_latents": _data_shards(generated, "latents"), "train_diffusion": 1, "train_controlnet": 1,
-                    "mask_database": 1, "qc_reference": 1, "fid_segmenter": 1, **_after_models(generated)}  # fmt: skip
+                    "mask_database": 1, "qc_reference": 1, "fid_segmenter": 1, **_after_models(generated, arms=3)}  # fmt: skip
 
 
 def test_diffusion_hyperparameter_reruns_from_diffusion_training_on(default_run):
@@ -165,9 +171,9 @@ def test_diffusion_hyperparameter_reruns_from_diffusion_training_on(default_run)
 
 
 def test_qc_policy_reruns_qc_and_what_reads_its_verdicts(default_run):
-    """Whether failing cases are excluded or flagged: QC, the FID of the released cases and the release; no generation."""
+    """Whether failing cases are excluded or flagged: QC, what reads the released cases and the release; no generation."""
     generated, _ = default_run
-    assert _planned_after(generated, "qc", on_fail="exclude") == {"qc": 1, "fid": 1, "release": 1, "all": 1}
+    assert _planned_after(generated, "qc", on_fail="exclude") == _after_qc()
 
 
 def test_qc_threshold_reruns_qc_and_release_not_generation(default_run):
@@ -175,7 +181,7 @@ def test_qc_threshold_reruns_qc_and_release_not_generation(default_run):
     verdicts, the FID of the released cases and the release; no generation shard."""
     generated, _ = default_run
     jobs = _planned_after(generated, "qc", min_inside_body=0.9)
-    assert jobs == {"qc_check": _n_generation_shards(generated), "qc": 1, "fid": 1, "release": 1, "all": 1}
+    assert jobs == {"qc_check": _n_generation_shards(generated), **_after_qc()}
 
 
 def test_touched_script_reruns_its_stage_only(default_run, tmp_path):
@@ -207,7 +213,7 @@ def test_more_cases_add_shards_only(default_run_record):
     run = default_run_record.derived["more_cases"]
     generated = run.work
     assert FREE == image_only_request(default_run_record.config)
-    assert run.planned == {"generate": 1, "qc_check": 1, "generated": 1, "qc": 1, "fid": 1, "release": 1, "all": 1}
+    assert run.planned == {"generate": 1, "qc_check": 1, "generated": 1, **_after_qc()}
     for rel, before in run.before.items():
         assert (generated / rel).stat().st_mtime_ns == before  # the existing cases are untouched
     n = default_run_record.config["generate"]["requests"][FREE]["n_cases"]

@@ -40,6 +40,11 @@ def test_default_config_is_valid_and_filled():
          "sources.loc.label_map"),  # fmt: skip
         (lambda c: c["sources"].update(loc={"type": "local", "path": "x", "images": "{case}.nii.gz", "label_map": {"-1": "liver"}}),
          "sources.loc.label_map.-1"),  # fmt: skip
+        (lambda c: c["dataset"].update(held_out=1.0), "dataset.held_out"),
+        (lambda c: c.update(privacy={"on_copy": "delete"}), "privacy.on_copy"),
+        (lambda c: c.update(utility={"init_filters": 12}), "utility.init_filters"),
+        (lambda c: c.update(utility={"classes": ["heart"]}), "utility.classes.0"),
+        (lambda c: c.update(label_fidelity={"segmenter": "totalsegmentator"}), "label_fidelity.segmenter"),
     ],
 )
 def test_config_errors_name_the_key(mutate, key):

@@ -407,3 +407,66 @@ def test_cli_list_diff_verify(gen):
     problems = verify_release(a.path)
     assert "unexpected: extra.txt (not in the manifest)" in problems and "missing: fid.tsv" in problems
     assert cli("verify", str(gen["tmp"])).returncode == 2
+
+
+def _evaluation(gen) -> dict[str, str]:
+    """The privacy, label-fidelity and utility reports in the workflow's layouts; r1_c1 is flagged as a copy."""
+    tmp = gen["tmp"]
+    tables = {
+        "privacy": [{"case_id": f"r1_c{i}", "nearest_training": "phantom/case_0002", "distance": d, "threshold": 1.5, "held_out_rank": r,
+                     "image_similarity": s, "flagged": str(d < 1.5), "extractor": "fid-segmenter"}
+                    for i, d, r, s in ((0, 4.0, 0.5, 0.41), (1, 0.2, 0.0, 0.998), (2, 6.0, 1.0, 0.3))],
+        "privacy_held_out": [{"case_id": "phantom/case_0001", "nearest_training": "phantom/case_0003", "distance": 3.0},
+                             {"case_id": "phantom/case_0005", "nearest_training": "phantom/case_0002", "distance": 5.0}],
+        "fidelity_summary": [{"class": "liver", "n_cases": 3, "dice_mean": 0.61, "dice_median": 0.6, "dice_min": 0.52,
+                              "held_out_dice_real": 0.8, "segmenter": "utility"}],
+        "fidelity": [{"case_id": "r1_c0", "request": "r1", "class": "liver", "dice": 0.52}],
+        "utility": [{"class": "liver", "n_cases": 2, "dice_real": 0.8, "dice_real+synthetic": 0.84, "dice_synthetic": 0.5,
+                     "b_minus_a": 0.04, "b_minus_a_lo": -0.01, "b_minus_a_hi": 0.09, "c_minus_a": -0.3, "c_minus_a_lo": -0.4,
+                     "c_minus_a_hi": -0.2}],
+        "utility_dice": [{"arm": "real", "case_id": "phantom/case_0001", "class": "liver", "dice": 0.8}],
+    }  # fmt: skip
+    files = {}
+    for key, rows in tables.items():
+        files[key] = str(tmp / f"{key}.tsv")
+        pd.DataFrame(rows).to_csv(files[key], sep="\t", index=False)
+    files["utility_figure"] = str(tmp / "utility.png")
+    Path(files["utility_figure"]).write_bytes(b"\x89PNG not really")
+    return files
+
+
+def test_evaluation_reports_in_the_release_and_its_data_card(gen):
+    """The three reports are copied under evaluation/, the audit's columns join qc.tsv, a possible copy is flagged
+    (or dropped) with its reason, and the data card states each finding with its limits."""
+    from maisi.evaluate.privacy import apply_audit
+
+    files = _evaluation(gen)
+    audit = pd.read_csv(files["privacy"], sep="\t", dtype=str, keep_default_na=False)
+    cases = apply_audit(gen["cases"], audit, "flag")
+    flagged = cases.set_index("case_id").loc["r1_c1"]
+    assert flagged.qc_status == "flagged" and "privacy: nearest training case phantom/case_0002 at distance 0.2 < 1.5" in flagged.qc_reasons
+    assert list(apply_audit(gen["cases"], audit, "drop").case_id) == ["r1_c0", "r1_c2"]
+    config = {**gen["kwargs"]["config"], "dataset": {"held_out": 0.2}, "privacy": {"percentile": 5, "on_copy": "flag"},
+              "utility": {"steps": 60, "crop": [32, 32, 32]}}  # fmt: skip
+    result = build(gen, cases=cases, evaluation=files, config=config)
+    listed = sorted(p.name for p in (result.path / "evaluation").iterdir())
+    assert listed == ["label_fidelity.tsv", "label_fidelity_cases.tsv", "privacy_audit.tsv", "privacy_held_out.tsv", "utility.png",
+                      "utility.tsv", "utility_dice.tsv"]  # fmt: skip
+    qc = pd.read_csv(result.path / "qc.tsv", sep="\t", dtype=str, keep_default_na=False).set_index("case_id")
+    assert qc.loc["r1_c1", "privacy_flagged"] == "True" and qc.loc["r1_c1", "privacy_nearest_training"] == "phantom/case_0002"
+    assert qc.loc["r1_c9", "privacy_flagged"] == ""  # excluded by QC, never audited
+    card = (result.path / "DATACARD.md").read_text(encoding="utf-8")
+    assert "## Privacy audit (memorisation)" in card and "the 2 held-out real case(s)" in card and "threshold 1.5" in card
+    assert "| generated | 3 | 0.2 | 4 | 6 |" in card and "| held-out real | 2 | 3 | 4 | 5 |" in card
+    assert "1 case(s) flagged:" in card and "- r1_c1: nearest phantom/case_0002, distance 0.2, image correlation 0.998" in card
+    assert "| liver | 3 | 0.61 | 0.6 | 0.52 | 0.8 |" in card
+    assert "| liver | 2 | 0.8 | 0.84 | 0.5 | 0.04 [-0.01, 0.09] | -0.3 [-0.4, -0.2] |" in card
+    assert card.count("**Limits.**") == 3
+    manifest = json.loads((result.path / "manifest.json").read_text())
+    assert "evaluation/utility.tsv" in manifest["identity"] and "evaluation/utility.png" in manifest["files"]
+
+
+def test_data_card_says_why_an_evaluation_did_not_run(gen):
+    config = {**gen["kwargs"]["config"], "dataset": {"held_out": 0}}
+    card = (build(gen, config=config).path / "DATACARD.md").read_text(encoding="utf-8")
+    assert card.count("Not run: dataset.held_out is 0") == 2 and "## Label fidelity\n\nNot run: no mask-conditioned request" in card

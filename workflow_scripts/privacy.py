@@ -1,0 +1,30 @@
+"""Snakemake script: the memorisation audit of the released cases against the training split, judged by the
+held-out split (see maisi.evaluate.privacy)."""
+
+import torch
+
+from maisi.core.holdout import case_key, require_held_out, training_rows
+from maisi.core.logs import from_snakemake
+from maisi.core.tables import read_table, write_table
+from maisi.evaluate.fid import build_extractor
+from maisi.evaluate.privacy import AUDIT_COLUMNS, audit_files, plot_audit
+from maisi.evaluate.qc_report import released_cases
+from maisi.evaluate.settings import FIDSettings, PrivacySettings
+
+smk = snakemake  # noqa: F821 (injected by Snakemake)
+with from_snakemake(smk):
+    torch.set_num_threads(smk.threads)
+    settings, fid = PrivacySettings.from_json(smk.params.settings), FIDSettings.from_json(smk.params.fid)
+    real = read_table(smk.input.real)
+
+    def images(rows):
+        return {case_key(r.source, r.case_id): r.image_hu or r.image for r in rows.itertuples()}
+
+    generated = {f"generated/{r.case_id}": r.image for r in released_cases(smk.input.qc).itertuples()}
+    extractor = build_extractor(settings.extractor, fid, smk.input.get("autoencoder"), smk.params.variant, smk.input.get("segmenter"))
+    audit, held = audit_files(generated, images(training_rows(real)), images(require_held_out(real, "privacy")), extractor, fid, settings.percentile)
+    audit["case_id"] = audit["case_id"].str.removeprefix("generated/")
+    audit["extractor"] = extractor.name
+    write_table(audit.to_dict("records"), smk.output.audit, "privacy", [*AUDIT_COLUMNS, "extractor"])
+    write_table(held.to_dict("records"), smk.output.held_out, "privacy", ["case_id", "nearest_training", "distance"])
+    plot_audit(audit, held, smk.output.figure)
