@@ -4,11 +4,11 @@ import torch
 
 from maisi.core.logs import from_snakemake
 from maisi.core.tables import read_table, write_table
-from maisi.evaluate.fidelity import FIDELITY_COLUMNS, fidelity_summary, label_fidelity_rows, totalseg_reader, utility_reader
+from maisi.evaluate.fidelity import FIDELITY_COLUMNS, fidelity_summary, label_fidelity_rows, totalseg_reader
 from maisi.evaluate.privacy import apply_audit
 from maisi.evaluate.qc_report import released_cases
 from maisi.evaluate.settings import FIDSettings, UtilitySettings
-from maisi.evaluate.utility import resolve_classes, utility_budget
+from maisi.evaluate.utility import resolve_classes, utility_budget, utility_reader
 from maisi.prepare.totalsegmentator import TotalSegSettings
 
 smk = snakemake  # noqa: F821 (injected by Snakemake)

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from maisi.prepare.totalsegmentator import TotalSegSettings
 
 __all__ = ["OrganAgreement", "organ_agreement", "mean_agreement", "class_map", "class_dice", "label_fidelity", "label_dice", "fidelity_summary", "FIDELITY_COLUMNS",
-           "utility_reader", "totalseg_reader", "label_fidelity_rows"]
+           "Reader", "totalseg_reader", "label_fidelity_rows"]
 
 
 @dataclass(frozen=True)
@@ -121,15 +121,6 @@ def fidelity_summary(cases: pd.DataFrame, held_out: pd.DataFrame | None, segment
 
 #: A segmenter's reading of a generated image: (case id, image file) -> class map on FID's grid.
 Reader = Callable[[str, str], np.ndarray]
-
-
-def utility_reader(checkpoint: str | os.PathLike, fid: FIDSettings, device: str = "cpu") -> tuple[Reader, dict[str, tuple[int, ...]]]:
-    """The utility stage's real-only network as the label-fidelity segmenter, and its class groups."""
-    from maisi.evaluate.features import load_volume
-    from maisi.evaluate.utility import load_segmentation, predict_classes
-
-    model, record = load_segmentation(checkpoint, device)
-    return (lambda case_id, image: predict_classes(model, load_volume(image, fid), record["budget"])), dict(record["classes"])
 
 
 def totalseg_reader(settings: TotalSegSettings, out_root: str | os.PathLike, fid: FIDSettings, classes: Mapping[str, Sequence[int]]) -> Reader:

@@ -26,7 +26,7 @@ import torch
 
 from maisi.core.io import write_with_sidecar
 from maisi.core.seeds import derive_seed
-from maisi.evaluate.fidelity import class_dice, class_map
+from maisi.evaluate.fidelity import Reader, class_dice, class_map
 from maisi.evaluate.qc import ORGAN_GROUPS
 from maisi.evaluate.segmenter import WINDOWS, hu_windows
 from maisi.evaluate.settings import FIDSettings
@@ -34,7 +34,7 @@ from maisi.evaluate.settings import FIDSettings
 __all__ = [
     "ARMS", "UtilityBudget", "class_map", "arm_cases", "train_segmentation", "predict_classes", "case_dice", "save_segmentation",
     "load_segmentation", "utility_budget", "build_network", "bootstrap_difference", "evaluate_arms", "utility_experiment", "resolve_classes", "load_pairs",
-    "plot_utility", "DIFFERENCE_COLUMNS",
+    "plot_utility", "utility_reader", "DIFFERENCE_COLUMNS",
 ]  # fmt: skip
 
 ARMS: tuple[str, ...] = ("real", "real+synthetic", "synthetic")
@@ -344,3 +344,11 @@ def plot_utility(differences: pd.DataFrame, dest: str | os.PathLike, title: str 
     right.legend(fontsize=7, frameon=False, loc="best")
     fig.suptitle(title or "Downstream utility: (a) real, (b) real + synthetic, (c) synthetic only")
     save_figure(fig, dest)
+
+
+def utility_reader(checkpoint: str | os.PathLike, fid: FIDSettings, device: str = "cpu") -> tuple[Reader, dict[str, tuple[int, ...]]]:
+    """The utility stage's real-only network as the label-fidelity segmenter, and its class groups."""
+    from maisi.evaluate.features import load_volume
+
+    model, record = load_segmentation(checkpoint, device)
+    return (lambda case_id, image: predict_classes(model, load_volume(image, fid), record["budget"])), dict(record["classes"])
