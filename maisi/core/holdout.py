@@ -10,7 +10,8 @@ QC reference ranges) reads the training split only, and checks with :func:`check
 nothing it was handed is held out.
 
 Cases are chosen per source, by a seeded hash of ``source/case_id``, so the choice of a case does not
-depend on the order of the files or on the other sources.
+depend on the order of the files or on the other sources; stratified by body-region pair, so the training
+split keeps every field of view the data has as long as it can.
 """
 
 from __future__ import annotations
@@ -52,23 +53,37 @@ def held_out_count(n_cases: int, fraction: float) -> int:
     return min(max(1, math.floor(fraction * n_cases + 0.5)), n_cases - 1)
 
 
-def choose_held_out(keys: Iterable[tuple[str, str]], fraction: float, seed: int) -> set[str]:
+def choose_held_out(
+    keys: Iterable[tuple[str, str]], fraction: float, seed: int, strata: Mapping[str, str] | None = None
+) -> set[str]:
     """The held-out cases (their :func:`case_key`) among ``(source, case_id)`` pairs: per source, the
-    :func:`held_out_count` cases of lowest seeded hash."""
+    :func:`held_out_count` cases of lowest seeded hash. With ``strata`` (case key -> stratum, e.g. the body-region
+    pair), each case is taken from the stratum with the most cases still in training (ties by the seeded hash), so a
+    field of view that only one case shows is held out only when every stratum is down to one case."""
     by_source: dict[str, list[str]] = {}
     for source, case in keys:
         by_source.setdefault(source, []).append(case)
     chosen: set[str] = set()
     for source, cases in by_source.items():
         ranked = sorted(set(cases), key=lambda c: (derive_seed(seed, "held-out", case_key(source, c)), c))
-        chosen.update(case_key(source, c) for c in ranked[: held_out_count(len(ranked), fraction)])
+        left = {c: (strata or {}).get(case_key(source, c), "") for c in ranked}
+        for _ in range(held_out_count(len(ranked), fraction)):
+            sizes = {g: sum(1 for v in left.values() if v == g) for g in set(left.values())}
+            pick = next(c for c in left if sizes[left[c]] == max(sizes.values()))  # lowest hash of a largest stratum
+            chosen.add(case_key(source, pick))
+            del left[pick]
     return chosen
 
 
 def split_column(cases: pd.DataFrame, fraction: float, seed: int) -> list[str]:
-    """The ``split`` value (:data:`TRAIN` or :data:`HELD_OUT`) of each row of a case table."""
+    """The ``split`` value (:data:`TRAIN` or :data:`HELD_OUT`) of each row of a case table, stratified by the
+    (top, bottom) body-region pair where the table has them."""
     keys = list(zip(cases["source"], cases["case_id"], strict=True))
-    held = choose_held_out(keys, fraction, seed)
+    strata = None
+    if {"top_region", "bottom_region"} <= set(cases.columns):
+        strata = {case_key(s, c): f"{t}->{b}" for s, c, t, b in zip(cases["source"], cases["case_id"], cases["top_region"],
+                                                                   cases["bottom_region"], strict=True)}  # fmt: skip
+    held = choose_held_out(keys, fraction, seed, strata)
     return [HELD_OUT if case_key(s, c) in held else TRAIN for s, c in keys]
 
 

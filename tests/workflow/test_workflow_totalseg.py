@@ -72,7 +72,8 @@ def totalseg_run(real_ct, tmp_path_factory):
 
 def test_masks_and_regions_on_real_chest_ct(totalseg_run):
     work, _, _ = totalseg_run
-    cases = {c["case_id"]: c for c in json.loads((work / "results/prepared/datalist.json").read_text(encoding="utf-8"))["training"]}
+    full = json.loads((work / "results/prepared/datalist.json").read_text(encoding="utf-8"))
+    cases = {c["case_id"]: c for c in full["training"] + full["testing"]}  # dataset.held_out holds one out
     assert set(cases) == {"lung1", "lung2"}
     for case_id, entry in cases.items():
         assert entry["top_region_index"] == [0, 1, 0, 0] and entry["bottom_region_index"] == [0, 1, 0, 0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import pandas as pd
 import pytest
 import torch
 from helpers.workflow_runner import PREPARED, TRAINING, edit_config, make_workdir, planned_jobs, snakemake
@@ -40,7 +41,8 @@ def test_all_trains_every_stage(default_run):
     load_controlnet(models / "controlnet.pt", "tiny")
     tables = sorted((work / "results" / "latents" / "phantom" / "shards").glob("*.tsv"))
     rows = sum(len(t.read_text(encoding="utf-8").splitlines()) - 1 for t in tables)
-    assert rows == cfg["sources"]["phantom"]["n_cases"]
+    split = pd.read_csv(work / "results/prepared/cases.tsv", sep="\t").split
+    assert rows == (split == "train").sum() == cfg["sources"]["phantom"]["n_cases"] - (split == "held_out").sum()  # held-out: never encoded
     for name in ("train_vae", "train_diffusion", "train_controlnet"):
         assert (work / "results" / "benchmarks" / f"{name}.tsv").is_file()
     assert planned_jobs(work, "all") == {}

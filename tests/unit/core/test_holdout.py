@@ -48,6 +48,18 @@ def test_choice_is_per_source_seeded_and_independent_of_order():
     assert {k for k in choose_held_out([*keys, ("a", "c99")], 0.2, 0) if k.startswith("b/")} == {k for k in chosen if k.startswith("b/")}
 
 
+def test_strata_keep_every_field_of_view_in_training():
+    """With the body-region pair as stratum, cases are held out of the largest strata first: the ten phantom cases
+    (region pairs repeating every 8) lose one of each repeated pair, and all eight pairs stay in training."""
+    pairs = ["hn-hn", "hn-chest", "chest-abd", "abd-lower", "lower-lower", "chest-chest", "hn-lower", "abd-abd"]
+    keys = [("phantom", f"p{i}") for i in range(10)]
+    strata = {f"phantom/p{i}": pairs[i % 8] for i in range(10)}
+    held = choose_held_out(keys, 0.2, seed=0, strata=strata)
+    assert len(held) == 2 and {strata[k] for k in held} == {"hn-hn", "hn-chest"}
+    assert {strata[f"phantom/p{i}"] for i in range(10) if f"phantom/p{i}" not in held} == set(pairs)
+    assert choose_held_out(keys, 0.2, seed=0) != held  # unstratified, the hash alone decides
+
+
 def test_split_rows_and_the_refusal_names_the_case():
     cases = pd.DataFrame({"source": ["s"] * 3, "case_id": ["x", "y", "z"], "split": [TRAIN, HELD_OUT, TRAIN]})
     assert list(training_rows(cases).case_id) == ["x", "z"] and list(held_out_rows(cases).case_id) == ["y"]
