@@ -26,5 +26,5 @@ with from_snakemake(smk):
     audit["case_id"] = audit["case_id"].str.removeprefix("generated/")
     audit["extractor"] = extractor.name
     write_table(audit.to_dict("records"), smk.output.audit, "privacy", [*AUDIT_COLUMNS, "extractor"])
-    write_table(held.to_dict("records"), smk.output.held_out, "privacy", ["case_id", "nearest_training", "distance"])
+    write_table(held.to_dict("records"), smk.output.held_out, "privacy", ["case_id", "nearest_training", "distance", "image_similarity"])
     plot_audit(audit, held, smk.output.figure)

@@ -5,8 +5,9 @@ per-slice features pooled per volume: each plane's mean, the planes concatenated
 training cases' mean and spread) and measures that pair's similarity in image space (Pearson correlation
 of the HU values inside either body, both on FID's common grid). The yardstick is the held-out real
 cases: they cannot be copies, so the distance of each to its nearest training case says how near an
-honest new case comes. A generated case nearer than the ``percentile``-th percentile of those
-distances is flagged as a possible copy.
+honest new case comes, and how alike it is to its nearest training case in image space. A generated case
+nearer than the ``percentile``-th percentile of those distances and more alike than the
+``100 - percentile``-th percentile of those similarities is flagged as a possible copy.
 
 Generative models of small data memorise (GEM-3D and MedSyn report near-copies of training volumes);
 no MAISI tool checks for it. The audit cannot prove privacy: it finds copies and near-copies in the
@@ -31,7 +32,7 @@ __all__ = ["pooled_features", "nearest_training", "image_similarity", "audit_mem
 
 #: Columns of the audit table (one row per generated case).
 AUDIT_COLUMNS: tuple[str, ...] = (
-    "case_id", "nearest_training", "distance", "threshold", "held_out_rank", "image_similarity", "flagged",
+    "case_id", "nearest_training", "distance", "threshold", "held_out_rank", "image_similarity", "similarity_threshold", "flagged",
 )  # fmt: skip
 
 
@@ -90,14 +91,15 @@ def audit_memorisation(
     Args:
         generated, training, held_out: case id -> pooled feature vector (:func:`pooled_features`).
         percentile: a generated case nearer to a training case than this percentile of the held-out cases'
-            nearest-training distances is flagged.
+            nearest-training distances, and (with ``volumes``) more alike it in image space than the
+            ``100 - percentile``-th percentile of the held-out cases' image similarities, is flagged.
         volumes: case id -> volume on a common grid (e.g. :func:`maisi.evaluate.features.load_volume`), for the
             image-space similarity of each generated case and its nearest training case (omitted: ``NaN``).
 
     Returns:
         ``(audit, held_out_distances)``: one row per generated case (:data:`AUDIT_COLUMNS`; ``held_out_rank``
         is the fraction of held-out cases nearer to the training set than it), and one row per held-out case
-        (``case_id``, ``nearest_training``, ``distance``).
+        (``case_id``, ``nearest_training``, ``distance``, with ``volumes`` ``image_similarity``).
     """
     if not training:
         raise ValueError("the audit needs the training cases' features")
@@ -112,15 +114,24 @@ def audit_memorisation(
     h_index, h_dist = nearest_training(scale(np.stack([held_out[c] for c in held_ids])), train)
     held = pd.DataFrame({"case_id": held_ids, "nearest_training": [train_ids[i] for i in h_index], "distance": h_dist})
     threshold = float(np.percentile(h_dist, percentile))
+    # The second yardstick: how alike in image space an honest new case and its nearest training case are. A copy
+    # must be near in features *and* alike in the image; with few held-out cases the feature threshold alone
+    # flagged generated cases whose image correlation with their neighbour was negative.
+    s_threshold = float("nan")
+    if volumes is not None:
+        held["image_similarity"] = [image_similarity(volumes(c), volumes(train_ids[i])) for c, i in zip(held_ids, h_index, strict=True)]
+        s_threshold = float(np.nanpercentile(held["image_similarity"], 100.0 - percentile))
     rows = []
     gen_ids = list(generated)
     if gen_ids:
         g_index, g_dist = nearest_training(scale(np.stack([generated[c] for c in gen_ids])), train)
         for case, i, dist in zip(gen_ids, g_index, g_dist, strict=True):
             similarity = image_similarity(volumes(case), volumes(train_ids[i])) if volumes is not None else float("nan")
+            alike = volumes is None or bool(similarity > s_threshold)
             rows.append({
                 "case_id": case, "nearest_training": train_ids[i], "distance": float(dist), "threshold": threshold,
-                "held_out_rank": float((h_dist < dist).mean()), "image_similarity": similarity, "flagged": bool(dist < threshold),
+                "held_out_rank": float((h_dist < dist).mean()), "image_similarity": similarity,
+                "similarity_threshold": s_threshold, "flagged": bool(dist < threshold and alike),
             })  # fmt: skip
     return pd.DataFrame(rows, columns=list(AUDIT_COLUMNS)), held
 

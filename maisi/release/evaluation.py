@@ -66,7 +66,8 @@ def _privacy(t: Mapping[str, pd.DataFrame], cfg: Mapping[str, Any]) -> list[str]
         f"`{audit['extractor'].iloc[0] if len(audit) else block.get('extractor')}` extractor, and the Pearson correlation of "
         f"that pair's HU values inside the body on FID's grid. The yardstick is the {len(held)} held-out real case(s), which "
         f"no generative stage saw: a generated case nearer to the training set than the {block.get('percentile', 5)}th "
-        f"percentile of their distances (threshold {threshold}) is flagged as a possible copy "
+        f"percentile of their distances (threshold {threshold}), and more alike its neighbour in image space than "
+        f"all but that share of the held-out cases are alike theirs, is flagged as a possible copy "
         f"(`privacy.on_copy: {block.get('on_copy', 'flag')}`).", "",
         "| | cases | nearest-training distance: min | median | max |", "|---|---|---|---|---|",
         f"| generated | {len(audit)} | {_f(gen.min())} | {_f(gen.median())} | {_f(gen.max())} |",

@@ -47,9 +47,9 @@ def test_local_real_ct_and_bad_cases(real_ct, tmp_path):
     }
     work = make_workdir(tmp_path / "work", cfg)
     snakemake(work, *PREPARED)
-    datalist = json.loads((work / "results/prepared/datalist.json").read_text(encoding="utf-8"))["training"]
-    by_case = {e["case_id"]: e for e in datalist}
-    assert set(by_case) == {"lung1", "lung2", "good"}
+    full = json.loads((work / "results/prepared/datalist.json").read_text(encoding="utf-8"))
+    by_case = {e["case_id"]: e for e in full["training"] + full["testing"]}  # dataset.held_out puts some under testing
+    assert set(by_case) == {"lung1", "lung2", "good"} and len(full["testing"]) == 1  # one real CT (a lone case stays in)
     for case in ("lung1", "lung2"):
         e = by_case[case]
         assert e["dim"] == [512, 512, 128]
