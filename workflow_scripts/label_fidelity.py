@@ -5,8 +5,7 @@ import torch
 from maisi.core.logs import from_snakemake
 from maisi.core.tables import read_table, write_table
 from maisi.evaluate.fidelity import FIDELITY_COLUMNS, fidelity_summary, label_fidelity_rows, totalseg_reader
-from maisi.evaluate.privacy import apply_audit
-from maisi.evaluate.qc_report import released_cases
+from maisi.evaluate.privacy import audited_release
 from maisi.evaluate.settings import FIDSettings, UtilitySettings
 from maisi.evaluate.utility import resolve_classes, utility_budget, utility_reader
 from maisi.prepare.totalsegmentator import TotalSegSettings
@@ -15,10 +14,8 @@ smk = snakemake  # noqa: F821 (injected by Snakemake)
 with from_snakemake(smk):
     torch.set_num_threads(smk.threads)
     fid, utility = FIDSettings.from_json(smk.params.fid), UtilitySettings.from_json(smk.params.settings)
-    cases = released_cases(smk.input.qc)
-    if smk.input.get("audit"):  # privacy.on_copy drop: only what the release holds
-        cases = apply_audit(cases, read_table(smk.input.audit), "drop")
-    cases = cases[cases.request.isin(smk.params.masked)]  # images generated from these label maps
+    # images generated from label maps, as the release holds them (privacy.on_copy drop)
+    cases = audited_release(smk.input.qc, smk.input.get("audit"), smk.params.masked)
     if smk.params.segmenter == "utility":
         read, classes = utility_reader(smk.input.model, fid, utility_budget(utility).device)
     else:

@@ -3,7 +3,7 @@ held-out split (see maisi.evaluate.privacy)."""
 
 import torch
 
-from maisi.core.holdout import case_key, require_held_out, training_rows
+from maisi.core.holdout import case_files, require_held_out, training_rows
 from maisi.core.logs import from_snakemake
 from maisi.core.tables import read_table, write_table
 from maisi.evaluate.fid import build_extractor
@@ -16,13 +16,9 @@ with from_snakemake(smk):
     torch.set_num_threads(smk.threads)
     settings, fid = PrivacySettings.from_json(smk.params.settings), FIDSettings.from_json(smk.params.fid)
     real = read_table(smk.input.real)
-
-    def images(rows):
-        return {case_key(r.source, r.case_id): r.image_hu or r.image for r in rows.itertuples()}
-
     generated = {f"generated/{r.case_id}": r.image for r in released_cases(smk.input.qc).itertuples()}
     extractor = build_extractor(settings.extractor, fid, smk.input.get("autoencoder"), smk.params.variant, smk.input.get("segmenter"))
-    audit, held = audit_files(generated, images(training_rows(real)), images(require_held_out(real, "privacy")), extractor, fid, settings.percentile)
+    audit, held = audit_files(generated, case_files(training_rows(real)), case_files(require_held_out(real, "privacy")), extractor, fid, settings.percentile)
     audit["case_id"] = audit["case_id"].str.removeprefix("generated/")
     audit["extractor"] = extractor.name
     write_table(audit.to_dict("records"), smk.output.audit, "privacy", [*AUDIT_COLUMNS, "extractor"])

@@ -2,7 +2,7 @@
 
 import torch
 
-from maisi.core.holdout import case_key, require_held_out
+from maisi.core.holdout import case_files, require_held_out
 from maisi.core.logs import from_snakemake
 from maisi.core.tables import read_table, write_table
 from maisi.evaluate.settings import FIDSettings, UtilitySettings
@@ -16,8 +16,7 @@ with from_snakemake(smk):
     loaded = [load_segmentation(path, budget.device) for path in smk.input.models]
     models = {record["arm"]: model for model, record in loaded}
     classes = loaded[0][1]["classes"]
-    held = require_held_out(read_table(smk.input.real), "utility", need_labels=True)
-    held = {case_key(r.source, r.case_id): (r.image_hu or r.image, r.label) for r in held.itertuples()}
+    held = case_files(require_held_out(read_table(smk.input.real), "utility", need_labels=True), labels=True)
     dice, differences = evaluate_arms(models, load_pairs(held, fid), classes, budget, settings.n_boot, settings.level)
     write_table(dice.to_dict("records"), smk.output.dice, "utility", list(dice.columns))
     write_table(differences.to_dict("records"), smk.output.differences, "utility", DIFFERENCE_COLUMNS)

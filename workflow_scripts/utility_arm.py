@@ -2,11 +2,10 @@
 
 import torch
 
-from maisi.core.holdout import case_key, training_rows
+from maisi.core.holdout import case_files, training_rows
 from maisi.core.logs import from_snakemake
 from maisi.core.tables import read_table
-from maisi.evaluate.privacy import apply_audit
-from maisi.evaluate.qc_report import released_cases
+from maisi.evaluate.privacy import audited_release
 from maisi.evaluate.settings import FIDSettings, UtilitySettings
 from maisi.evaluate.utility import arm_cases, load_pairs, resolve_classes, save_segmentation, train_segmentation, utility_budget
 
@@ -14,14 +13,10 @@ smk = snakemake  # noqa: F821 (injected by Snakemake)
 with from_snakemake(smk):
     torch.set_num_threads(smk.threads)
     settings, fid = UtilitySettings.from_json(smk.params.settings), FIDSettings.from_json(smk.params.fid)
-    real = training_rows(read_table(smk.input.real))
-    real = {case_key(r.source, r.case_id): (r.image_hu or r.image, r.label) for r in real.itertuples() if r.label}
+    real = case_files(training_rows(read_table(smk.input.real)), labels=True)
     synthetic = {}
-    if smk.params.arm != "real":
-        cases = released_cases(smk.input.qc)
-        if smk.input.get("audit"):  # privacy.on_copy drop: what the release leaves out, the arms do not learn from
-            cases = apply_audit(cases, read_table(smk.input.audit), "drop")
-        cases = cases[cases.request.isin(smk.params.masked)]  # images generated from these label maps
+    if smk.params.arm != "real":  # images generated from label maps, as the release holds them (privacy.on_copy drop)
+        cases = audited_release(smk.input.qc, smk.input.get("audit"), smk.params.masked)
         synthetic = {f"generated/{r.case_id}": (r.image, r.label) for r in cases.itertuples()}
     classes, budget = resolve_classes(settings.classes), utility_budget(settings)
     used = {**(real if smk.params.arm != "synthetic" else {}), **(synthetic if smk.params.arm != "real" else {})}

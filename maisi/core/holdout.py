@@ -27,6 +27,7 @@ from maisi.core.seeds import derive_seed
 __all__ = [
     "TRAIN", "HELD_OUT", "HeldOutLeak", "case_key", "held_out_count", "choose_held_out", "split_column",
     "training_rows", "held_out_rows", "held_out_keys", "check_not_held_out", "require_held_out",
+    "case_files",
 ]  # fmt: skip
 
 #: Values of the case table's ``split`` column.
@@ -111,6 +112,14 @@ def held_out_keys(cases: pd.DataFrame) -> set[str]:
     """The :func:`case_key` of every held-out case of a case table."""
     rows = held_out_rows(cases)
     return {case_key(s, c) for s, c in zip(rows["source"], rows["case_id"], strict=True)}
+
+
+def case_files(rows: pd.DataFrame, labels: bool = False) -> dict[str, str] | dict[str, tuple[str, str]]:
+    """Each case's :func:`case_key` mapped to its image in HU (``image_hu``, else ``image``), or with ``labels``
+    to ``(image, label map)`` for the cases that have a label map."""
+    if not labels:
+        return {case_key(r.source, r.case_id): r.image_hu or r.image for r in rows.itertuples()}
+    return {case_key(r.source, r.case_id): (r.image_hu or r.image, r.label) for r in rows.itertuples() if r.label}
 
 
 def check_not_held_out(used: Iterable[str] | Mapping[str, str], held_out: Sequence[str] | set[str], stage: str) -> None:

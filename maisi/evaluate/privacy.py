@@ -18,17 +18,20 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
+from maisi.core.tables import read_table
+from maisi.evaluate.qc_report import released_cases
+
 if TYPE_CHECKING:  # torch is imported only where features are computed (the release applies the audit without it)
     from maisi.evaluate.features import FeatureExtractor
     from maisi.evaluate.settings import FIDSettings
 
-__all__ = ["pooled_features", "nearest_training", "image_similarity", "audit_memorisation", "audit_files", "apply_audit", "plot_audit", "AUDIT_COLUMNS"]
+__all__ = ["pooled_features", "nearest_training", "image_similarity", "audit_memorisation", "audit_files", "apply_audit", "audited_release", "plot_audit", "AUDIT_COLUMNS"]
 
 #: Columns of the audit table (one row per generated case).
 AUDIT_COLUMNS: tuple[str, ...] = (
@@ -188,6 +191,18 @@ def plot_audit(audit: pd.DataFrame, held: pd.DataFrame, dest: str | os.PathLike,
     ax.set_title(title or "Memorisation audit: nearer than the threshold = possible copy")
     ax.legend(loc="upper right", fontsize=7, frameon=False)
     save_figure(fig, dest)
+
+
+def audited_release(
+    qc_cases: str | os.PathLike, audit: str | os.PathLike | None = None, requests: Sequence[str] | None = None
+) -> pd.DataFrame:
+    """The released cases a later evaluation reads: what QC lets in, less what a ``drop`` ``audit`` leaves out
+    (the evaluations never learn from or judge a case the release does not hold), and, with ``requests``, only
+    the cases generated for those requests (the mask-conditioned ones)."""
+    cases = released_cases(qc_cases)
+    if audit:
+        cases = apply_audit(cases, read_table(audit), "drop")
+    return cases if requests is None else cases[cases.request.isin(list(requests))].reset_index(drop=True)
 
 
 def apply_audit(cases: pd.DataFrame, audit: pd.DataFrame, on_copy: str) -> pd.DataFrame:

@@ -18,6 +18,7 @@ from maisi.core.holdout import (
     HELD_OUT,
     TRAIN,
     HeldOutLeak,
+    case_files,
     case_key,
     check_not_held_out,
     choose_held_out,
@@ -71,6 +72,9 @@ def test_split_rows_and_the_refusal_names_the_case():
     with pytest.raises(ValueError, match="unknown split"):
         training_rows(cases.assign(split=["train", "test", "train"]))
     assert list(require_held_out(cases, "privacy").case_id) == ["y"]
+    files = cases.assign(image=["x.nii.gz", "y.nii.gz", "z.nii.gz"], image_hu=["", "y_hu.nii.gz", ""], label=["xl", "yl", ""])
+    assert case_files(files) == {"s/x": "x.nii.gz", "s/y": "y_hu.nii.gz", "s/z": "z.nii.gz"}  # the HU image where there is one
+    assert case_files(files, labels=True) == {"s/x": ("x.nii.gz", "xl"), "s/y": ("y_hu.nii.gz", "yl")}
     with pytest.raises(InputError, match="utility needs held-out real cases.*no held-out case with a label map.*utility.enabled: false"):
         require_held_out(cases.assign(label=["a", "", "c"]), "utility", need_labels=True)
     with pytest.raises(InputError, match="set dataset.held_out above 0"):

@@ -5,12 +5,21 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
 
+from maisi.core.tables import write_table
 from maisi.evaluate.features import PLANES, FeatureExtractor
-from maisi.evaluate.privacy import AUDIT_COLUMNS, audit_memorisation, image_similarity, nearest_training, pooled_features
+from maisi.evaluate.privacy import (
+    AUDIT_COLUMNS,
+    audit_memorisation,
+    audited_release,
+    image_similarity,
+    nearest_training,
+    pooled_features,
+)
 
 SHAPE = (32, 32, 24)
 
@@ -120,6 +129,21 @@ def test_errors_name_what_is_missing(cases):
         audit_memorisation({"copy": feats["copy"]}, _split(feats, "train"), {})
     with pytest.raises(ValueError, match="percentile"):
         audit_memorisation({}, _split(feats, "train"), _split(feats, "held"), percentile=100)
+
+
+def test_the_evaluations_read_what_the_release_holds(tmp_path):
+    """QC's verdict, a drop audit and the mask-conditioned requests decide which generated cases the label-fidelity
+    and utility stages see."""
+    qc = [{"request": q, "case_id": c, "release": r, "image": f"{c}.nii.gz", "label": f"{c}_label.nii.gz", "qc_reasons": ""}
+          for q, c, r in (("masked", "a", "include"), ("masked", "b", "flagged"), ("masked", "c", "excluded"),
+                          ("masked", "d", "include"), ("free", "e", "include"))]  # fmt: skip
+    write_table(qc, tmp_path / "qc.tsv", "qc", list(qc[0]))
+    audit = pd.DataFrame({c: [""] * 3 for c in AUDIT_COLUMNS}).assign(case_id=["a", "d", "e"], flagged=["False", "True", "False"])
+    write_table(audit.to_dict("records"), tmp_path / "audit.tsv", "privacy", list(AUDIT_COLUMNS))
+    assert list(audited_release(tmp_path / "qc.tsv").case_id) == ["a", "b", "d", "e"]
+    assert list(audited_release(tmp_path / "qc.tsv", tmp_path / "audit.tsv").case_id) == ["a", "b", "e"]
+    assert list(audited_release(tmp_path / "qc.tsv", tmp_path / "audit.tsv", ["masked"]).case_id) == ["a", "b"]
+    assert list(audited_release(tmp_path / "qc.tsv", None, ["masked"]).qc_status) == ["pass", "flagged", "pass"]
 
 
 def test_audit_of_files_on_fids_grid_flags_a_planted_copy(tmp_path):
