@@ -18,7 +18,8 @@ with from_snakemake(smk):
     real = read_table(smk.input.real)
     generated = {f"generated/{r.case_id}": r.image for r in released_cases(smk.input.qc).itertuples()}
     extractor = build_extractor(settings.extractor, fid, smk.input.get("autoencoder"), smk.params.variant, smk.input.get("segmenter"))
-    audit, held = audit_files(generated, case_files(training_rows(real)), case_files(require_held_out(real, "privacy")), extractor, fid, settings.percentile)
+    training, held_out = case_files(training_rows(real)), case_files(require_held_out(real, "privacy"))
+    audit, held = audit_files(generated, training, held_out, extractor, fid, settings.percentile, min_similarity=settings.min_similarity)
     audit["case_id"] = audit["case_id"].str.removeprefix("generated/")
     audit["extractor"] = extractor.name
     write_table(audit.to_dict("records"), smk.output.audit, "privacy", [*AUDIT_COLUMNS, "extractor"])

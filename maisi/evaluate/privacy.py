@@ -7,7 +7,8 @@ of the HU values inside either body, both on FID's common grid). The yardstick i
 cases: they cannot be copies, so the distance of each to its nearest training case says how near an
 honest new case comes, and how alike it is to its nearest training case in image space. A generated case
 nearer than the ``percentile``-th percentile of those distances and more alike than the
-``100 - percentile``-th percentile of those similarities is flagged as a possible copy.
+``100 - percentile``-th percentile of those similarities (and than ``min_similarity``) is flagged as a
+possible copy.
 
 Generative models of small data memorise (GEM-3D and MedSyn report near-copies of training volumes);
 no MAISI tool checks for it. The audit cannot prove privacy: it finds copies and near-copies in the
@@ -88,6 +89,7 @@ def audit_memorisation(
     held_out: Mapping[str, np.ndarray],
     percentile: float = 5.0,
     volumes: Callable[[str], np.ndarray] | None = None,
+    min_similarity: float = 0.5,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The memorisation audit of ``generated`` cases against ``training`` ones, judged by ``held_out`` ones.
 
@@ -98,6 +100,7 @@ def audit_memorisation(
             ``100 - percentile``-th percentile of the held-out cases' image similarities, is flagged.
         volumes: case id -> volume on a common grid (e.g. :func:`maisi.evaluate.features.load_volume`), for the
             image-space similarity of each generated case and its nearest training case (omitted: ``NaN``).
+        min_similarity: the least image similarity of a flagged case, whatever the held-out cases' (with ``volumes``).
 
     Returns:
         ``(audit, held_out_distances)``: one row per generated case (:data:`AUDIT_COLUMNS`; ``held_out_rank``
@@ -119,11 +122,13 @@ def audit_memorisation(
     threshold = float(np.percentile(h_dist, percentile))
     # The second yardstick: how alike in image space an honest new case and its nearest training case are. A copy
     # must be near in features *and* alike in the image; with few held-out cases the feature threshold alone
-    # flagged generated cases whose image correlation with their neighbour was negative.
+    # flagged generated cases whose image correlation with their neighbour was negative, and the held-out
+    # similarities' percentile alone (two cases near 0) flagged mask-conditioned cases correlating 0.3 with the
+    # training case their mask came from: hence the floor.
     s_threshold = float("nan")
     if volumes is not None:
         held["image_similarity"] = [image_similarity(volumes(c), volumes(train_ids[i])) for c, i in zip(held_ids, h_index, strict=True)]
-        s_threshold = float(np.nanpercentile(held["image_similarity"], 100.0 - percentile))
+        s_threshold = max(float(np.nanpercentile(held["image_similarity"], 100.0 - percentile)), min_similarity)
     rows = []
     gen_ids = list(generated)
     if gen_ids:
@@ -147,6 +152,7 @@ def audit_files(
     fid: FIDSettings,
     percentile: float = 5.0,
     progress: bool = True,
+    min_similarity: float = 0.5,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """:func:`audit_memorisation` of image files (case id -> path; ids unique across the three sets), each volume
     on FID's grid (``fid``'s spacing and size) and read once for its features."""
@@ -166,7 +172,7 @@ def audit_files(
         return {c: features[c] for c in ids}
 
     return audit_memorisation(pick(generated), pick(training), pick(held_out), percentile,
-                              volumes=lambda case: load_volume(paths[case], fid))  # fmt: skip
+                              volumes=lambda case: load_volume(paths[case], fid), min_similarity=min_similarity)  # fmt: skip
 
 
 def plot_audit(audit: pd.DataFrame, held: pd.DataFrame, dest: str | os.PathLike, title: str = "") -> None:

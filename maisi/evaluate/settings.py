@@ -111,6 +111,7 @@ class PrivacySettings(ConfigSettings):
 
     extractor: str = schema_default("privacy.extractor")
     percentile: float = schema_default("privacy.percentile")
+    min_similarity: float = schema_default("privacy.min_similarity")
     on_copy: str = schema_default("privacy.on_copy")
 
     SECTION: ClassVar[str] = "privacy"

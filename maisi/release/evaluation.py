@@ -61,14 +61,15 @@ def _privacy(t: Mapping[str, pd.DataFrame], cfg: Mapping[str, Any]) -> list[str]
     flagged = audit[audit["flagged"].str.lower() == "true"]
     gen, ref = audit["distance"].astype(float), held["distance"].astype(float)
     threshold = _f(audit["threshold"].iloc[0]) if len(audit) else "n/a"
+    similar = _f(audit["similarity_threshold"].iloc[0]) if len(audit) else "n/a"
     out = [
         f"For every released case, the nearest of the real cases the models were trained on, in the pooled features of FID's "
         f"`{audit['extractor'].iloc[0] if len(audit) else block.get('extractor')}` extractor, and the Pearson correlation of "
         f"that pair's HU values inside the body on FID's grid. The yardstick is the {len(held)} held-out real case(s), which "
         f"no generative stage saw: a generated case nearer to the training set than the {block.get('percentile', 5)}th "
         f"percentile of their distances (threshold {threshold}), and more alike its neighbour in image space than "
-        f"all but that share of the held-out cases are alike theirs, is flagged as a possible copy "
-        f"(`privacy.on_copy: {block.get('on_copy', 'flag')}`).", "",
+        f"all but that share of the held-out cases are alike theirs, at least `privacy.min_similarity` (correlation "
+        f"threshold {similar}), is flagged as a possible copy (`privacy.on_copy: {block.get('on_copy', 'flag')}`).", "",
         "| | cases | nearest-training distance: min | median | max |", "|---|---|---|---|---|",
         f"| generated | {len(audit)} | {_f(gen.min())} | {_f(gen.median())} | {_f(gen.max())} |",
         f"| held-out real | {len(held)} | {_f(ref.min())} | {_f(ref.median())} | {_f(ref.max())} |", "",

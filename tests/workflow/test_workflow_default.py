@@ -232,7 +232,7 @@ def test_planted_copies_of_training_cases_are_flagged_by_the_runs_audit(default_
     fid = FIDSettings.from_config(cfg)
     settings = PrivacySettings.from_config(cfg)
     extractor = build_extractor(settings.extractor, fid, segmenter_path=work / "results/fid/segmenter/segmenter.pt")
-    audit, _ = audit_files(generated, training, held, extractor, fid, settings.percentile, progress=False)
+    audit, _ = audit_files(generated, training, held, extractor, fid, settings.percentile, False, settings.min_similarity)
     rows = audit.set_index("case_id")
     for planted in ("copy", "noisy_copy"):
         assert rows.loc[planted, "flagged"] and rows.loc[planted, "nearest_training"] == source, rows

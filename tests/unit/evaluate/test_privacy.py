@@ -88,11 +88,27 @@ def test_planted_copies_are_flagged_and_new_cases_stand_apart(cases):
     assert rows.loc["noisy_copy", "held_out_rank"] == 0.0 and rows.loc["noisy_copy", "image_similarity"] > 0.9
     new = rows.loc[[f"new{i}" for i in range(10)]]
     # New bodies lie among the held-out ones (measured: 2.3-5.6 against 2.2-6.0, the noisy copy 0.3) and their
-    # image similarity to the nearest training case is near 0: the copies stand apart in both measures. At the 5th
-    # percentile of 12 held-out distances (about their minimum) some honest cases are flagged, as the percentile says.
+    # image similarity to the nearest training case is near 0: the copies stand apart in both measures, and no new
+    # body is flagged.
     assert new["distance"].min() > 5 * rows.loc["noisy_copy", "distance"]
     assert new["image_similarity"].abs().max() < 0.3
-    assert new["flagged"].mean() <= 0.5
+    assert not new["flagged"].any()
+    assert (audit["similarity_threshold"] >= 0.5).all()  # privacy.min_similarity's default floor
+
+
+def test_the_similarity_floor_decides_between_near_and_alike(cases):
+    """A case near a training case in features is flagged only when it is also at least ``min_similarity`` alike
+    it in the image: a floor above the noisy copy's correlation leaves it unflagged, the exact copy still flagged;
+    one at -1 leaves the held-out cases' percentile as the only image yardstick."""
+    vols, feats = cases
+    generated = {"copy": feats["copy"], "noisy_copy": feats["noisy_copy"]}
+    train, held = _split(feats, "train"), _split(feats, "held")
+    strict, _ = audit_memorisation(generated, train, held, volumes=vols.get, min_similarity=0.999)
+    rows = strict.set_index("case_id")
+    assert rows.loc["copy", "flagged"] and not rows.loc["noisy_copy", "flagged"]
+    assert 0.9 < rows.loc["noisy_copy", "image_similarity"] < 0.999 and rows.loc["copy", "similarity_threshold"] == 0.999
+    loose, held_rows = audit_memorisation(generated, train, held, volumes=vols.get, min_similarity=-1.0)
+    assert loose["similarity_threshold"].iloc[0] == pytest.approx(np.percentile(held_rows["image_similarity"], 95.0))
 
 
 def test_the_threshold_is_the_held_out_percentile():
