@@ -89,7 +89,7 @@ def audit_memorisation(
     held_out: Mapping[str, np.ndarray],
     percentile: float = 5.0,
     volumes: Callable[[str], np.ndarray] | None = None,
-    min_similarity: float = 0.5,
+    min_similarity: float = 0.8,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The memorisation audit of ``generated`` cases against ``training`` ones, judged by ``held_out`` ones.
 
@@ -123,8 +123,8 @@ def audit_memorisation(
     # The second yardstick: how alike in image space an honest new case and its nearest training case are. A copy
     # must be near in features *and* alike in the image; with few held-out cases the feature threshold alone
     # flagged generated cases whose image correlation with their neighbour was negative, and the held-out
-    # similarities' percentile alone (two cases near 0) flagged mask-conditioned cases correlating 0.3 with the
-    # training case their mask came from: hence the floor.
+    # similarities' percentile alone (two cases near 0) flagged mask-conditioned cases correlating 0.3-0.5 with
+    # the training case their mask came from: hence the floor.
     s_threshold = float("nan")
     if volumes is not None:
         held["image_similarity"] = [image_similarity(volumes(c), volumes(train_ids[i])) for c, i in zip(held_ids, h_index, strict=True)]
@@ -152,7 +152,7 @@ def audit_files(
     fid: FIDSettings,
     percentile: float = 5.0,
     progress: bool = True,
-    min_similarity: float = 0.5,
+    min_similarity: float = 0.8,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """:func:`audit_memorisation` of image files (case id -> path; ids unique across the three sets), each volume
     on FID's grid (``fid``'s spacing and size) and read once for its features."""

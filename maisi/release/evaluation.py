@@ -76,9 +76,16 @@ def _privacy(t: Mapping[str, pd.DataFrame], cfg: Mapping[str, Any]) -> list[str]
         f"{len(flagged)} case(s) flagged" + (":" if len(flagged) else "."), "",
     ]  # fmt: skip
     out += [f"- {r.case_id}: nearest {r.nearest_training}, distance {_f(r.distance)}, image correlation {_f(r.image_similarity)}"
-            for r in flagged.itertuples()]  # fmt: skip
-    out += ["" if len(flagged) else "",
-            "**Limits.** The audit finds copies and near-copies of whole training volumes in one feature space; it cannot "
+            for r in flagged.itertuples()] + ([""] if len(flagged) else [])  # fmt: skip
+    masked = audit[audit["mask_source"] != ""] if "mask_source" in audit.columns else audit.iloc[:0]
+    if len(masked):
+        same = masked[masked["mask_source"] == masked["nearest_training"]]
+        alike = same["image_similarity"].astype(float)
+        out += [f"{len(same)} of the {len(masked)} mask-conditioned case(s) lie nearest the training case their mask came from "
+                "(`mask_source` in the audit table): that case's anatomy, by design"
+                + (f"; their image correlation with it, {_f(alike.min())} to {_f(alike.max())}, says how much more came along."
+                   if len(same) else "."), ""]  # fmt: skip
+    out += ["**Limits.** The audit finds copies and near-copies of whole training volumes in one feature space; it cannot "
             "prove that no trace of a training patient remains (a copied organ in a new body, say). With few held-out cases "
             "the threshold is a coarse percentile. Per case: `evaluation/privacy_audit.tsv` and the `privacy_*` columns of "
             "`qc.tsv`; the figure is `evaluation/privacy_distances.png`.", ""]  # fmt: skip

@@ -182,10 +182,12 @@ def test_default_release_reports_privacy_label_fidelity_and_utility(default_run)
     released = pd.read_csv(release / "qc.tsv", sep="\t", keep_default_na=False)
     assert sorted(audit.case_id) == sorted(released.case_id) and set(audit.nearest_training) <= training
     assert (audit.distance > 0).all() and (audit.image_similarity.abs() <= 1).all()
+    masked = [n for n, r in cfg["generate"]["requests"].items() if r.get("masks")]
+    from_masks = audit.case_id.isin(released.case_id[released.request.isin(masked)])  # their masks came from training cases
+    assert from_masks.any() and set(audit.mask_source[from_masks]) <= training and (audit.mask_source[~from_masks] == "").all()
     assert set(pd.read_csv(release / "evaluation/privacy_held_out.tsv", sep="\t").case_id) == held
     assert {"privacy_distance", "privacy_flagged"} <= set(released.columns)
     fidelity = pd.read_csv(release / "evaluation/label_fidelity_cases.tsv", sep="\t")
-    masked = [n for n, r in cfg["generate"]["requests"].items() if r.get("masks")]
     assert set(fidelity.request) == set(masked) and fidelity.dice.between(0, 1).all() and "liver" in set(fidelity["class"])
     utility = pd.read_csv(release / "evaluation/utility.tsv", sep="\t")
     assert list(utility["class"]) == cfg["utility"]["classes"]

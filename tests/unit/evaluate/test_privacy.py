@@ -93,7 +93,7 @@ def test_planted_copies_are_flagged_and_new_cases_stand_apart(cases):
     assert new["distance"].min() > 5 * rows.loc["noisy_copy", "distance"]
     assert new["image_similarity"].abs().max() < 0.3
     assert not new["flagged"].any()
-    assert (audit["similarity_threshold"] >= 0.5).all()  # privacy.min_similarity's default floor
+    assert (audit["similarity_threshold"] >= 0.8).all()  # privacy.min_similarity's default floor
 
 
 def test_the_similarity_floor_decides_between_near_and_alike(cases):

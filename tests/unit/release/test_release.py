@@ -414,8 +414,10 @@ def _evaluation(gen) -> dict[str, str]:
     tmp = gen["tmp"]
     tables = {
         "privacy": [{"case_id": f"r1_c{i}", "nearest_training": "phantom/case_0002", "distance": d, "threshold": 1.5, "held_out_rank": r,
-                     "image_similarity": s, "similarity_threshold": 0.5, "flagged": str(d < 1.5), "extractor": "fid-segmenter"}
-                    for i, d, r, s in ((0, 4.0, 0.5, 0.41), (1, 0.2, 0.0, 0.998), (2, 6.0, 1.0, 0.3))],
+                     "image_similarity": s, "similarity_threshold": 0.8, "flagged": str(d < 1.5), "extractor": "fid-segmenter",
+                     "mask_source": m}
+                    for i, d, r, s, m in ((0, 4.0, 0.5, 0.41, "phantom/case_0002"), (1, 0.2, 0.0, 0.998, ""),
+                                          (2, 6.0, 1.0, 0.3, "phantom/case_0004"))],
         "privacy_held_out": [{"case_id": "phantom/case_0001", "nearest_training": "phantom/case_0003", "distance": 3.0},
                              {"case_id": "phantom/case_0005", "nearest_training": "phantom/case_0002", "distance": 5.0}],
         "fidelity_summary": [{"class": "liver", "n_cases": 3, "dice_mean": 0.61, "dice_median": 0.6, "dice_min": 0.52,
@@ -457,7 +459,9 @@ def test_evaluation_reports_in_the_release_and_its_data_card(gen):
     assert qc.loc["r1_c9", "privacy_flagged"] == ""  # excluded by QC, never audited
     card = (result.path / "DATACARD.md").read_text(encoding="utf-8")
     assert "## Privacy audit (memorisation)" in card and "the 2 held-out real case(s)" in card and "threshold 1.5" in card
-    assert "(correlation threshold 0.5)" in card
+    assert "(correlation threshold 0.8)" in card
+    assert "1 of the 2 mask-conditioned case(s) lie nearest the training case their mask came from" in card
+    assert "their image correlation with it, 0.41 to 0.41, says" in card
     assert "| generated | 3 | 0.2 | 4 | 6 |" in card and "| held-out real | 2 | 3 | 4 | 5 |" in card
     assert "1 case(s) flagged:" in card and "- r1_c1: nearest phantom/case_0002, distance 0.2, image correlation 0.998" in card
     assert "| liver | 3 | 0.61 | 0.6 | 0.52 | 0.8 |" in card
