@@ -176,26 +176,42 @@ def audit_files(
 
 
 def plot_audit(audit: pd.DataFrame, held: pd.DataFrame, dest: str | os.PathLike, title: str = "") -> None:
-    """Each case's distance to its nearest training case: held-out real cases (the yardstick) and generated cases,
-    the flagging threshold as a line, flagged cases in red."""
+    """Each case's distance to its nearest training case against its image correlation with it: held-out real cases
+    (the yardstick) and generated cases (mask-conditioned ones, with a ``mask_source``, as squares), the two
+    thresholds as lines and the corner they close (nearer and more alike: a possible copy) shaded, flagged cases
+    in red. Without image similarities (an audit of features alone) every case sits at 0."""
     import matplotlib.pyplot as plt
 
     from maisi.core.figures import save_figure
 
-    fig, ax = plt.subplots(figsize=(7.5, 2.6))
-    rng = np.random.default_rng(0)  # vertical jitter only, so overlapping points stay visible
-    ax.scatter(held["distance"], 1 + rng.uniform(-0.12, 0.12, len(held)), color="tab:blue", label="held-out real")
-    flagged = audit["flagged"].astype(str).str.lower() == "true"
-    for mask, colour, name in ((~flagged, "tab:green", "generated"), (flagged, "tab:red", "generated, flagged")):
-        if mask.any():
-            ax.scatter(audit["distance"][mask].astype(float), rng.uniform(-0.12, 0.12, int(mask.sum())), color=colour, label=name)
+    def similarity(table: pd.DataFrame) -> np.ndarray:
+        values = pd.to_numeric(table.get("image_similarity", pd.Series(np.nan, index=table.index)), errors="coerce")
+        return values.fillna(0.0).to_numpy(float)
+
+    fig, ax = plt.subplots(figsize=(9.5, 4.2))
+    ax.scatter(held["distance"].astype(float), similarity(held), color="tab:blue", label="held-out real", zorder=3)
+    flagged = (audit["flagged"].astype(str).str.lower() == "true").to_numpy()
+    masked = (audit["mask_source"].astype(str) != "").to_numpy() if "mask_source" in audit.columns else np.zeros(len(audit), bool)
+    distance, alike = audit["distance"].astype(float).to_numpy(), similarity(audit)
+    for hit, colour, name in ((False, "tab:green", "generated"), (True, "tab:red", "generated, flagged")):
+        for from_mask, marker, how in ((False, "o", ""), (True, "s", ", from a training mask")):
+            keep = (flagged == hit) & (masked == from_mask)
+            if keep.any():
+                ax.scatter(distance[keep], alike[keep], color=colour, marker=marker, label=name + how, zorder=3)
     if len(audit):
-        ax.axvline(float(audit["threshold"].iloc[0]), color="k", ls="--", lw=1, label="threshold")
-    ax.set_yticks([0, 1], ["generated", "held-out"])
-    ax.set_ylim(-0.5, 1.5)
+        threshold = float(audit["threshold"].iloc[0])
+        s_threshold = pd.to_numeric(audit.get("similarity_threshold", pd.Series([np.nan])), errors="coerce").iloc[0]
+        ax.axvline(threshold, color="k", ls="--", lw=1, label="distance threshold")
+        if np.isfinite(s_threshold):
+            ax.axhline(s_threshold, color="k", ls=":", lw=1, label="similarity threshold")
+            ax.fill_between([0.0, threshold], s_threshold, 1.05, color="tab:red", alpha=0.08, lw=0, label="possible copy")
+    ax.set_xlim(left=0.0)
+    ax.set_ylim(-1.05, 1.05)
     ax.set_xlabel("distance to the nearest training case (standardised pooled features)")
-    ax.set_title(title or "Memorisation audit: nearer than the threshold = possible copy")
-    ax.legend(loc="upper right", fontsize=7, frameon=False)
+    ax.set_ylabel("image correlation with it")
+    ax.set_title(title or "Memorisation audit: near and alike = possible copy")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False)
+    fig.tight_layout()
     save_figure(fig, dest)
 
 

@@ -162,7 +162,7 @@ def test_the_evaluations_read_what_the_release_holds(tmp_path):
     assert list(audited_release(tmp_path / "qc.tsv", None, ["masked"]).qc_status) == ["pass", "flagged", "pass"]
 
 
-def test_audit_of_files_on_fids_grid_flags_a_planted_copy(tmp_path):
+def test_audit_of_files_on_fids_grid_flags_a_planted_copy(tmp_path, monkeypatch):
     """The workflow's path: NIfTI files read once onto FID's grid; an exact copy of a training file (another name)
     is flagged with image correlation 1, a new body is not; the figure is written."""
     import pandas as pd
@@ -187,6 +187,15 @@ def test_audit_of_files_on_fids_grid_flags_a_planted_copy(tmp_path):
     assert sorted(held_table.case_id) == sorted(held)
     plot_audit(audit.astype({"flagged": str}), held_table, tmp_path / "audit.png")
     assert (tmp_path / "audit.png").stat().st_size > 1000
+    import maisi.core.figures
+
+    drawn = {}
+    monkeypatch.setattr(maisi.core.figures, "save_figure", lambda fig, dest: drawn.update(fig=fig))
+    plot_audit(audit.astype({"flagged": str}).assign(mask_source=["", "s/t1"]), held_table, tmp_path / "again.png")
+    points = {c.get_label(): c.get_offsets().tolist() for c in drawn["fig"].axes[0].collections if c.get_label()[0] != "_"}
+    assert points["generated, flagged"] == [[rows.loc["copy", "distance"], pytest.approx(1.0)]]  # in the shaded corner
+    assert points["generated, from a training mask"] == [[rows.loc["new", "distance"], rows.loc["new", "image_similarity"]]]
+    assert len(points["held-out real"]) == 4 and "possible copy" in points
     with pytest.raises(ValueError, match="more than one"):
         audit_files({"s/t0": training["s/t0"]}, training, held, PooledSlices(), fid, progress=False)
     assert isinstance(audit, pd.DataFrame)
