@@ -17,6 +17,7 @@ split keeps every field of view the data has as long as it can.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 
 import pandas as pd
@@ -69,8 +70,9 @@ def choose_held_out(
         ranked = sorted(set(cases), key=lambda c: (derive_seed(seed, "held-out", case_key(source, c)), c))
         left = {c: (strata or {}).get(case_key(source, c), "") for c in ranked}
         for _ in range(held_out_count(len(ranked), fraction)):
-            sizes = {g: sum(1 for v in left.values() if v == g) for g in set(left.values())}
-            pick = next(c for c in left if sizes[left[c]] == max(sizes.values()))  # lowest hash of a largest stratum
+            sizes = Counter(left.values())  # one pass per pick, not one per stratum
+            largest = max(sizes.values())
+            pick = next(c for c in left if sizes[left[c]] == largest)  # lowest hash of a largest stratum
             chosen.add(case_key(source, pick))
             del left[pick]
     return chosen
