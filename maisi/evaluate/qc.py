@@ -10,7 +10,11 @@ Added here: organs lie inside the body (found from the image), no NaN, HU within
 that needs no label map, so a case without a checkable organ (an image-only request) gets no free
 pass: the share of the volume the body fills, and the shares of the body in the air, fat, soft-tissue
 and bone bands (:data:`HU_BANDS`), each against the range the real cases give by MAISI's rule.
-Pure noise, a constant image or an image without a body fails it with the band that is off.
+Pure noise, a constant image or an image without a body fails it with the band that is off. And the
+"one body" check: tissue in pieces, a body that ends inside the field of view along z or a body of pieces
+scattered across its slices can pass the shares, not the body's structure (:func:`body_structure`: the share of
+the tissue in the largest connected part, the share of the axial slices holding body, its solidity), each
+against the range the real cases give by the same rule.
 
 The reference ranges are a versioned artefact (:data:`REFERENCE_VERSION`) computed from the prepared
 data, so a release can cite them; or, with ``qc.reference: nvidia``, NVIDIA's released organ statistics
@@ -35,10 +39,10 @@ from maisi.core.labels import BODY, label_name, maisi_labels
 from maisi.core.schema import schema_default
 from maisi.core.settings import ConfigSettings
 
-__all__ = ["QCSettings", "OrganRange", "QCResult", "ORGAN_GROUPS", "NVIDIA_GROUPS", "HU_BANDS", "BODY_SHARE", "REFERENCE_VERSION", "CT_RANGE", "organ_groups", "organ_medians", "intensity_profile", "load_case", "reference_ranges", "intensity_ranges", "build_reference", "nvidia_reference", "Reference", "load_reference", "read_reference", "check_case", "check_files"]
+__all__ = ["QCSettings", "OrganRange", "QCResult", "ORGAN_GROUPS", "NVIDIA_GROUPS", "HU_BANDS", "BODY_SHARE", "STRUCTURE", "BODY_LARGEST_SHARE", "BODY_EXTENT_Z", "BODY_SOLIDITY", "REFERENCE_VERSION", "CT_RANGE", "organ_groups", "organ_medians", "intensity_profile", "body_structure", "load_case", "reference_ranges", "intensity_ranges", "build_reference", "nvidia_reference", "Reference", "load_reference", "read_reference", "check_case", "check_files"]
 
 #: Version of the reference format and of the range rule; bumped when either changes.
-REFERENCE_VERSION = 2
+REFERENCE_VERSION = 3  # 3: the profiles and ranges of the body's structure (the "one body" check)
 
 
 #: HU bands of the intensity check, as shares of the body's voxels: air (lungs, bowel gas), fat, soft tissue, bone.
@@ -49,6 +53,14 @@ HU_BANDS: dict[str, tuple[float, float]] = {
 
 #: The intensity profile's entry for the share of the volume the body fills.
 BODY_SHARE = "body"
+
+
+#: The structure features of the body (:func:`body_structure`), checked as "one body": the share of the tissue
+#: above the body threshold in the body, the share of the axial slices it reaches, and its solidity.
+BODY_LARGEST_SHARE = "body_largest_share"
+BODY_EXTENT_Z = "body_extent_z"
+BODY_SOLIDITY = "body_solidity"
+STRUCTURE = (BODY_LARGEST_SHARE, BODY_EXTENT_Z, BODY_SOLIDITY)
 
 
 #: The HU range a CT scanner stores (12-bit, rescale intercept -1024).
@@ -160,7 +172,7 @@ class QCResult:
     reasons: list[str] = field(default_factory=list)
     medians: dict[str, float] = field(default_factory=dict)
     unchecked: list[str] = field(default_factory=list)
-    checks: list[str] = field(default_factory=list)  # the checks made: structure, intensity, inside body, organ HU
+    checks: list[str] = field(default_factory=list)  # the checks made: structure, intensity, one body, inside body, organ HU
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -259,12 +271,53 @@ def intensity_profile(hu: np.ndarray, body: np.ndarray) -> dict[str, float]:
     return out
 
 
+def body_structure(hu: np.ndarray, body: np.ndarray, threshold_hu: float = -500.0) -> dict[str, float]:
+    """The structure of the body (:data:`STRUCTURE`, each a fraction in [0, 1]; empty where the body is empty).
+
+    ``body`` is :func:`~maisi.core.anatomy.body_mask`'s: the largest 6-connected component of the voxels above
+    ``threshold_hu``, the holes of each axial slice filled. :data:`BODY_LARGEST_SHARE`: the share of the
+    voxels above ``threshold_hu`` that lie in it (tissue in other components, blobs beside the body, lowers
+    it; tissue in a hole of the body, a bone fragment in a lung, belongs to it). :data:`BODY_EXTENT_Z`: the
+    share of the axial slices (the third array axis) that hold body, the length of its bounding box along z
+    over the volume's, since a connected body leaves no slice out between its ends: a CT's field of view lies
+    within the patient along the body axis, so it is 1 but where the head's top or the feet lie inside it.
+    :data:`BODY_SOLIDITY`: its area over the area of the convex hull of its cross-section (the union of its
+    pixels' squares), summed over the axial slices holding it: a cross-section of a trunk is solid and near
+    convex (0.92-0.99 on the phantoms; two legs 0.83-0.85), pieces scattered in the slice are not. The sums weigh
+    each slice by its size, so a few stray pixels in an end slice weigh little. All three are ratios of voxel
+    counts on the array's grid, the same on any voxel spacing.
+    """
+    from scipy.spatial import ConvexHull
+
+    body = np.asarray(body, dtype=bool)
+    areas = np.count_nonzero(body, axis=(0, 1))
+    if not areas.any():
+        return {}
+    above = np.asarray(hu) > threshold_hu
+    n_above = np.count_nonzero(above)
+    above &= body
+    out = {BODY_LARGEST_SHARE: np.count_nonzero(above) / n_above, BODY_EXTENT_Z: np.count_nonzero(areas) / body.shape[2]}
+    # The hull of a slice's pixels is the hull of the outer corners of each row's first and last pixel.
+    rows = body.any(axis=1)  # (x, z)
+    first = np.argmax(body, axis=1)
+    last = body.shape[1] - np.argmax(body[:, ::-1, :], axis=1)  # one past the last pixel
+    hull = 0.0
+    for z in np.flatnonzero(areas):
+        x = np.flatnonzero(rows[:, z])
+        lo, hi = first[x, z], last[x, z]
+        pts = np.concatenate([np.stack([x, lo], 1), np.stack([x + 1, lo], 1), np.stack([x, hi], 1), np.stack([x + 1, hi], 1)])
+        hull += ConvexHull(pts.astype(np.float64)).volume  # in 2-D, qhull's volume is the area
+    out[BODY_SOLIDITY] = min(float(areas.sum()) / hull, 1.0)
+    return {k: float(v) for k, v in out.items()}
+
+
 def intensity_ranges(profiles: Mapping[str, Mapping[str, float]], min_cases: int = 3) -> dict[str, OrganRange]:
-    """MAISI's rule applied to each entry of the real cases' intensity profiles (shares, so clipped to [0, 1]);
-    none with fewer than ``min_cases`` cases."""
+    """MAISI's rule applied to each entry of the real cases' intensity profiles (shares, so clipped to [0, 1]),
+    and to the body's :data:`STRUCTURE` where the profiles hold it (:func:`body_structure`); none with fewer
+    than ``min_cases`` cases."""
     if len(profiles) < max(1, min_cases):
         return {}
-    keys = (BODY_SHARE, *HU_BANDS)
+    keys = (BODY_SHARE, *HU_BANDS, *(k for k in STRUCTURE if any(k in p for p in profiles.values())))
     return {k: _maisi_range(k, [p.get(k, 0.0) for p in profiles.values()], cap=(0.0, 1.0)) for k in keys}
 
 
@@ -289,7 +342,8 @@ def build_reference(cases: Iterable[Mapping[str, str]], settings: QCSettings, pr
         found = organ_medians(hu, lab, settings.min_voxels)
         groups.update({k: v for k, v in organ_groups(lab).items() if k in found})
         per_case[r["case_id"]] = found
-        profiles[r["case_id"]] = intensity_profile(hu, body_mask(hu, settings.body_threshold_hu))
+        body = body_mask(hu, settings.body_threshold_hu)
+        profiles[r["case_id"]] = {**intensity_profile(hu, body), **body_structure(hu, body, settings.body_threshold_hu)}
         for organ, value in found.items():
             medians.setdefault(organ, []).append(value)
     ranges = reference_ranges(medians, groups, settings.min_reference_cases, settings.min_halfwidth_hu)
@@ -308,7 +362,9 @@ def build_reference(cases: Iterable[Mapping[str, str]], settings: QCSettings, pr
 def _intensity_record(profiles: Mapping[str, Mapping[str, float]], settings: QCSettings) -> dict[str, Any]:
     return {
         "rule": f"the same rule on the share of the volume inside the body (> {settings.body_threshold_hu:g} HU, largest component, "
-                "holes filled) and on the shares of the body in each HU band; shares clipped to [0, 1]",
+                "holes filled), on the shares of the body in each HU band and on the body's structure (the share of the "
+                f"voxels above {settings.body_threshold_hu:g} HU in the body, the share of the axial slices holding body, the "
+                "body's area over its convex hull's summed over the axial slices); all clipped to [0, 1]",
         "bands": {k: [lo if np.isfinite(lo) else None, hi if np.isfinite(hi) else None] for k, (lo, hi) in HU_BANDS.items()},
         "ranges": {k: asdict(v) for k, v in intensity_ranges(profiles, settings.min_reference_cases).items()},
         "profiles": {k: dict(v) for k, v in profiles.items()},
@@ -361,7 +417,7 @@ class Reference:
 
     ranges: dict[str, OrganRange]  # organ median-HU ranges
     groups: dict[str, tuple[int, ...]] | None  # the organ groups it was made with (NVIDIA's), or None: MAISI's
-    intensity: dict[str, OrganRange]  # BODY_SHARE and HU_BANDS; empty where the real data had too few cases
+    intensity: dict[str, OrganRange]  # BODY_SHARE, HU_BANDS and STRUCTURE; empty where the real data had too few cases
 
 
 def load_reference(path: str | os.PathLike) -> Reference:
@@ -390,7 +446,9 @@ def check_case(
     intensity: Mapping[str, OrganRange] | None = None,
 ) -> QCResult:
     """Check one generated case; every failed check adds a reason and :attr:`QCResult.checks` names the checks made.
-    ``groups``: the reference's organ groups; ``intensity``: the intensity ranges (:attr:`Reference.intensity`)."""
+    ``groups``: the reference's organ groups; ``intensity``: the ranges of the checks that need no label map
+    (:attr:`Reference.intensity`): the intensity check on :data:`BODY_SHARE` and :data:`HU_BANDS`, and the
+    "one body" check on :data:`STRUCTURE` where they hold its ranges."""
     reasons: list[str] = []
     checks = ["structure"]
     if hu.shape != label.shape:
@@ -404,9 +462,15 @@ def check_case(
     if lo < settings.hu_range[0] or hi > settings.hu_range[1]:
         reasons.append(f"HU {lo:g}..{hi:g} outside [{settings.hu_range[0]:g}, {settings.hu_range[1]:g}]")
     body = body_mask(hu, settings.body_threshold_hu)
-    if intensity:
+    shares = {k: v for k, v in (intensity or {}).items() if k not in STRUCTURE}
+    structure = {k: v for k, v in (intensity or {}).items() if k in STRUCTURE}
+    if shares:
         checks.append("intensity")
-        reasons += _intensity_reasons(intensity_profile(hu, body), intensity, settings.body_threshold_hu)
+        reasons += _intensity_reasons(intensity_profile(hu, body), shares, settings.body_threshold_hu)
+    if structure:
+        checks.append("one body")
+        threshold = settings.body_threshold_hu
+        reasons += _structure_reasons(body_structure(hu, body, threshold), structure, hu.shape, threshold)
     medians: dict[str, float] = {}
     unchecked: list[str] = []
     present = organ_groups(label, groups)
@@ -446,6 +510,36 @@ def _intensity_reasons(profile: Mapping[str, float], ranges: Mapping[str, OrganR
         whole = "the volume" if key == BODY_SHARE else "the body"
         out.append(f"{what} {100 * value:.1f}% of {whole}; real cases {100 * rng.low:.1f}-{100 * rng.high:.1f}%")
     return out
+
+
+def _structure_reasons(
+    structure: Mapping[str, float], ranges: Mapping[str, OrganRange], shape: Sequence[int], threshold_hu: float
+) -> list[str]:
+    """Why the body's structure (:func:`body_structure`) lies outside the real data's ranges; empty where there is
+    no body (the intensity check says so)."""
+    out = []
+    for key, value in structure.items():
+        rng = ranges.get(key)
+        if rng is None or rng.contains(value):
+            continue
+        measured, real = _percents(value, rng)
+        if key == BODY_LARGEST_SHARE:
+            what = f"not one body: the largest connected part holds {measured} of the tissue above {threshold_hu:g} HU"
+        elif key == BODY_SOLIDITY:
+            what = f"body solidity: the body fills {measured} of the convex hulls of its axial slices"
+        else:
+            what = f"body extent along z: the body reaches {round(value * shape[2])} of {shape[2]} axial slices ({measured})"
+        out.append(f"{what}; real cases {real}")
+    return out
+
+
+def _percents(value: float, rng: OrganRange) -> tuple[str, str]:
+    """``value`` and ``rng`` as percentages, with as many decimals as it takes to tell the value from the bounds."""
+    for digits in range(1, 6):
+        v, lo, hi = (f"{100 * x:.{digits}f}" for x in (value, rng.low, rng.high))
+        if v not in (lo, hi):
+            break
+    return f"{v}%", f"{lo}-{hi}%"
 
 
 def _band_text(band: tuple[float, float]) -> str:

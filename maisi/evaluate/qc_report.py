@@ -28,7 +28,7 @@ REFERENCE_COLUMNS = ("organ", "measure", "labels", "n", "mean", "sd", "p005", "p
 
 def reference_table(reference: Mapping[str, Any], dest: str | os.PathLike) -> pd.DataFrame:
     """The reference ranges as a TSV: one row per organ (median HU), then the intensity check's shares
-    (of the volume inside the body, of the body in each HU band)."""
+    (of the volume inside the body, of the body in each HU band) and the one-body check's (the body's structure)."""
     blocks = (("median HU", reference["ranges"], 1), ("share", reference.get("intensity", {}).get("ranges", {}), 4))
     rows = []
     for measure, ranges, digits in blocks:

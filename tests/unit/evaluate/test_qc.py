@@ -10,14 +10,18 @@ import pandas as pd
 import pytest
 from helpers.config import validated
 from helpers.volumes import write_nifti
+from scipy import ndimage
 
 from maisi.core.anatomy import body_mask
 from maisi.core.checks import ConfigError, InputError
 from maisi.evaluate.qc import (
     BONE_CAP_HU,
     ORGAN_GROUPS,
+    REFERENCE_VERSION,
+    STRUCTURE,
     QCResult,
     QCSettings,
+    body_structure,
     build_reference,
     check_case,
     check_files,
@@ -110,12 +114,13 @@ def test_build_reference_from_cases(tmp_path):
     assert ranges["lung"].contains(-850) and not ranges["lung"].contains(40)
     table = reference_table(ref, tmp_path / "ranges.tsv")
     assert list(table[table.measure == "median HU"].organ) == ["bone", "liver", "lung", "spleen"]
-    assert list(table[table.measure == "share"].organ) == ["body", "air", "fat", "soft tissue", "bone"]
-    assert set(load_reference(path).intensity) == {"body", "air", "fat", "soft tissue", "bone"}
-    bad = dict(ref, version=0)
-    path.write_text(json.dumps(bad), encoding="utf-8")
-    with pytest.raises(InputError, match="version"):
-        read_reference(path)
+    shares = ["body", "air", "fat", "soft tissue", "bone", "body_largest_share", "body_extent_z", "body_solidity"]
+    assert list(table[table.measure == "share"].organ) == shares
+    assert set(load_reference(path).intensity) == set(shares)
+    for version in (0, REFERENCE_VERSION - 1):  # a reference of an older format (version 2: no body structure) is refused
+        path.write_text(json.dumps(dict(ref, version=version)), encoding="utf-8")
+        with pytest.raises(InputError, match=f"version {version} is not {REFERENCE_VERSION}; rebuild it"):
+            read_reference(path)
 
 
 @pytest.fixture
@@ -411,3 +416,164 @@ def test_image_only_case_checked_on_totalsegmentators_organs(tmp_path, phantom_i
     nib.save(nib.Nifti1Image(hu[:, :, :3].astype(np.int16), affine), thin)
     failed = check_with_totalsegmentator(first, "thin", thin, tmp_path / "ts" / "thin.nii.gz", segmenter, ranges, loose)
     assert not failed.passed and "TotalSegmentator: " in failed.reasons[0] and "scan too small" in failed.reasons[0]
+
+
+# --------------------------------------------------------------------------- the one-body check: a body, not pieces
+
+TRUNK_SHAPE = (64, 56, 40)
+
+
+def _paint_trunk(hu, centre, axes, z=(0.0, 1.0), fat=0.3, lung=0.3, spine=0.15):
+    """Paint a trunk into ``hu``: an elliptic cylinder of soft tissue (centre and semi-axes in the volume's [-1, 1]
+    coordinates) over ``z`` (centre, half-height; (0, 1) is every slice) with a rim of fat (``fat``: its share of
+    the squared radius), two lungs and a spine, all drawn in the trunk's own coordinates: its HU band shares do
+    not depend on its size."""
+    x, y, w = np.meshgrid(*[np.linspace(-1, 1, n) for n in hu.shape], indexing="ij")
+    u, v, w = (x - centre[0]) / axes[0], (y - centre[1]) / axes[1], (w - z[0]) / z[1]
+    inside = (u**2 + v**2 < 1) & (np.abs(w) <= 1)
+    hu[inside] = 40.0
+    hu[inside & (u**2 + v**2 > 1 - fat)] = -100.0
+    hu[inside & (((np.abs(u) - 0.45) / lung) ** 2 + (v / 0.5) ** 2 + ((w - 0.2) / 0.9) ** 2 < 1)] = -850.0
+    hu[inside & ((u / spine) ** 2 + ((v + 0.7) / spine) ** 2 < 1)] = 500.0
+    return hu
+
+
+def _with_noise(hu, seed):
+    return np.clip(hu + np.random.default_rng(seed).normal(0, 15, hu.shape), -1024, 3071).astype(np.float32)
+
+
+def _trunk(seed):
+    """A trunk through every slice, its size, position, fat, lungs and spine drawn from ``seed``, with noise."""
+    rng = np.random.default_rng(seed)
+    hu = np.full(TRUNK_SHAPE, -1000.0, np.float32)
+    centre, axes = rng.uniform(-0.05, 0.05, 2), (rng.uniform(0.5, 0.9), rng.uniform(0.4, 0.8))
+    _paint_trunk(hu, centre, axes, fat=rng.uniform(0.2, 0.4), lung=rng.uniform(0.25, 0.35), spine=rng.uniform(0.12, 0.18))
+    return _with_noise(hu, seed)
+
+
+@pytest.fixture(scope="module")
+def one_body(tmp_path_factory):
+    """The reference built from six trunks of different size and build (the real cases), read from its file."""
+    tmp = tmp_path_factory.mktemp("one_body")
+    rows = []
+    for i in range(6):
+        hu = _trunk(i).astype(np.int16)
+        lab = np.where(body_mask(hu), 200, 0).astype(np.uint8)
+        rows.append({"case_id": f"t{i}", "image_hu": str(write_nifti(tmp / f"t{i}.nii.gz", hu)),
+                     "label": str(write_nifti(tmp / f"tl{i}.nii.gz", lab))})  # fmt: skip
+    record = build_reference(rows, QCSettings(), progress=False)
+    (tmp / "reference.json").write_text(json.dumps(record), encoding="utf-8")
+    return record, load_reference(tmp / "reference.json")
+
+
+def test_body_structure_closed_form():
+    hu = np.full((10, 10, 6), -1000.0, np.float32)
+    hu[1:5, 1:5, :] = 40.0
+    hu[3:5, 3:5, :] = -1000.0  # an L: 12 pixels whose hull cuts the missing corner's diagonal, 16 - 2
+    hu[7:9, 7:9, :] = 40.0  # a second piece of 4 voxels a slice
+    shape = body_structure(hu, body_mask(hu))
+    assert shape == pytest.approx({"body_largest_share": 12 / 16, "body_extent_z": 1.0, "body_solidity": 12 / 14})
+    hu[:, :, :2] = -1000.0
+    assert body_structure(hu, body_mask(hu))["body_extent_z"] == pytest.approx(4 / 6)
+    empty = np.full(hu.shape, -1000.0, np.float32)
+    assert body_structure(empty, body_mask(empty)) == {}
+
+
+def test_one_body_check_fails_blobs_a_slab_and_speckle(one_body):
+    """A new trunk passes; the same tissue in four blobs, a trunk through the middle third of the slices and a
+    trunk of scattered pieces fail, each on the feature that is off; the blobs and the slab pass the intensity
+    check alone (QC before this check)."""
+    record, reference = one_body
+    limits = reference.intensity
+    assert set(STRUCTURE) <= set(limits) and set(STRUCTURE) <= set(record["intensity"]["profiles"]["t0"])
+    assert (limits["body_largest_share"].low, limits["body_extent_z"].low) == (1.0, 1.0)  # every real trunk is one body through every slice
+    shares_only = {k: v for k, v in limits.items() if k not in STRUCTURE}
+    settings = QCSettings()
+    blank = np.zeros(TRUNK_SHAPE, np.uint8)
+
+    def check(hu):
+        """The verdict, the one-body reasons and the verdict of the intensity check alone."""
+        result = check_case(hu, blank, {}, settings, intensity=limits)
+        structure = [r for r in result.reasons if r.startswith(("not one body", "body extent", "body solidity"))]
+        return result, structure, check_case(hu, blank, {}, settings, intensity=shares_only)
+
+    result, _, _ = check(_trunk(10))  # (a) a body
+    assert result.passed and result.checks == ["structure", "intensity", "one body"], result.reasons
+
+    blobs = np.full(TRUNK_SHAPE, -1000.0, np.float32)  # (b) four trunks' worth of tissue in blobs floating in air
+    for centre, axes, z in (((0.5, 0.5), (0.46, 0.44), (0.0, 0.85)), ((-0.5, 0.5), (0.42, 0.42), (0.1, 0.7)),
+                            ((0.5, -0.5), (0.42, 0.4), (-0.1, 0.7)), ((-0.5, -0.5), (0.4, 0.38), (0.0, 0.6))):  # fmt: skip
+        _paint_trunk(blobs, centre, axes, z)
+    result, structure, before = check(_with_noise(blobs, 1))
+    assert before.passed and before.checks == ["structure", "intensity"], before.reasons  # the free pass it had
+    assert not result.passed and structure == result.reasons, result.reasons
+    share = body_structure(blobs, body_mask(blobs))["body_largest_share"]
+    assert 0.3 < share < 0.4
+    assert structure[0] == f"not one body: the largest connected part holds {100 * share:.1f}% of the tissue above -500 HU; real cases 100.0-100.0%"
+
+    slab = np.full(TRUNK_SHAPE, -1000.0, np.float32)  # (c) a trunk through the middle third of the slices
+    _paint_trunk(slab, (0.0, 0.0), (0.85, 0.75), (0.0, 1 / 3))
+    result, structure, before = check(_with_noise(slab, 2))
+    assert before.passed and not result.passed
+    assert result.reasons == ["body extent along z: the body reaches 13 of 40 axial slices (32.5%); real cases 100.0-100.0%"]
+
+    # (d) a trunk of scattered pieces: where a smooth random field is high, one connected piece (the others
+    # dropped), so the share in the largest part and the extent stay those of a body
+    field = ndimage.gaussian_filter(np.random.default_rng(3).standard_normal(TRUNK_SHAPE), (1.0, 1.0, 2.5))
+    speckle = np.where(field > np.median(field), _trunk(11), -1000.0).astype(np.float32)
+    parts, _ = ndimage.label(speckle > -500)
+    speckle[(parts > 0) & (parts != np.argmax(np.bincount(parts.ravel())[1:]) + 1)] = -1000.0
+    features = body_structure(speckle, body_mask(speckle))
+    assert features["body_largest_share"] == 1.0 and features["body_extent_z"] == 1.0 and features["body_solidity"] < 0.5
+    result, structure, _ = check(speckle)
+    assert len(structure) == 1 and structure[0].startswith(f"body solidity: the body fills {100 * features['body_solidity']:.1f}%")
+    assert structure[0].endswith(f"real cases {100 * limits['body_solidity'].low:.1f}-{100 * limits['body_solidity'].high:.1f}%")
+
+    empty = np.full(TRUNK_SHAPE, -1000.0, np.float32)  # no body: the intensity check's one reason
+    assert check(empty)[0].reasons == ["no body: no voxel above -500 HU"]
+
+
+def test_one_body_check_needs_the_real_cases_profiles(one_body, tmp_path):
+    """With NVIDIA's statistics the image-only ranges come from the real cases' record; without it neither runs."""
+    from helpers.nvidia import nvidia_config
+
+    from maisi.evaluate.qc import nvidia_reference
+
+    record, _ = one_body
+    hu = _trunk(10)
+    lab = np.where(body_mask(hu), 200, 0).astype(np.uint8)
+    lab[28:36, 20:30, 10:30] = 1  # a liver
+    for intensity, checks in ((record["intensity"], ["structure", "intensity", "one body", "inside body", "organ HU"]),
+                              (None, ["structure", "inside body", "organ HU"])):  # fmt: skip
+        (tmp_path / "nvidia.json").write_text(json.dumps(nvidia_reference(nvidia_config("image_median_statistics_ct.json"), intensity)))
+        reference = load_reference(tmp_path / "nvidia.json")
+        result = check_case(hu, lab, reference.ranges, QCSettings(), groups=reference.groups, intensity=reference.intensity)
+        assert result.checks == checks
+
+
+@pytest.mark.parametrize("loo", range(6))
+def test_one_body_check_passes_each_phantom_against_the_other_five(loo, phantom_bodies):
+    """Every procedural phantom passes the one-body check (and the intensity check) with the ranges of the other
+    five (leave one out). The six are two each of the head and neck, the legs, and head to legs: MAISI's rule on
+    five cases gives a kind of body seen once no spread (a head alone then fails the shares as well)."""
+    hu, lab, profiles = phantom_bodies[loo]
+    limits = intensity_ranges({i: p for i, (_, _, p) in enumerate(phantom_bodies) if i != loo})
+    assert set(STRUCTURE) <= set(limits)
+    result = check_case(hu, lab, {}, QCSettings(), intensity=limits)
+    assert result.passed and "one body" in result.checks, (profiles, result.reasons)
+
+
+@pytest.fixture(scope="module")
+def phantom_bodies():
+    """Six phantom cases at the default spacing (2.5-4 mm in plane, 2.5-5 mm between slices): (HU, labels, profile)."""
+    from maisi.sources.phantom.spec import PhantomOptions, plan_phantom_cases
+    from maisi.sources.phantom.writing import generate_phantom
+
+    specs = plan_phantom_cases(PhantomOptions(n_cases=16))
+    out = []
+    for i in (0, 8, 4, 12, 6, 14):  # cases i and i + 8 share their regions
+        hu, lab, _ = generate_phantom(specs[i])
+        hu = hu.astype(np.float32)
+        body = body_mask(hu)
+        out.append((hu, lab, {**intensity_profile(hu, body), **body_structure(hu, body)}))
+    return out
