@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from maisi.core.tables import numeric
 from maisi.evaluate.qc import ORGAN_GROUPS
 
 if TYPE_CHECKING:
@@ -111,9 +112,9 @@ def fidelity_summary(cases: pd.DataFrame, held_out: pd.DataFrame | None, segment
     columns = ["class", "n_cases", "dice_mean", "dice_median", "dice_min", "held_out_dice_real", "segmenter"]
     if cases.empty:
         return pd.DataFrame(columns=columns)
-    dice = cases.assign(dice=cases["dice"].astype(float)).groupby("class", sort=False)["dice"]
+    dice = cases.assign(dice=numeric(cases["dice"])).groupby("class", sort=False)["dice"]
     out = pd.DataFrame({"n_cases": dice.size(), "dice_mean": dice.mean(), "dice_median": dice.median(), "dice_min": dice.min()})
-    real = held_out.set_index("class")["dice_real"].astype(float) if held_out is not None and len(held_out) else pd.Series(dtype=float)
+    real = numeric(held_out.set_index("class")["dice_real"]) if held_out is not None and len(held_out) else pd.Series(dtype=float)
     out["held_out_dice_real"] = [float(real.get(c, np.nan)) for c in out.index]
     out["segmenter"] = segmenter
     return out.reset_index().reindex(columns=columns)

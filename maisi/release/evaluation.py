@@ -14,7 +14,7 @@ from typing import Any
 
 import pandas as pd
 
-from maisi.core.tables import read_table
+from maisi.core.tables import numeric, read_table
 
 __all__ = ["EVALUATION_FILES", "read_evaluation", "privacy_columns", "evaluation_sections"]
 
@@ -59,7 +59,7 @@ def _privacy(t: Mapping[str, pd.DataFrame], cfg: Mapping[str, Any]) -> list[str]
     audit, held = t["privacy"], t["privacy_held_out"]
     block = cfg.get("privacy") or {}
     flagged = audit[audit["flagged"].str.lower() == "true"]
-    gen, ref = audit["distance"].astype(float), held["distance"].astype(float)
+    gen, ref = numeric(audit["distance"]), numeric(held["distance"])
     threshold = _f(audit["threshold"].iloc[0]) if len(audit) else "n/a"
     similar = _f(audit["similarity_threshold"].iloc[0]) if len(audit) else "n/a"
     out = [
@@ -80,7 +80,7 @@ def _privacy(t: Mapping[str, pd.DataFrame], cfg: Mapping[str, Any]) -> list[str]
     masked = audit[audit["mask_source"] != ""] if "mask_source" in audit.columns else audit.iloc[:0]
     if len(masked):
         same = masked[masked["mask_source"] == masked["nearest_training"]]
-        alike = same["image_similarity"].astype(float)
+        alike = numeric(same["image_similarity"])
         out += [f"{len(same)} of the {len(masked)} mask-conditioned case(s) lie nearest the training case their mask came from "
                 "(`mask_source` in the audit table): that case's anatomy, by design"
                 + (f"; their image correlation with it, {_f(alike.min())} to {_f(alike.max())}, says how much more came along."

@@ -56,6 +56,27 @@ def test_label_fidelity_known_answers():
     assert (row["n_cases"], row["dice_mean"], row["dice_min"], row["held_out_dice_real"]) == (2, pytest.approx(0.6), 0.5, 0.9)
 
 
+def test_fidelity_summary_reads_an_undefined_dice_from_the_written_tables(tmp_path):
+    """A class no held-out case holds and no arm predicts has a Dice of 0/0: the utility table writes it as an empty
+    cell, and the summary read back from the written tables keeps it undefined instead of failing; a cell that is
+    not a number at all is an error naming the column."""
+    import pandas as pd
+
+    from maisi.core.tables import numeric, read_table, write_table
+    from maisi.evaluate.fidelity import fidelity_summary
+
+    write_table([{"class": "kidney", "dice_real": float("nan")}, {"class": "lung", "dice_real": 0.8}], tmp_path / "u.tsv", "t")
+    write_table([{"case_id": "a", "request": "r", "class": "kidney", "dice": float("nan")},
+                 {"case_id": "a", "request": "r", "class": "lung", "dice": 0.6}], tmp_path / "c.tsv", "t")  # fmt: skip
+    held = read_table(tmp_path / "u.tsv")
+    assert held.loc[0, "dice_real"] == ""  # what the workflow's tables hold
+    summary = fidelity_summary(read_table(tmp_path / "c.tsv"), held, "utility").set_index("class")
+    assert np.isnan(summary.loc["kidney", "held_out_dice_real"]) and np.isnan(summary.loc["kidney", "dice_mean"])
+    assert summary.loc["lung", "held_out_dice_real"] == pytest.approx(0.8)
+    with pytest.raises(ValueError, match="'dice_real': 'n/a'"):
+        numeric(pd.Series(["0.5", "n/a"], name="dice_real"))
+
+
 def test_totalsegmentator_as_the_label_fidelity_segmenter(tmp_path, monkeypatch):
     """``label_fidelity.segmenter: totalsegmentator`` with a tiny real nnU-Net model (a pointwise HU classifier:
     lung lobe for -900..-300 HU, vertebra from 300 HU): an image whose mask says lung where the lung-dark block is
