@@ -58,11 +58,12 @@ def test_all_ends_in_a_release_with_qc_and_fid(default_run):
     assert sorted(qc.case_id) == [f"{FREE}_00000", f"{FREE}_00001", f"{MASKED}_00000", f"{MASKED}_00001"]
     assert set(qc.release) <= {"include", "flagged"} and set(qc.qc_status) <= {"pass", "fail"}
     reference = json.loads((generated / "results/qc/reference.json").read_text(encoding="utf-8"))
-    assert reference["ranges"] and set(reference["intensity"]["ranges"]) == {"body", "air", "fat", "soft tissue", "bone"}  # from the real phantoms
-    # Every case had the intensity check; only the mask-conditioned ones had organs to check.
+    shares = {"body", "air", "fat", "soft tissue", "bone", "body_largest_share", "body_extent_z", "body_solidity"}
+    assert reference["ranges"] and set(reference["intensity"]["ranges"]) == shares  # from the real phantoms
+    # Every case had the intensity and one-body checks; only the mask-conditioned ones had organs to check.
     checks = {r.case_id: r.checks.split(",") for r in qc.itertuples()}
-    assert all(c[:2] == ["structure", "intensity"] for c in checks.values())
-    assert checks[f"{MASKED}_00000"][2:] == ["inside body", "organ HU"] and checks[f"{FREE}_00000"] == ["structure", "intensity"]
+    assert all(c[:3] == ["structure", "intensity", "one body"] for c in checks.values())
+    assert checks[f"{MASKED}_00000"][3:] == ["inside body", "organ HU"] and checks[f"{FREE}_00000"] == ["structure", "intensity", "one body"]
     fid = pd.read_csv(generated / "results/fid/fid.tsv", sep="\t")
     # both default extractors: the independent segmenter, then the run's own autoencoder
     assert list(fid.plane) == ["axial", "coronal", "sagittal", "average"] * 2
