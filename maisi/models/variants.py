@@ -36,7 +36,7 @@ DOWNSAMPLE = 4  # per axis, every variant
 
 
 #: Variants shipped with the factory (``maisi/data/variants``).
-VARIANTS = ("tiny", "ddpm-ct", "rflow-ct")
+VARIANTS = ("tiny", "phantom-ct", "ddpm-ct", "rflow-ct")
 
 
 #: Modality class labels of NVIDIA's MAISI v2 models (``modality_mapping.json`` of the release);
