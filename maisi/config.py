@@ -14,6 +14,7 @@ from maisi.core.anatomy import BODY_REGIONS
 from maisi.core.checks import ConfigError
 from maisi.core.schema import SCHEMA_FILE, load_schema
 from maisi.generate.requests import RequestError, config_requests
+from maisi.models.weights import resolve_catalog_references
 from maisi.sources.cases import resolve_label_map
 from maisi.sources.catalog import default_catalog_path, load_catalog
 from maisi.train.settings import resolve_scheduler
@@ -120,8 +121,10 @@ def check_config(cfg: dict) -> None:
     """The checks the schema cannot express: across keys, against the file system, the requests.
 
     ``cfg`` is a config the schema validated (with its defaults filled); raises :class:`ConfigError` naming the key.
+    A released checkpoint named ``catalog:<variant>`` is replaced, in ``cfg``, by its verified file.
     """
     try:
+        resolve_catalog_references(cfg)
         resolve_scheduler(cfg["model"]["variant"], cfg["train_diffusion"]["scheduler"])
     except ValueError as exc:
         raise ConfigError(str(exc)) from None

@@ -1,11 +1,16 @@
-"""NVIDIA's released MAISI files: their catalog, and fetching them from Hugging Face or a local mirror.
+"""Released model files: their catalog (NVIDIA's MAISI files and the factory's own released models), fetching
+them from Hugging Face, a local mirror or the package, and naming them in a config.
 
-The catalog (``maisi/data/nvidia_models.yaml``) lists every file of the release a variant needs:
+The catalog (``maisi/data/weights.yaml``) lists every file of the release a variant needs:
 repository, path, role, licence and, where published, its sha256 and size. Files are fetched with the
 factory's resumable, checksum-verified downloader (:func:`maisi.sources.download.download`) or copied
 from a mirror folder that holds the repository's layout (air-gapped sites). A file without a pinned
 digest is recorded at its first fetch in ``<dest>/checksums.json`` and checked against that record on
 every later fetch, so a changed upstream file or a corrupted copy is noticed.
+
+The factory's own released models (repository ``package``) ship inside the package (``maisi/data/<path>``) with
+pinned digests: a config names one by ``catalog:<variant>`` under ``pretrained.<role>`` or a stage's ``init_from``
+(:func:`resolve_catalog_references`), and it is used only after its digest is checked (:func:`released_file`).
 
 Command line::
 
@@ -18,6 +23,7 @@ It prints the ``pretrained:`` block to put in the config.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import sys
@@ -34,7 +40,10 @@ from maisi.core.io import atomic_path, read_json, sha256_file, write_json
 from maisi.models.variants import VARIANTS
 from maisi.sources.download import ChecksumError, download
 
-__all__ = ["ReleasedFile", "WeightsCatalog", "load_weights_catalog", "file_url", "fetch_weights", "pretrained_block", "LEDGER", "HF_BASE_URL"]
+__all__ = [
+    "ReleasedFile", "WeightsCatalog", "load_weights_catalog", "file_url", "fetch_weights", "pretrained_block", "released_file",
+    "resolve_catalog_references", "package_path", "LEDGER", "HF_BASE_URL", "PACKAGE_REPO", "CATALOG_PREFIX",
+]  # fmt: skip
 
 #: Where the fetched files' digests are recorded, inside the destination folder.
 LEDGER = "checksums.json"
@@ -45,6 +54,20 @@ HF_BASE_URL = "https://huggingface.co"
 
 #: The roles that go under ``pretrained:`` in the config.
 _PRETRAINED_ROLES = ("autoencoder", "diffusion", "controlnet")
+
+
+#: The ``repo`` of the files shipped inside the package (under ``maisi/data``).
+PACKAGE_REPO = "package"
+
+
+#: A config value that names a catalog file instead of a path: ``catalog:<variant>``.
+CATALOG_PREFIX = "catalog:"
+
+
+#: The config keys that take a checkpoint, and the catalog role each names.
+_CHECKPOINT_KEYS = {("pretrained", "autoencoder"): "autoencoder", ("pretrained", "diffusion"): "diffusion",
+                    ("pretrained", "controlnet"): "controlnet", ("train_diffusion", "init_from"): "diffusion",
+                    ("train_controlnet", "init_from"): "controlnet"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -58,6 +81,7 @@ class ReleasedFile:
     sha256: str | None = None
     size_bytes: int | None = None
     optional: bool = False
+    licence: str | None = None  # where it is not the catalog's
 
 
 @dataclass(frozen=True)
@@ -74,11 +98,14 @@ class WeightsCatalog:
             raise ValueError(f"variant {variant_name!r} has no released files (it is the factory's own; train it)")
         return files
 
+    def licence_of(self, f: ReleasedFile) -> str:
+        return f.licence or self.licence
+
 
 def load_weights_catalog(path: str | os.PathLike | None = None) -> WeightsCatalog:
-    """The catalog of NVIDIA's files (the shipped one by default); a malformed entry is a ``ValueError`` naming it."""
-    where = str(path) if path else "maisi/data/nvidia_models.yaml"
-    text = Path(path).read_text(encoding="utf-8") if path else resources.files("maisi.data").joinpath("nvidia_models.yaml").read_text(encoding="utf-8")
+    """The catalog of released files (the shipped one by default); a malformed entry is a ``ValueError`` naming it."""
+    where = str(path) if path else "maisi/data/weights.yaml"
+    text = Path(path).read_text(encoding="utf-8") if path else resources.files("maisi.data").joinpath("weights.yaml").read_text(encoding="utf-8")
     data = yaml.safe_load(text)
     files = []
     for i, raw in enumerate(data.get("files") or []):
@@ -88,15 +115,73 @@ def load_weights_catalog(path: str | os.PathLike | None = None) -> WeightsCatalo
         digest = raw.get("sha256")
         if digest is not None and (len(str(digest)) != 64 or any(c not in "0123456789abcdef" for c in str(digest).lower())):
             raise ValueError(f"{where}: files[{i}] ({raw['path']}): sha256 {digest!r} is not a 64-digit hex digest")
+        if raw["repo"] == PACKAGE_REPO and not digest:
+            raise ValueError(f"{where}: files[{i}] ({raw['path']}): a file shipped with the package needs a pinned sha256")
         files.append(ReleasedFile(repo=raw["repo"], path=raw["path"], variants=tuple(raw["variants"]), role=raw["role"],
                                   sha256=str(digest).lower() if digest else None, size_bytes=raw.get("size_bytes"),
-                                  optional=bool(raw.get("optional", False))))  # fmt: skip
+                                  optional=bool(raw.get("optional", False)), licence=raw.get("licence")))  # fmt: skip
     return WeightsCatalog(licence=str(data.get("licence", "")), revision=str(data.get("revision", "main")), files=tuple(files))
 
 
 def file_url(f: ReleasedFile, base_url: str = HF_BASE_URL, revision: str = "main") -> str:
     """The file's download address (Hugging Face's ``resolve`` route)."""
     return f"{base_url.rstrip('/')}/{f.repo}/resolve/{revision}/{f.path}"
+
+
+def package_path(f: ReleasedFile, root: str | os.PathLike | None = None) -> Path:
+    """Where a file shipped with the package lies (``root``: the package's data folder, ``maisi/data`` by default)."""
+    return Path(root) / f.path if root is not None else Path(str(resources.files("maisi.data").joinpath(f.path)))
+
+
+@functools.cache
+def _digest(path: str, size: int, mtime_ns: int) -> str:
+    """A file's sha256, once per process for the same file state (the workflow resolves the config in every job)."""
+    return sha256_file(path)
+
+
+def released_file(variant_name: str, role: str, *, catalog: WeightsCatalog | None = None, root: str | os.PathLike | None = None) -> Path:
+    """The released ``role`` file (``autoencoder``, ``diffusion``, ``controlnet``) of a variant shipped with the package,
+    after its size and sha256 were checked against the catalog (a :class:`ChecksumError` naming the file where not).
+
+    Files of other repositories (NVIDIA's) are fetched first (:func:`fetch_weights`) and named by their path."""
+    catalog = catalog or load_weights_catalog()
+    files = [f for f in catalog.for_variant(variant_name) if f.role == role]
+    if not files:
+        raise ValueError(f"variant {variant_name!r} has no released {role} file in the catalog")
+    f = files[0]
+    if f.repo != PACKAGE_REPO:
+        raise ValueError(f"the {role} of {variant_name!r} ({f.repo}/{f.path}) is not shipped with the package: fetch it with "
+                         f"python -m maisi.models.weights fetch --variant {variant_name} and give its path")  # fmt: skip
+    path = package_path(f, root)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the released {role} of {variant_name!r} is missing from the package; reinstall it")
+    stat = path.stat()
+    if f.size_bytes is not None and stat.st_size != f.size_bytes:
+        raise ChecksumError(path, "size in bytes", str(f.size_bytes), str(stat.st_size))
+    if (actual := _digest(str(path), stat.st_size, stat.st_mtime_ns)) != f.sha256:
+        raise ChecksumError(path, "sha256", str(f.sha256), actual)
+    return path
+
+
+def resolve_catalog_references(cfg: dict[str, Any], *, catalog: WeightsCatalog | None = None, root: str | os.PathLike | None = None) -> None:
+    """Replace each ``catalog:<variant>`` under ``pretrained.<role>`` and ``train_diffusion``/``train_controlnet.init_from``
+    with the verified package file (:func:`released_file`), in place; the variant must be ``model.variant``.
+    A bad reference is a ``ValueError`` naming the config key."""
+    configured = (cfg.get("model") or {}).get("variant")
+    for (section, key), role in _CHECKPOINT_KEYS.items():
+        value = (cfg.get(section) or {}).get(key)
+        if not (isinstance(value, str) and value.startswith(CATALOG_PREFIX)):
+            continue
+        name = value[len(CATALOG_PREFIX):]
+        where = f"config key '{section}.{key}'"
+        if name not in VARIANTS:
+            raise ValueError(f"{where}: {value!r} names no variant; expected {CATALOG_PREFIX}<one of {', '.join(VARIANTS)}>")
+        if configured and name != configured:
+            raise ValueError(f"{where}: {value!r} is a checkpoint of variant {name!r}, but model.variant is {configured!r}")
+        try:
+            cfg[section][key] = str(released_file(name, role, catalog=catalog, root=root))
+        except (OSError, ValueError, ChecksumError) as exc:
+            raise ValueError(f"{where}: {exc}") from None
 
 
 def _copy_from_mirror(source: Path, dest: Path, expected: str | None) -> None:
@@ -137,10 +222,11 @@ def fetch_weights(
         if f.sha256 and recorded and recorded != f.sha256:
             raise ChecksumError(ledger_path, "sha256", f.sha256, recorded)
         expected = f.sha256 or recorded
-        if mirror is not None:
+        if f.repo == PACKAGE_REPO or mirror is not None:
+            origin = package_path(f) if f.repo == PACKAGE_REPO else Path(mirror) / f.path
             if not (target.is_file() and expected and sha256_file(target) == expected):
-                _copy_from_mirror(Path(mirror) / f.path, target, expected)
-            source = str(Path(mirror) / f.path)
+                _copy_from_mirror(origin, target, expected)
+            source = str(origin)
         else:
             source = file_url(f, base_url, catalog.revision)
             download(source, target, sha256=expected, progress=progress, **download_kwargs)
@@ -148,7 +234,7 @@ def fetch_weights(
         if f.size_bytes is not None and target.stat().st_size != f.size_bytes:
             raise ChecksumError(target, "size in bytes", str(f.size_bytes), str(target.stat().st_size))
         if f.path not in ledger:
-            ledger[f.path] = {"sha256": digest, "size_bytes": target.stat().st_size, "source": source, "licence": catalog.licence,
+            ledger[f.path] = {"sha256": digest, "size_bytes": target.stat().st_size, "source": source, "licence": catalog.licence_of(f),
                               "recorded_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
             write_json(ledger_path, ledger)
         out[f.role] = target
@@ -177,7 +263,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "list":
         print(f"licence: {catalog.licence} (revision {catalog.revision})")
         for f in catalog.files:
-            print(f"{f.repo}/{f.path}  role={f.role}  variants={','.join(f.variants)}  sha256={f.sha256 or 'recorded at first fetch'}")
+            print(f"{f.repo}/{f.path}  role={f.role}  variants={','.join(f.variants)}  sha256={f.sha256 or 'recorded at first fetch'}"
+                  f"{'  licence=' + f.licence if f.licence else ''}")  # fmt: skip
         return 0
     try:
         paths = fetch_weights(args.variant, args.dest, mirror=args.mirror, base_url=args.base_url, models_only=args.models_only,
