@@ -228,6 +228,7 @@ def train_controlnet(
         "scale_factor": float(scale), "contrastive_loss": {"weight": contrastive_weight, "max": contrastive_max},
         "metrics": metrics,
         "cases": [c.case_id for c in cases], "resumed_from": loop.start, "device": str(device),
+        "train_seconds": round(resume.elapsed_s(), 1),
         "small_data_warning": small_data_warning(STAGE, len(cases), settings.min_cases),
     }  # fmt: skip
     if contrastive_weight:

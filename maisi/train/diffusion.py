@@ -158,7 +158,7 @@ def train_diffusion(
         "stage": STAGE, "settings": asdict(settings), "scheduler": settings.kind, "data_fingerprint": data_fp, "metrics": metrics,
         "scale_factor": float(scale), "scale_factor_from": "init_from" if keep_scale else "latents",
         "init_from": settings.init_from, "init_from_sha256": parent_sha, "cases": [c.case_id for c in cases], "resumed_from": loop.start,
-        "device": str(device),
+        "device": str(device), "train_seconds": round(resume.elapsed_s(), 1),
         "small_data_warning": small_data_warning(STAGE, len(cases), settings.min_cases),
     }  # fmt: skip
     if validation is not None:

@@ -99,6 +99,12 @@ class ResumeState:
     def __init__(self, path: str | os.PathLike, run_fingerprint: str):
         self.path = Path(path)
         self.run_fingerprint = run_fingerprint
+        self._clock = time.monotonic()
+        self._before = 0.0  # training seconds of the runs this one resumes
+
+    def elapsed_s(self) -> float:
+        """Seconds of training so far: this run's plus those of the runs it resumed (a long training spans several)."""
+        return self._before + time.monotonic() - self._clock
 
     def load(self) -> dict[str, Any] | None:
         if not self.path.is_file():
@@ -112,6 +118,7 @@ class ResumeState:
             log.info("resume state %s belongs to another config or dataset; starting afresh", self.path)
             return None
         log.info("resuming from %s at step %d", self.path, state["step"])
+        self._before = float(state.get("elapsed_s", 0.0))
         return state
 
     def save(self, step: int, payload: Mapping[str, Any]) -> None:
@@ -119,7 +126,7 @@ class ResumeState:
         if not world().main:
             return
         with atomic_path(self.path, suffix=".pt") as tmp:
-            torch.save({"fingerprint": self.run_fingerprint, "step": int(step), **payload}, str(tmp))
+            torch.save({"fingerprint": self.run_fingerprint, "step": int(step), "elapsed_s": self.elapsed_s(), **payload}, str(tmp))
 
     def clear(self) -> None:
         """Remove the state (rank 0 only)."""

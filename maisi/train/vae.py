@@ -410,6 +410,9 @@ def train_vae(
         "data_fingerprint": data_fp,
         "metrics": metrics,
         "cases": len(volumes),
+        "device": str(device),
+        "resumed_from": start,
+        "train_seconds": round(resume.elapsed_s(), 1),  # over every run this one resumed
         "small_data_warning": small_data_warning(STAGE, len(volumes), settings.min_cases),
         "perceptual": perceptual_on,
     }

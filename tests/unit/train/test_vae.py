@@ -189,7 +189,8 @@ def test_crash_then_resume_matches_uninterrupted_run(datalist, baseline, tmp_pat
             _run(datalist, tmp_path)
     state_file = tmp_path / "resume.pt"
     assert state_file.is_file()
-    assert torch.load(state_file, weights_only=True)["step"] == 4
+    state = torch.load(state_file, weights_only=True)
+    assert state["step"] == 4 and state["elapsed_s"] > 0
     assert not (tmp_path / "autoencoder.pt").exists()
 
     seen = _spy_steps(monkeypatch)
@@ -197,6 +198,8 @@ def test_crash_then_resume_matches_uninterrupted_run(datalist, baseline, tmp_pat
     assert seen == [4, 5]  # it resumed, it did not start over
     assert _same(_weights(tmp_path), baseline)
     assert not state_file.exists()
+    sidecar = json.loads((tmp_path / "autoencoder.pt.json").read_text(encoding="utf-8"))
+    assert sidecar["resumed_from"] == 4 and sidecar["train_seconds"] >= state["elapsed_s"]  # the crashed run's time counts
 
 
 def test_resume_state_of_other_settings_is_ignored(datalist, baseline, tmp_path, monkeypatch):
