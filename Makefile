@@ -4,7 +4,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup profiles run test lint clean pretrain
+.PHONY: setup profiles run test test-fast lint clean pretrain publish-phantom
 
 $(VENV)/.installed: requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ lint: setup
 
 test: lint
 	$(BIN)/python -m pytest -q -ra
+
+# The edit loop's lane: ruff and the unit tests, no workflow run.
+test-fast: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -ra tests/unit
 
 clean:
 	rm -rf results resources logs .snakemake
