@@ -8,6 +8,7 @@ to a fixed spacing, so the new spacing is ``old_spacing * old_dim / new_dim``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -78,7 +79,7 @@ class PreprocessSettings(ConfigSettings):
 
 
 def _reader_for(path: Path):
-    from monai.data import NibabelReader, NrrdReader, PydicomReader
+    from monai.data import NibabelReader, PydicomReader
 
     name = path.name.lower()
     if path.is_dir():
@@ -86,7 +87,7 @@ def _reader_for(path: Path):
     if name.endswith((".nii", ".nii.gz")):
         return NibabelReader()
     if name.endswith((".nrrd", ".nhdr")):
-        return NrrdReader()
+        return _nrrd_reader_class()()
     raise InputError(path, "unsupported file type; expected NIfTI (.nii/.nii.gz), NRRD (.nrrd/.nhdr) or a DICOM folder")
 
 
@@ -107,7 +108,46 @@ def load_scan(path: str | Path) -> MetaTensor:
     except InputError:
         raise
     except Exception as exc:  # readers raise many types for corrupt or truncated files
+        broken = _broken_dicom_slice(path) if path.is_dir() else None
+        if broken is not None:
+            raise broken from exc
         raise InputError(path, f"cannot be read ({type(exc).__name__}: {exc}); the file is corrupt or truncated") from exc
+
+
+@functools.cache
+def _nrrd_reader_class() -> type:
+    """MONAI's NRRD reader, which also reads the legal headers it fails on (see :func:`_complete_nrrd_header`)."""
+    from monai.data import NrrdReader
+    from monai.utils import ensure_tuple
+
+    class Reader(NrrdReader):
+        def read(self, data, **kwargs):
+            images = super().read(data, **kwargs)
+            for name, image in zip(ensure_tuple(data), ensure_tuple(images), strict=True):
+                image.header = _complete_nrrd_header(image.header, Path(name))
+            return images
+
+    return Reader
+
+
+def _complete_nrrd_header(header: Mapping[str, Any], path: Path) -> dict[str, Any]:
+    """Fill in the geometry a legal NRRD header may leave out, as ITK (and 3D Slicer) read it.
+
+    'spacings' without 'space directions' gives the spacing but no orientation: the axes are taken as identity
+    directions in the header's 'space' (LPS when it has none), with a warning that the orientation is assumed.
+    Without 'space origin' the origin is 0.
+    """
+    header = dict(header)
+    if "space directions" not in header and "spacings" in header:
+        space = header.setdefault("space", "left-posterior-superior")
+        header["space directions"] = np.diag(np.asarray(header["spacings"], dtype=np.float64))
+        log.warning(
+            "%s: the NRRD header gives 'spacings' and no 'space directions': the orientation is assumed "
+            "(identity directions in %s, origin 0, as ITK reads it)", path, space,
+        )  # fmt: skip
+    if "space directions" in header and "space origin" not in header:
+        header["space origin"] = np.zeros(np.asarray(header["space directions"]).shape[1])
+    return header
 
 
 def check_nrrd_spacing(path: Path) -> None:
@@ -126,7 +166,10 @@ def check_nrrd_spacing(path: Path) -> None:
             raise InputError(path, f"the NRRD header's 'space directions' give {len(rows)} spatial axes, not 3")
         check_spacing(np.sqrt((np.asarray(rows, float) ** 2).sum(axis=1)), path, "the NRRD header's 'space directions'")
     elif "spacings" in header:
-        check_spacing(np.asarray(header["spacings"], float)[:3], path, "the NRRD header's 'spacings'")
+        spacings = np.asarray(header["spacings"], float)
+        if spacings.shape != (3,):
+            raise InputError(path, f"the NRRD header's 'spacings' give {spacings.size} axes, not 3 (and there are no 'space directions')")
+        check_spacing(spacings, path, "the NRRD header's 'spacings'")
     else:
         raise InputError(path, "the NRRD header has no 'space directions' (nor 'spacings'): the voxel spacing is missing")
 
@@ -148,7 +191,33 @@ def check_dicom_slices(folder: Path) -> None:
             raise InputError(file, f"slice of the DICOM series {folder} cannot be read ({type(exc).__name__}: {exc})") from exc
         missing = [tag for tag in ("InstanceNumber", "ImagePositionPatient", "PixelSpacing") if tag not in ds]
         if missing:
-            raise InputError(file, f"slice of the DICOM series {folder} lacks {', '.join(missing)} (truncated or not an image slice)")
+            raise InputError(file, f"{_slice(ds)} of the DICOM series {folder} lacks {', '.join(missing)} (truncated or not an image slice)")
+
+
+def _slice(ds) -> str:
+    """'slice (InstanceNumber 4)', or 'slice' where the header has no instance number (0020,0013)."""
+    number = ds.get("InstanceNumber")
+    return f"slice (InstanceNumber {number})" if number is not None and str(number) != "" else "slice"
+
+
+def _broken_dicom_slice(folder: Path) -> InputError | None:
+    """The first slice of a DICOM series whose pixel data cannot be read, as an error naming the file and its
+    InstanceNumber (MONAI's reader names only the folder); ``None`` when every slice reads on its own."""
+    import pydicom
+
+    for file in sorted(p for p in folder.iterdir() if p.is_file()):
+        try:
+            ds = pydicom.dcmread(str(file))
+        except Exception as exc:
+            return InputError(file, f"slice of the DICOM series {folder} cannot be read ({type(exc).__name__}: {exc})")
+        try:
+            ds.pixel_array  # noqa: B018 - decoding is the check
+        except Exception as exc:
+            return InputError(
+                file, f"{_slice(ds)} of the DICOM series {folder}: its pixel data cannot be read "
+                f"({type(exc).__name__}: {exc}); the file is truncated or corrupt",
+            )  # fmt: skip
+    return None
 
 
 def map_labels(label: np.ndarray, label_map: Mapping[int, int] | None, path) -> np.ndarray:

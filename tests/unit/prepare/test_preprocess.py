@@ -271,3 +271,50 @@ def test_dicom_series_with_zero_pixel_or_slice_spacing(tmp_path, tag, value):
         ds.save_as(path)
     err = _expect_error(tmp_path, _case(tmp_path, folder), r"zero voxel spacing .* in the image's affine .*DICOM: PixelSpacing")
     assert err.path == str(folder)
+
+
+def test_dicom_series_with_truncated_pixel_data_names_the_slice_and_its_instance_number(tmp_path):
+    """A slice whose header is whole but whose pixel data is cut short: the file and its InstanceNumber, not the folder."""
+    import pydicom
+
+    folder = write_dicom_series(tmp_path / "series", ct_volume((16, 16, 6)))
+    broken = folder / "slice_003.dcm"
+    ds = pydicom.dcmread(broken)
+    assert ds.InstanceNumber == 4 and broken.read_bytes().endswith(ds.PixelData)  # the pixel data ends the file
+    broken.write_bytes(broken.read_bytes()[:-100])
+    err = _expect_error(tmp_path, _case(tmp_path, folder), r"slice \(InstanceNumber 4\) of the DICOM series .*series: its pixel data")
+    assert err.path == str(broken)
+
+
+def _nrrd_by_hand(path, vol, fields: str):
+    """A raw little-endian int16 NRRD whose header holds ``fields`` besides type, dimension, sizes and encoding."""
+    header = f"NRRD0004\ntype: short\ndimension: 3\nsizes: {' '.join(map(str, vol.shape))}\n{fields}encoding: raw\nendian: little\n\n"
+    path.write_bytes(header.encode("ascii") + np.asarray(vol, "<i2").tobytes(order="F"))
+    return path
+
+
+def test_nrrd_with_spacings_and_no_space_directions_is_read_with_identity_directions(tmp_path, caplog):
+    """'spacings' without 'space directions' is legal NRRD: read as ITK does (identity LPS directions, origin 0), with a warning."""
+    import logging
+
+    import SimpleITK as sitk
+
+    vol = ct_volume((40, 36, 20))
+    path = _nrrd_by_hand(tmp_path / "spacings.nrrd", vol, "spacings: 1.5 2 3\n")
+    with caplog.at_level(logging.WARNING, logger="maisi.prepare.preprocess"):
+        scan = load_scan(path)
+    np.testing.assert_array_equal(scan[0].numpy(), vol)
+    np.testing.assert_allclose(scan.affine.numpy(), np.diag([-1.5, -2.0, 3.0, 1.0]))  # LPS identity in RAS
+    itk = sitk.ReadImage(str(path))
+    assert itk.GetDirection() == (1, 0, 0, 0, 1, 0, 0, 0, 1) and itk.GetSpacing() == (1.5, 2.0, 3.0) and itk.GetOrigin() == (0, 0, 0)
+    assert str(path) in caplog.text and "orientation is assumed" in caplog.text
+    row = preprocess_case(_case(tmp_path, path), tmp_path / "out", PreprocessSettings(divisor=32))
+    assert json.loads(row["orig_spacing"]) == pytest.approx([1.5, 2.0, 3.0])
+
+
+def test_nrrd_without_space_origin_is_read_at_origin_zero(tmp_path):
+    """'space origin' is optional in NRRD: without it the origin is 0, as ITK reads it, not a corrupt file."""
+    vol = ct_volume((40, 36, 20))
+    fields = "space: left-posterior-superior\nspace directions: (1.5,0,0) (0,2,0) (0,0,3)\n"
+    scan = load_scan(_nrrd_by_hand(tmp_path / "no_origin.nrrd", vol, fields))
+    np.testing.assert_allclose(scan.affine.numpy(), np.diag([-1.5, -2.0, 3.0, 1.0]))
