@@ -1,6 +1,15 @@
 # Synthetic CT data factory (MAISI): the workflow's entry point.
 # Run: snakemake --profile local all   (after `make profiles`; or --profile profiles/local)
 
+import sys
+
+from maisi.config import ConfigError, check_config_syntax
+
+try:  # a YAML error named by file, line and column (Snakemake's own message names neither)
+    check_config_syntax("config/config.yaml")
+except ConfigError as exc:
+    sys.exit(f"Error: {exc}")
+
 
 configfile: "config/config.yaml"
 

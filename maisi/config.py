@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,18 @@ from maisi.sources.cases import resolve_label_map
 from maisi.sources.catalog import default_catalog_path, load_catalog
 from maisi.train.settings import resolve_scheduler
 
-__all__ = ["ConfigError", "load_config", "validate_config", "check_schema", "check_config", "schema_path", "key_path"]
+__all__ = [
+    "ConfigError",
+    "load_config",
+    "read_config_file",
+    "check_config_syntax",
+    "yaml_error",
+    "validate_config",
+    "check_schema",
+    "check_config",
+    "schema_path",
+    "key_path",
+]
 
 
 def schema_path() -> Path:
@@ -81,13 +93,61 @@ def validate_config(config: Mapping[str, Any]) -> dict:
     return cfg
 
 
+def yaml_error(path: str | Path, exc: yaml.YAMLError) -> str:
+    """``<file>:<line>:<column>: not valid YAML: <problem>`` (lines and columns from 1, as editors count them),
+    followed by where the construct the parser was in began (``while parsing a flow sequence at line 2, column 10``)."""
+    mark = getattr(exc, "problem_mark", None)
+    if mark is None:
+        return f"{path}: not valid YAML: {exc}"
+    text = f"{path}:{mark.line + 1}:{mark.column + 1}: not valid YAML: {exc.problem}"
+    context, at = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context:
+        text += f" ({context}" + (f" at line {at.line + 1}, column {at.column + 1})" if at is not None else ")")
+    return text
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc})") from None
+
+
+def read_config_file(path: str | Path) -> Any:
+    """A YAML config file's content; a syntax error is a :class:`ConfigError` naming the file, line and column."""
+    path = Path(path)
+    try:
+        return yaml.safe_load(_read_text(path))
+    except yaml.YAMLError as exc:
+        raise ConfigError(yaml_error(path, exc)) from None
+
+
+def check_config_syntax(*paths: str | Path) -> None:
+    """Stop on a YAML syntax error in a config file Snakemake is about to read, naming the file, line and column.
+
+    Snakemake reads a config file as JSON, else YAML, and says only 'Config file is not valid JSON or YAML'. The
+    workflow calls this on its ``configfile:`` first. Only the syntax is checked (Snakemake builds the values with
+    its own loader); a file that is missing or valid JSON is left to Snakemake.
+    """
+    for path in map(Path, paths):
+        if not path.is_file():
+            continue
+        text = _read_text(path)
+        try:
+            json.loads(text)
+            continue
+        except ValueError:
+            pass
+        try:
+            yaml.compose(text, Loader=yaml.SafeLoader)
+        except yaml.YAMLError as exc:
+            raise ConfigError(yaml_error(path, exc)) from None
+
+
 def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> dict:
     """Read a YAML config file (plus optional top-level overrides) and validate it."""
     path = Path(path)
-    try:
-        cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    cfg = read_config_file(path) or {}
     if overrides:
         cfg.update(overrides)
     try:
@@ -221,3 +281,47 @@ def _check_requests(cfg: dict) -> None:
     except RequestError as exc:
         key, _, reason = str(exc).partition(": ")
         raise ConfigError(f"config key '{key}': {reason}") from None
+
+
+def _merge(base: dict, update: Mapping[str, Any]) -> dict:
+    """``update`` over ``base`` as Snakemake merges config files: nested mappings key by key, anything else replaced."""
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = copy.deepcopy(value)
+    return base
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m maisi.config FILE...``: check config files as the workflow would see them, merged in order.
+
+    Snakemake reads ``--configfile`` files before the workflow starts, and a YAML error there gets only 'Config
+    file is not valid JSON or YAML'; this names the file, line and column, then validates the merge.
+    """
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m maisi.config", description=main.__doc__.splitlines()[0])
+    parser.add_argument("files", nargs="+", help="config files in Snakemake's order: config/config.yaml, then each --configfile")
+    args = parser.parse_args(argv)
+    try:
+        cfg: dict = {}
+        for path in args.files:
+            content = read_config_file(path)
+            if content is not None and not isinstance(content, Mapping):
+                raise ConfigError(f"{path}: a config file holds a mapping of keys at its top level, not a {type(content).__name__}")
+            _merge(cfg, content or {})
+        try:
+            validate_config(cfg)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (in {', '.join(args.files)})") from None
+    except (ConfigError, OSError) as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{', '.join(args.files)}: valid")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,3 +1,7 @@
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import yaml
 from helpers.paths import ROOT
@@ -55,11 +59,29 @@ def test_config_errors_name_the_key(mutate, key):
     assert f"'{key}'" in str(err.value)
 
 
-def test_yaml_error_names_file(tmp_path):
+def test_yaml_error_names_file_line_and_column(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("sources: [unclosed\n", encoding="utf-8")
-    with pytest.raises(ConfigError, match="c.yaml: not valid YAML"):
+    path.write_text("seed: 1\nsources: [unclosed\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as err:
         load_config(path)
+    assert str(err.value).startswith(f"{path}:3:1: not valid YAML: expected ',' or ']', but got '<stream end>'")
+    assert "while parsing a flow sequence at line 2, column 10" in str(err.value)
+
+
+#: A config whose third line opens a list it never closes: PyYAML notices at line 4, column 4.
+BROKEN_YAML = "seed: 1\nsources:\n  a: [unclosed\n  b: 2\n"
+
+
+def test_workflow_names_the_line_and_column_of_a_yaml_error(tmp_path):
+    """Snakemake's own message ('Config file is not valid JSON or YAML') names neither the file nor the line."""
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.yaml").write_text(BROKEN_YAML, encoding="utf-8")
+    cmd = [str(Path(sys.executable).with_name("snakemake")), "-n", "--quiet", "--directory", str(tmp_path), "--snakefile", str(ROOT / "Snakefile")]
+    proc = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "config/config.yaml:4:4: not valid YAML: expected ',' or ']', but got ':'" in out, out[-3000:]
+    assert "while parsing a flow sequence at line 3, column 6" in out
 
 
 def test_label_map_keys_above_255_are_valid():
@@ -82,3 +104,23 @@ def test_unknown_catalog_dataset_names_the_key_the_catalog_and_the_choices():
     cfg["catalog"] = str(ROOT / "config/nope.yaml")
     with pytest.raises(ConfigError, match="'catalog': catalog file .*nope.yaml does not exist"):
         validate_config(cfg)
+
+
+def test_config_files_are_checked_as_snakemake_merges_them(tmp_path, capsys):
+    """`--configfile` files are read by Snakemake before the workflow starts, with no file or line in its message:
+    `python -m maisi.config` checks them (merged over the default config, as Snakemake merges them)."""
+    from maisi.config import main
+
+    default = tmp_path / "config.yaml"
+    default.write_text((ROOT / "config/config.yaml").read_text(encoding="utf-8").replace("catalog: config/", f"catalog: {ROOT}/config/"),
+                       encoding="utf-8")  # fmt: skip
+    broken = tmp_path / "my.yaml"
+    broken.write_text(BROKEN_YAML, encoding="utf-8")
+    assert main([str(default), str(broken)]) == 1
+    assert f"{broken}:4:4: not valid YAML" in capsys.readouterr().err
+    broken.write_text("sources:\n  phantom:\n    n_cases: 0\n", encoding="utf-8")  # merged key by key: only n_cases is wrong
+    assert main([str(default), str(broken)]) == 1
+    assert "'sources.phantom.n_cases'" in capsys.readouterr().err
+    broken.write_text("sources:\n  phantom:\n    n_cases: 3\n", encoding="utf-8")
+    assert main([str(default), str(broken)]) == 0
+    assert "valid" in capsys.readouterr().out
