@@ -337,14 +337,18 @@ def config_requests(config: Mapping[str, Any]) -> dict[str, GenerationRequest]:
 
 
 def _check_user_masks(req: GenerationRequest, policy: Mapping[str, Any], key: str) -> None:
-    """The request's own maps exist and their fields of view suit its regions (NVIDIA's recommendation)."""
-    from maisi.generate.user_masks import find_user_masks, fov_problem
+    """The request's own maps exist and their fields of view suit its regions (NVIDIA's recommendation; where
+    it gives none for the regions, the log says the maps are not checked)."""
+    from maisi.generate.user_masks import find_user_masks, fov_problem, recommended_ct
     from maisi.sources.cases import resolve_label_map
 
     tolerance = float(policy.get("fov_tolerance", schema_default("generate.user_masks.fov_tolerance")))
     action = policy.get("out_of_range", schema_default("generate.user_masks.out_of_range"))
     resolve_label_map((req.mask_folder or {}).get("label_map"), f"{key}.mask_folder.label_map")
     masks = find_user_masks(req.mask_folder or {}, f"{key}.mask_folder")
+    if recommended_ct(req.top_region, req.bottom_region) is None:
+        log.warning("%s.mask_folder: NVIDIA recommends no CT field of view for %s -> %s (docs/inference.md, 'Recommended Spacing for CT', "
+                    "has no such row): the %d maps' fields of view are not checked", key, req.top_region, req.bottom_region, len(masks))  # fmt: skip
     problems = [f"{m.case_id}: {p}" for m in masks if (p := fov_problem(m.dim, m.spacing, req.top_region, req.bottom_region, tolerance))]
     if problems and action == "refuse":
         raise RequestError(f"{key}.mask_folder: {len(problems)} of {len(masks)} maps: {problems[0]}"

@@ -4,14 +4,18 @@ A request names a folder of label maps (``mask_folder``: ``path``, a ``labels`` 
 optionally an ``images`` pattern for the matching CTs, and a ``label_map`` from the segmenter's values to
 MAISI classes). Case ``i`` of the request is conditioned on map ``i mod n`` (sorted by case id).
 
-Checked when the workflow starts, from the files' headers: every map's field of view against NVIDIA's
-recommended one for the request's body regions (:data:`RECOMMENDED_CT`, the medians of NVIDIA's CT
-training set, ``docs/inference.md``), refused with the recommended size and spacing, or a warning
-(``generate.user_masks.out_of_range``). When a case is generated: the map's values (all must map to
-MAISI classes), and the ``body`` class (200) the released ControlNet expects on every body voxel without
-an organ label: where it is missing it is added as NVIDIA's ``add_body_envelope`` adds it, from the CT
-(a map without body and without a CT is refused). The map is then put on the request's grid as every
-other map (:func:`maisi.generate.mask_database.on_query_grid`).
+Checked when the workflow starts, from the files' headers: every map's field of view (along the world's x,
+y and z, whatever the order its array is stored in) against NVIDIA's recommended one for the request's body
+regions (:data:`RECOMMENDED_CT`, the medians of NVIDIA's CT training set, ``docs/inference.md``), refused
+with the recommended size and spacing, or a warning (``generate.user_masks.out_of_range``); where NVIDIA
+recommends none (head_neck alone) the log says the maps are not checked. When a case is generated: the
+map's values (whole numbers, no NaN, all mapping to MAISI classes), and the ``body`` class (200) the
+released ControlNet expects on every body voxel without an organ label: where it is missing it is added as
+NVIDIA's ``add_body_envelope`` adds it, from the CT (a map without body and without a CT is refused). Map
+and CT are first brought onto one grid through their affines: both reoriented to RAS, the map resampled
+(nearest neighbour) onto the CT's grid where its orientation, origin, spacing or shape differ; a pair that
+does not overlap in the world (:data:`MIN_CT_OVERLAP`) fails its case naming both files. The map is then
+put on the request's grid as every other map (:func:`maisi.generate.mask_database.on_query_grid`).
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ import numpy as np
 from maisi.core.anatomy import BODY_REGIONS
 from maisi.core.labels import BODY
 
-__all__ = ["RECOMMENDED_CT", "UserMask", "UserMasks", "recommended_ct", "fov_problem", "find_user_masks", "add_body_envelope", "load_user_masks"]
+__all__ = ["RECOMMENDED_CT", "UserMask", "UserMasks", "recommended_ct", "fov_problem", "find_user_masks", "add_body_envelope", "load_user_masks",
+           "MIN_CT_OVERLAP", "on_ct_grid"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +51,11 @@ RECOMMENDED_CT: dict[tuple[str, ...], tuple[tuple[int, int, int], tuple[float, f
     ("head_neck", "chest", "abdomen", "lower_body"): ((512, 512, 384), (1.367, 1.367, 4.603)),
     ("head_neck", "chest"): ((512, 512, 128), (0.645, 0.645, 2.219)),
 }
+
+
+#: The share of the box around a map's labelled voxels (its whole box when it labels nothing) that must lie
+#: within its CT's field of view for the two to be combined.
+MIN_CT_OVERLAP = 0.9
 
 
 def recommended_ct(top: str, bottom: str) -> tuple[tuple[int, int, int], tuple[float, float, float]] | None:
@@ -81,11 +91,24 @@ class UserMask:
     spacing: tuple[float, float, float]
 
 
+def _world_grid(shape: Sequence[int], affine: np.ndarray) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
+    """Size and spacing along the world's x, y and z (RAS) of an array stored in any axis order."""
+    import nibabel as nib
+
+    from maisi.core.checks import spacing_from_affine
+
+    spacing = spacing_from_affine(affine)
+    dim, step = [0, 0, 0], [0.0, 0.0, 0.0]
+    for axis, (world, _) in enumerate(nib.orientations.io_orientation(np.asarray(affine, np.float64))):
+        dim[int(world)], step[int(world)] = int(shape[axis]), round(float(spacing[axis]), 6)
+    return tuple(dim), tuple(step)  # type: ignore[return-value]
+
+
 def find_user_masks(spec: Mapping[str, Any], where: str) -> list[UserMask]:
     """The maps of a ``mask_folder`` spec, sorted by case id, with their grids; errors name ``where``."""
     import nibabel as nib
 
-    from maisi.core.checks import ConfigError, spacing_from_affine
+    from maisi.core.checks import ConfigError, InputError, check_nifti_spacing
 
     root = Path(spec["path"])
     if not root.is_dir():
@@ -105,12 +128,16 @@ def find_user_masks(spec: Mapping[str, Any], where: str) -> list[UserMask]:
         if image and not Path(image).is_file():
             raise ConfigError(f"config key '{where}.images': the CT of map {case} is not there: {image}")
         try:
+            check_nifti_spacing(path)
             header = nib.load(path)
+        except InputError as exc:
+            raise ConfigError(f"config key '{where}': {exc}") from None
         except Exception as exc:  # nibabel raises many types for foreign files
             raise ConfigError(f"config key '{where}': {path} is not a readable NIfTI label map ({exc})") from None
-        dim = tuple(int(n) for n in header.shape[:3])
-        spacing = tuple(round(float(s), 6) for s in spacing_from_affine(header.affine))
-        out.append(UserMask(case, path, image, dim, spacing))  # type: ignore[arg-type]
+        if len(header.shape) < 3:
+            raise ConfigError(f"config key '{where}': {path} is not a 3-D label map (shape {tuple(header.shape)})")
+        dim, spacing = _world_grid(header.shape[:3], header.affine)
+        out.append(UserMask(case, path, image, dim, spacing))
     if not out:
         raise ConfigError(f"config key '{where}': no label map matches {root / pattern}")
     return out
@@ -159,6 +186,102 @@ def add_body_envelope(seg: np.ndarray, ct: np.ndarray, hu_threshold: float = -80
 _LUNG_LOBES = (28, 29, 30, 31, 32)
 
 
+def _load_canonical(path: str, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """A NIfTI volume reoriented to RAS (nibabel's ``as_closest_canonical``) and its affine; errors name the file."""
+    import nibabel as nib
+
+    from maisi.core.checks import InputError, check_nifti_spacing
+
+    check_nifti_spacing(path)
+    try:
+        img = nib.as_closest_canonical(nib.load(path))
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:  # nibabel, gzip and zlib raise many types for corrupt files
+        raise InputError(path, f"cannot be read as a NIfTI {what} ({type(exc).__name__}: {exc})") from None
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise InputError(path, f"the {what} has shape {tuple(data.shape)}; expected a 3-D volume")
+    return data, np.asarray(img.affine, dtype=np.float64)
+
+
+def _whole_classes(data: np.ndarray, path: str) -> np.ndarray:
+    """A label map's values as int64, refused (naming ``path``) where they are NaN, infinite or fractional."""
+    from maisi.core.checks import InputError
+
+    if np.issubdtype(data.dtype, np.floating):
+        nan = np.isnan(data)
+        if nan.any():
+            raise InputError(path, f"NaN in the label map ({int(nan.sum())} voxels); a label map holds whole class numbers")
+        if np.isinf(data).any():
+            raise InputError(path, f"infinite values in the label map ({int(np.isinf(data).sum())} voxels)")
+        fractional = data != np.rint(data)
+        if fractional.any():
+            shown = ", ".join(f"{v:g}" for v in np.unique(data[fractional])[:5])
+            raise InputError(path, f"label map values are not whole numbers ({shown}); was the map resampled with linear "
+                                   "interpolation? Label maps are resampled with nearest neighbour")  # fmt: skip
+    return np.asarray(data).astype(np.int64)
+
+
+def _world_box(affine: np.ndarray, lo: Sequence[float], hi: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """The world's (RAS, mm) axis-aligned box around voxels ``lo`` to ``hi`` (inclusive), to their outer faces."""
+    corners = np.array([[(lo[a] - 0.5, hi[a] + 0.5)[(k >> a) & 1] for a in range(3)] + [1.0] for k in range(8)])
+    world = (affine @ corners.T)[:3].T
+    return world.min(axis=0), world.max(axis=0)
+
+
+def _labelled_extent(seg: np.ndarray) -> tuple[list[int], list[int]]:
+    """First and last labelled voxel along each axis (the whole array where nothing is labelled)."""
+    labelled = seg > 0
+    if not labelled.any():
+        return [0, 0, 0], [n - 1 for n in seg.shape]
+    lo, hi = [], []
+    for axis in range(3):
+        along = np.flatnonzero(labelled.any(axis=tuple(a for a in range(3) if a != axis)))
+        lo.append(int(along[0]))
+        hi.append(int(along[-1]))
+    return lo, hi
+
+
+def on_ct_grid(
+    seg: np.ndarray, seg_affine: np.ndarray, ct_shape: Sequence[int], ct_affine: np.ndarray, label_path: str, ct_path: str
+) -> tuple[np.ndarray, bool]:
+    """The label map on its CT's grid through their affines (MONAI's ``SpatialResample``, nearest neighbour),
+    and whether it had to be resampled (its orientation, origin, spacing or shape differ from the CT's).
+
+    Refused, naming both files, where less than :data:`MIN_CT_OVERLAP` of the box around the map's
+    labelled voxels lies within the CT's field of view: the two are not of the same body (a wrong origin
+    or a flipped axis in one of the headers)."""
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import SpatialResample
+
+    from maisi.core.checks import InputError
+
+    seg_affine, ct_affine = np.asarray(seg_affine, np.float64), np.asarray(ct_affine, np.float64)
+    tol = 1e-3 * max(1.0, float(np.abs(ct_affine[:3, :3]).max()))
+    if (tuple(seg.shape) == tuple(ct_shape) and np.allclose(seg_affine[:3, :3], ct_affine[:3, :3], atol=tol)
+            and np.allclose(seg_affine[:3, 3], ct_affine[:3, 3], atol=max(tol, 1e-2))):  # fmt: skip
+        return seg, False
+    lo, hi = _labelled_extent(seg)
+    map_lo, map_hi = _world_box(seg_affine, lo, hi)
+    ct_lo, ct_hi = _world_box(ct_affine, [0, 0, 0], [n - 1 for n in ct_shape])
+    inside = np.clip(np.minimum(map_hi, ct_hi) - np.maximum(map_lo, ct_lo), 0.0, None)
+    share = float(np.prod(inside) / np.prod(map_hi - map_lo))
+    if share < MIN_CT_OVERLAP:
+
+        def box(lo_: np.ndarray, hi_: np.ndarray) -> str:
+            return " x ".join(f"[{a:.0f}, {b:.0f}]" for a, b in zip(lo_, hi_, strict=True))
+
+        what = "do not overlap" if share == 0 else f"overlap too little ({share:.0%} of the map's labelled part, at least {MIN_CT_OVERLAP:.0%})"
+        raise InputError(label_path, f"the label map and its CT {ct_path} {what} in the world: the map's labelled part spans "
+                                     f"{box(map_lo, map_hi)} mm, the CT {box(ct_lo, ct_hi)} mm (RAS x, y, z); check the orientation "
+                                     "and origin in both headers")  # fmt: skip
+    img = MetaTensor(torch.from_numpy(seg.astype(np.float32))[None], affine=torch.as_tensor(seg_affine))
+    out = SpatialResample(mode="nearest", padding_mode="zeros")(img, dst_affine=torch.as_tensor(ct_affine), spatial_size=tuple(ct_shape))
+    return np.rint(np.asarray(out.detach().cpu().numpy()[0])).astype(seg.dtype), True
+
+
 @dataclass
 class UserMasks:
     """A request's own maps: case ``i`` takes map ``i mod n``."""
@@ -167,8 +290,8 @@ class UserMasks:
     label_map: dict[int, int] | None
 
     def draw(self, request, index: int) -> tuple[np.ndarray, dict]:
-        """Map ``index mod n`` in MAISI ids, with the body added when missing, on the request's grid."""
-        import nibabel as nib
+        """Map ``index mod n`` in MAISI ids, with the body added from its CT (on the CT's grid) when missing,
+        on the request's grid; a bad map or CT raises :class:`~maisi.core.checks.InputError` naming the files."""
         import torch
         from monai.data import MetaTensor
 
@@ -177,8 +300,8 @@ class UserMasks:
         from maisi.generate.mask_database import MaskQuery, on_query_grid
 
         entry = self.masks[index % len(self.masks)]
-        img = nib.as_closest_canonical(nib.load(entry.label))
-        raw = np.rint(np.asanyarray(img.dataobj)).astype(np.int64)
+        data, affine = _load_canonical(entry.label, "label map")
+        raw = _whole_classes(data, entry.label)
         if self.label_map is not None:
             unknown = sorted({int(v) for v in np.unique(raw)} - set(self.label_map) - {0})
             if unknown:
@@ -192,20 +315,24 @@ class UserMasks:
         foreign = sorted({int(v) for v in np.unique(raw)} - known)
         if foreign:
             raise InputError(entry.label, f"values {foreign[:10]} are not MAISI classes (give the segmenter's label_map)")
-        added = False
+        added = resampled = False
         if BODY not in np.unique(raw):
             if entry.image is None:
                 raise InputError(entry.label, "has no body class (200), which the ControlNet expects; give the CTs (mask_folder.images) "
                                               "to add it, or add it yourself")  # fmt: skip
-            ct_img = nib.as_closest_canonical(nib.load(entry.image))
-            ct = np.asanyarray(ct_img.dataobj).astype(np.float32)
+            ct_data, ct_affine = _load_canonical(entry.image, "CT")
+            ct = ct_data.astype(np.float32)
+            if not np.isfinite(ct).all():
+                raise InputError(entry.image, f"NaN or infinite values in the CT ({int((~np.isfinite(ct)).sum())} voxels)")
+            raw, resampled = on_ct_grid(raw, affine, ct.shape, ct_affine, entry.label, entry.image)
+            affine = ct_affine
             raw = add_body_envelope(raw, ct, seg_has_lung=bool(np.isin(raw, _LUNG_LOBES).any()))
             added = True
-        tensor = MetaTensor(torch.from_numpy(raw.astype(np.float32))[None], affine=torch.as_tensor(img.affine, dtype=torch.float64))  # RAS
+        tensor = MetaTensor(torch.from_numpy(raw.astype(np.float32))[None], affine=torch.as_tensor(affine, dtype=torch.float64))  # RAS
         query = MaskQuery(request.size, request.spacing, anatomy=request.anatomy)
         array, _ = on_query_grid(tensor, query, f"label map {entry.label}", f"dim {list(entry.dim)}, spacing {list(entry.spacing)}")
         record = {"case_id": f"folder/{entry.case_id}", "path": entry.label, "dim": list(entry.dim), "spacing": list(entry.spacing),
-                  "body_added": added, "image": entry.image}  # fmt: skip
+                  "body_added": added, "resampled_to_ct": resampled, "image": entry.image}  # fmt: skip
         return array, record
 
 
@@ -219,3 +346,4 @@ def load_user_masks(spec: Mapping[str, Any], where: str) -> tuple[UserMasks, str
     masks = find_user_masks(spec, where)
     digest = hashlib.sha256("".join(f"{m.label}:{sha256_file(m.label)};" for m in masks).encode()).hexdigest()
     return UserMasks(masks, resolve_label_map(spec.get("label_map"), f"{where}.label_map")), digest
+
