@@ -25,10 +25,15 @@ from maisi.core.anatomy import BODY_REGIONS
 from maisi.core.labels import resolve_label
 from maisi.sources.converters import CONVERTERS, NEEDS_LABEL_MAP
 
-__all__ = ["CatalogError", "MissingChecksumError", "DatasetEntry", "ENTRY_SCHEMA", "CATALOG_SCHEMA", "NONE_PUBLISHED", "default_catalog_path", "load_catalog", "parse_catalog", "download_entry", "extract_entry"]
+__all__ = ["CatalogError", "MissingChecksumError", "DatasetEntry", "ENTRY_SCHEMA", "CATALOG_SCHEMA", "NONE_PUBLISHED", "default_catalog_path", "load_catalog", "parse_catalog", "download_entry", "extract_entry", "UNPACKED_FACTOR"]
 
 #: Value of an entry's ``checksum`` key declaring that the source publishes no checksum.
 NONE_PUBLISHED = "none-published"
+
+
+#: What a dataset's archive may unpack to, as a multiple of the catalog's ``size_gb`` (the published archive size;
+#: the catalog's archives hold compressed NIfTI, about their own size unpacked).
+UNPACKED_FACTOR: int = 4
 
 
 ARCHIVE_TYPES: tuple[str, ...] = ("tar", "tar.gz", "tgz", "tar.bz2", "tar.xz", "zip")
@@ -268,7 +273,15 @@ def download_entry(entry: DatasetEntry, downloads_dir: str | os.PathLike, **kwar
 def extract_entry(
     entry: DatasetEntry, archive: str | os.PathLike, target_dir: str | os.PathLike, *, overwrite: bool = False
 ) -> Path:
-    """:func:`maisi.sources.download.safe_extract` with the entry's archive type."""
-    from maisi.sources.download import safe_extract
+    """:func:`maisi.sources.download.safe_extract` with the entry's archive type, the unpacked size bounded by
+    :data:`UNPACKED_FACTOR` times its ``size_gb`` (an :class:`~maisi.sources.download.ArchiveTooLargeError` beyond)."""
+    from maisi.sources.download import ArchiveTooLargeError, safe_extract
 
-    return safe_extract(archive, target_dir, entry.archive_type, overwrite=overwrite)
+    limit = int(UNPACKED_FACTOR * entry.size_gb * 1e9) if entry.size_gb else None
+    try:
+        return safe_extract(archive, target_dir, entry.archive_type, overwrite=overwrite, max_total_bytes=limit)
+    except ArchiveTooLargeError as err:
+        if limit is None or "over the limit" not in err.reason:
+            raise
+        raise ArchiveTooLargeError(err.archive, err.member, f"{err.reason} ({UNPACKED_FACTOR} x size_gb {entry.size_gb} of dataset "
+                                   f"{entry.name!r} in the catalog; correct size_gb there if the archive really is larger)") from None

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
+import shutil
 import tarfile
 import zipfile
 from pathlib import Path
@@ -363,3 +365,136 @@ def test_cases_table_is_written(server, tmp_path):
     convert_dataset(spleen_entry("http://example.invalid/x.tar", None), src, out)
     df = pd.read_csv(out / "cases.tsv", sep="\t", keep_default_na=False)
     assert df["label"].tolist() == ["labels/spleen_1.nii.gz", "labels/spleen_2.nii.gz"]
+
+
+# --------------------------------------------------------------------------------------------
+# sizes: a truncated or padded transfer, and archives that expand beyond a limit
+
+
+def test_part_longer_than_the_file_is_not_taken_as_complete(server, sleeps, tmp_path):
+    """A leftover part longer than the file (an older, longer version) gets a 416: it is not the file, so it is
+    dropped and the download starts over instead of renaming the padded part into place."""
+    data = payload()
+    url = server.add("f.bin", data)
+    dest = tmp_path / "f.bin"
+    part_path(dest).write_bytes(data + b"tail of an older, longer version")
+    download(url, dest, progress=False)
+    assert dest.read_bytes() == data
+    assert [r.status for r in server.requests_for("f.bin")] == [416, 200]
+
+
+def test_expected_size_is_checked_against_the_server_and_the_file(server, sleeps, tmp_path):
+    data = payload()
+    url = server.add("f.bin", data)
+    dest = tmp_path / "f.bin"
+    with pytest.raises(ChecksumError, match=r"size in bytes.*f\.bin.*expected 200001"):
+        download(url, dest, size=len(data) + 1, progress=False)
+    assert not dest.exists() and not part_path(dest).exists()
+    assert len(server.requests_for("f.bin")) == 1 and sleeps == []  # refused on the announced size, not retried
+    download(url, dest, size=len(data), progress=False)
+    assert dest.read_bytes() == data
+    dest.write_bytes(data[:-1])  # an existing file of the wrong size is fetched again, even without a digest
+    download(url, dest, size=len(data), progress=False)
+    assert dest.read_bytes() == data
+    with pytest.raises(ValueError, match="size"):
+        download(url, dest, size=-1, progress=False)
+
+
+def _nothing_written(tmp_path: Path, archive: Path) -> None:
+    assert sorted(p.name for p in tmp_path.iterdir()) == [archive.name]
+
+
+def test_zip_member_declaring_a_size_over_the_limit_is_refused_before_writing(tmp_path):
+    """A zip whose member declares about 4 GiB in a few hundred bytes (a zip-bomb member) is refused by the default
+    limit, read from its headers before anything is written."""
+    archive = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("ok/fine.txt", b"fine")
+        zf.writestr("big.bin", b"0123456789")
+    raw = bytearray(archive.read_bytes())
+    for signature, offset in ((b"PK\x01\x02", 24), (b"PK\x03\x04", 22)):  # central directory, local header
+        at = raw.rfind(signature)
+        raw[at + offset : at + offset + 4] = (0xFFFFFFF0).to_bytes(4, "little")  # uncompressed size
+    archive.write_bytes(bytes(raw))
+    with pytest.raises(dl.ArchiveTooLargeError, match=r"bomb\.zip.*big\.bin.*4294967280 bytes") as info:
+        safe_extract(archive, tmp_path / "out")
+    assert isinstance(info.value, UnsafeArchiveError)
+    _nothing_written(tmp_path, archive)
+
+
+def test_compressible_zip_member_over_a_member_limit_is_refused(tmp_path):
+    archive = tmp_path / "zeros.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("zeros.bin", bytes(4 << 20))
+    assert archive.stat().st_size < 64 << 10
+    with pytest.raises(dl.ArchiveTooLargeError, match=r"zeros\.bin.*4194304 bytes.*1048576"):
+        safe_extract(archive, tmp_path / "out", max_member_bytes=1 << 20)
+    _nothing_written(tmp_path, archive)
+
+
+def test_tar_of_zeros_over_a_tiny_limit_is_refused(tmp_path):
+    """A tar.gz of highly compressible zeros: one member over the limit, and members that only together exceed it."""
+    archive = tmp_path / "zeros.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        for name, size in (("a/zeros_1.bin", 700_000), ("a/zeros_2.bin", 700_000)):
+            info = tarfile.TarInfo(name)
+            info.size = size
+            tf.addfile(info, io.BytesIO(bytes(size)))
+    assert archive.stat().st_size < 16 << 10
+    with pytest.raises(dl.ArchiveTooLargeError, match=r"zeros\.tar\.gz.*1400000 bytes.*1000000"):
+        safe_extract(archive, tmp_path / "out", max_total_bytes=1_000_000)
+    _nothing_written(tmp_path, archive)
+    with pytest.raises(dl.ArchiveTooLargeError, match=r"zeros_1\.bin.*700000 bytes.*500000"):
+        safe_extract(archive, tmp_path / "out", max_member_bytes=500_000)
+    _nothing_written(tmp_path, archive)
+    out = safe_extract(archive, tmp_path / "out", max_total_bytes=1_400_000)
+    assert (out / "a" / "zeros_2.bin").stat().st_size == 700_000
+
+
+def test_member_writing_more_than_it_declared_is_stopped(tmp_path, monkeypatch):
+    """The declared sizes are checked first; a member whose stream runs on past its declared size (a lying header,
+    a decompressor that does not stop) is cut off while streaming and nothing is left behind."""
+    archive = tmp_path / "liar.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("small.bin", b"x" * 100)
+
+    class Endless(io.RawIOBase):
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, buffer) -> int:
+            buffer[:] = bytes(len(buffer))
+            return len(buffer)
+
+    monkeypatch.setattr(zipfile.ZipFile, "open", lambda self, *a, **k: io.BufferedReader(Endless()))
+    with pytest.raises(dl.ArchiveTooLargeError, match=r"small\.bin.*more than the 100 bytes it declares"):
+        safe_extract(archive, tmp_path / "out")
+    _nothing_written(tmp_path, archive)
+
+
+def test_archive_larger_than_the_free_space_is_refused(tmp_path, monkeypatch):
+    archive = tmp_path / "x.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("a.bin", bytes(10_000))
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(dl.shutil, "disk_usage", lambda path: usage._replace(free=5_000))
+    with pytest.raises(dl.ArchiveTooLargeError, match=r"10000 bytes.*5000 bytes free"):
+        safe_extract(archive, tmp_path / "out")
+    _nothing_written(tmp_path, archive)
+
+
+def test_extract_entry_limits_the_archive_by_the_catalogs_size(tmp_path):
+    """A dataset's archive may unpack to a few times the catalog's size_gb, no more."""
+    from maisi.sources.catalog import UNPACKED_FACTOR, extract_entry
+
+    src = tmp_path / "src"
+    write_msd_task(src)
+    archive = make_tar(src, tmp_path / "Task09_Spleen.tar")
+    unpacked = sum(p.stat().st_size for p in src.rglob("*") if p.is_file())
+    entry = spleen_entry("http://example.invalid/Task09_Spleen.tar", None)
+    small = dataclasses.replace(entry, size_gb=unpacked / 2 / UNPACKED_FACTOR / 1e9)
+    with pytest.raises(dl.ArchiveTooLargeError, match=r"Task09_Spleen\.tar.*size_gb.*msd_task09_spleen"):
+        extract_entry(small, archive, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    fits = dataclasses.replace(entry, size_gb=unpacked / UNPACKED_FACTOR / 1e9 * 1.01)
+    assert (extract_entry(fits, archive, tmp_path / "out") / "Task09_Spleen" / "dataset.json").is_file()
