@@ -2,7 +2,8 @@
 
 Gaussian noise of the latent shape (``size / 4``) is denoised by the diffusion UNet with the variant's
 scheduler (MONAI's rectified flow, 30 steps, or DDPM, 1000) and the conditions the variant takes:
-spacing, top/bottom body regions (x100, as MAISI), the modality class label; the ControlNet's
+spacing, top/bottom body regions (x100, as MAISI; :func:`conditioning_regions` says which), the modality
+class label; the ControlNet's
 residuals are added at every step. With classifier-free guidance the conditional and unconditional
 branches run as one batch of two, the unconditional one as NVIDIA builds it (class label 0, and the
 mask with its tumours removed for the ControlNet), and the prediction is
@@ -16,6 +17,7 @@ from the case's seed (NVIDIA's from torch's global one).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from maisi.core.anatomy import one_hot
+from maisi.core.anatomy import RegionError, one_hot
 from maisi.core.io import sha256_file
 from maisi.core.seeds import derive_seed
 from maisi.generate.augment import remove_tumours
@@ -38,8 +40,11 @@ from maisi.generate.user_masks import UserMasks, load_user_masks
 from maisi.models.checkpoints import diffusion_scheduler, load_autoencoder, load_controlnet, load_diffusion
 from maisi.models.networks import build_scheduler, condition_inputs, label_to_bits, select_device
 from maisi.models.variants import Variant, scheduler_spec, variant
+from maisi.prepare.regions import regions_from_label
 
-__all__ = ["Models", "load_models", "sample_latent", "to_hu", "grid_affine", "load_request", "HU_RANGE"]
+__all__ = ["Models", "load_models", "sample_latent", "conditioning_regions", "to_hu", "grid_affine", "load_request", "HU_RANGE"]
+
+log = logging.getLogger(__name__)
 
 HU_RANGE = (-1000.0, 1000.0)
 
@@ -103,19 +108,50 @@ def _scheduler(models: Models, steps: int, latent_shape: Sequence[int]):
     return scheduler
 
 
-def _unet_inputs(models: Models, request: GenerationRequest, guided: bool) -> dict[str, torch.Tensor]:
+def conditioning_regions(
+    var: Variant, request: GenerationRequest, mask: np.ndarray | None, where: str = "the mask"
+) -> dict[str, str]:
+    """The body regions the diffusion UNet is conditioned on (``top_region``, ``bottom_region``) and where they come
+    from (``regions_from``: ``mask`` or ``request``).
+
+    As NVIDIA's sampler (``get_body_region_index_from_mask``): for a variant with region inputs and a ``mask``, the
+    first and last region, head to foot, whose marker organs (:data:`maisi.core.anatomy.REGION_LABELS`, any voxel;
+    vertebrae do not count) the map holds, with a warning where they differ from the request's. Otherwise the
+    request's: cases without a mask, variants without region inputs (rflow-ct), and a map without any marker organ
+    (where NVIDIA's function fails; a warning naming ``where``).
+    """
+    top, bottom = request.top_region, request.bottom_region
+    requested = {"top_region": top, "bottom_region": bottom, "regions_from": "request"}
+    if mask is None or not var.takes_body_region:
+        return requested
+    try:
+        found = regions_from_label(mask, min_voxels=1, vertebrae="off")
+    except RegionError:
+        log.warning("%s holds no body-region marker organ (brain or skull, lung lobes, liver, spleen, pancreas or kidneys, "
+                    "femurs): the diffusion model is conditioned on the request's regions, %s -> %s", where, top, bottom)  # fmt: skip
+        return requested
+    if (found.top, found.bottom) != (top, bottom):
+        log.warning("%s: body regions %s -> %s differ from the request's (%s -> %s); the diffusion model is conditioned "
+                    "on the map's, as NVIDIA's sampler derives them", where, found.top, found.bottom, top, bottom)  # fmt: skip
+    return {"top_region": found.top, "bottom_region": found.bottom, "regions_from": "mask"}
+
+
+def _unet_inputs(models: Models, request: GenerationRequest, guided: bool, regions: tuple[str, str]) -> dict[str, torch.Tensor]:
     """The condition inputs the variant takes; with guidance, a batch of two (conditional, unconditional: class label 0)."""
     rows = 2 if guided else 1
-    return condition_inputs(models.variant, [one_hot(request.top_region)] * rows, [one_hot(request.bottom_region)] * rows,
+    top, bottom = regions
+    return condition_inputs(models.variant, [one_hot(top)] * rows, [one_hot(bottom)] * rows,
                             [request.spacing] * rows, [request.modality, 0][:rows], models.device)  # fmt: skip
 
 
 @torch.no_grad()
 def sample_latent(
-    models: Models, request: GenerationRequest, seed: int, mask: np.ndarray | None = None, progress: bool = True
+    models: Models, request: GenerationRequest, seed: int, mask: np.ndarray | None = None, progress: bool = True,
+    regions: tuple[str, str] | None = None,
 ) -> torch.Tensor:
     """Denoise Gaussian noise of the request's latent shape (MAISI's sampling loop); ``(1, 4, x, y, z)``
-    on the models' device, not yet divided by the scale factor."""
+    on the models' device, not yet divided by the scale factor. ``regions`` (top, bottom): the body regions of
+    the UNet's inputs (:func:`conditioning_regions`), the request's by default."""
     from tqdm.auto import tqdm
 
     dev = models.device
@@ -127,7 +163,7 @@ def sample_latent(
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     latents = torch.randn((1, 4, *request.latent_shape), generator=gen).to(dev)
     scheduler = _scheduler(models, request.steps, request.latent_shape)
-    inputs = _unet_inputs(models, request, guided)
+    inputs = _unet_inputs(models, request, guided, regions or (request.top_region, request.bottom_region))
     cond = None
     if mask is not None:
         if models.controlnet is None:
