@@ -36,7 +36,8 @@ def generate_inputs(wildcards):
     if request.masks and request.mask_source == "generated":
         inputs.update(controlnet=CONTROLNET, **MASK_GENERATION)
     elif request.masks and request.mask_source == "folder":
-        inputs.update(controlnet=CONTROLNET, own_masks=user_mask_files(wildcards.request))
+        # the prepared cases: no own map may be a held-out case's (checked when the shard starts)
+        inputs.update(controlnet=CONTROLNET, own_masks=user_mask_files(wildcards.request), cases=PREPARED_CASES)
     elif request.masks:
         inputs.update(controlnet=CONTROLNET, masks=MASK_DATABASE)
     return inputs

@@ -22,7 +22,6 @@ mask archive) is read in its own format by :func:`read_nvidia_candidates`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -34,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from maisi.core.anatomy import BODY_REGIONS
-from maisi.core.holdout import case_key, check_not_held_out
+from maisi.core.holdout import LabelMapRef, check_held_out_label_maps
 from maisi.core.io import sha256_file, write_json
 from maisi.core.labels import label_name, resolve_label
 from maisi.core.provenance import provenance
@@ -261,34 +260,13 @@ def read_nvidia_candidates(candidates_json: str | os.PathLike, mask_folder: str 
     return sorted(entries, key=lambda e: e.case_id)
 
 
-def _voxel_digest(img: Any) -> str:
-    """sha256 of a label map's voxels (as int16) and shape: the same map saved again, or renamed, matches."""
-    data = np.ascontiguousarray(np.asarray(img.dataobj).astype(np.int16))
-    return hashlib.sha256(repr(data.shape).encode() + data.tobytes()).hexdigest()
-
-
 def check_held_out_masks(entries: Sequence[MaskEntry], held_out: pd.DataFrame) -> None:
     """Refuse (:class:`maisi.core.holdout.HeldOutLeak`) a database that holds the label map of a held-out real case
-    (``held_out``: the held-out rows of the prepared case table): by case id, by file, by file hash, or by the
-    voxels themselves (for entries on the same grid as a held-out map, so a renamed or re-saved copy is caught)."""
-    import nibabel as nib
-
-    labelled = held_out[held_out["label"].fillna("").astype(str).str.strip() != ""] if "label" in held_out.columns else held_out.iloc[:0]
-    keys = {case_key(s, c) for s, c in zip(held_out["source"], held_out["case_id"], strict=True)}
-    files = {str(Path(p).resolve()): case_key(s, c) for s, c, p in zip(labelled["source"], labelled["case_id"], labelled["label"], strict=True)}
-    hashes = {sha256_file(p): k for p, k in files.items()}
-    voxels: dict[tuple[int, ...], dict[str, str]] = {}
-    for path, key in files.items():
-        img = nib.load(path)
-        voxels.setdefault(tuple(int(n) for n in img.shape[:3]), {})[_voxel_digest(img)] = key
-    used = {}
-    for e in entries:
-        match = (e.case_id if e.case_id in keys else files.get(str(Path(e.label).resolve())) or hashes.get(e.sha256))
-        if match is None and tuple(e.dim) in voxels:
-            match = voxels[tuple(e.dim)].get(_voxel_digest(nib.load(e.label)))
-        if match is not None:
-            used[match] = f"mask database entry {e.case_id}, {e.label}"
-    check_not_held_out(used, keys, "mask database")
+    (``held_out``: the held-out rows of the prepared case table): by case id, by file, by file hash, or by the voxels
+    themselves, of the case's prepared map or of the source map its record names, renamed, saved again or resampled to
+    the entry's grid (:func:`maisi.core.holdout.check_held_out_label_maps`)."""
+    maps = [LabelMapRef(f"mask database entry {e.case_id}", e.label, e.sha256, e.case_id) for e in entries]
+    check_held_out_label_maps(maps, held_out, "mask database")
 
 
 def write_mask_database(entries: Iterable[MaskEntry], dest: str | os.PathLike) -> Path:

@@ -34,7 +34,7 @@ from maisi.core.anatomy import BODY_REGIONS
 from maisi.core.labels import BODY
 
 __all__ = ["RECOMMENDED_CT", "UserMask", "UserMasks", "recommended_ct", "fov_problem", "find_user_masks", "add_body_envelope", "load_user_masks",
-           "MIN_CT_OVERLAP", "on_ct_grid"]
+           "check_own_masks_held_out", "MIN_CT_OVERLAP", "on_ct_grid"]
 
 log = logging.getLogger(__name__)
 
@@ -347,3 +347,12 @@ def load_user_masks(spec: Mapping[str, Any], where: str) -> tuple[UserMasks, str
     digest = hashlib.sha256("".join(f"{m.label}:{sha256_file(m.label)};" for m in masks).encode()).hexdigest()
     return UserMasks(masks, resolve_label_map(spec.get("label_map"), f"{where}.label_map")), digest
 
+
+def check_own_masks_held_out(spec: Mapping[str, Any], held_out: Any, where: str) -> None:
+    """Refuse (:class:`maisi.core.holdout.HeldOutLeak`) a ``mask_folder`` that holds a held-out case's label map
+    (``held_out``: the held-out rows of the prepared case table, a ``DataFrame``), renamed, saved again or resampled:
+    the check every map on its way into generation passes (:func:`maisi.core.holdout.check_held_out_label_maps`)."""
+    from maisi.core.holdout import LabelMapRef, check_held_out_label_maps
+
+    maps = [LabelMapRef(f"own label map {m.case_id}", m.label) for m in find_user_masks(spec, where)]
+    check_held_out_label_maps(maps, held_out, where)

@@ -191,3 +191,136 @@ def test_a_held_out_mask_in_the_database_stops_the_run(tmp_path, prepared):
 
     with pytest.raises(HeldOutLeak, match="src/d"):  # every row, the held-out one included
         check_held_out_masks(build_mask_database(prepared), held_out_rows(prepared))
+
+
+# ------------------------------------------------------------------- every route a label map takes into generation
+
+
+def _prepared_from_sources(tmp_path) -> pd.DataFrame:
+    """Three cases prepared as the workflow prepares them (source files, per-case records, MAISI's grid), ``p2`` held
+    out. The sources are stored left-posterior first on their own grid (40 x 36 x 30 voxels, 1.5 x 1.5 x 2 mm)."""
+    from helpers.volumes import organ_body, write_nifti
+
+    from maisi.prepare.preprocess import PreprocessSettings, preprocess_case
+    from maisi.sources.cases import CaseInput
+
+    rows = []
+    for i in range(3):
+        hu, label = organ_body(i, shape=(40, 36, 30))
+        affine = np.diag([-1.5, -1.5, 2.0, 1.0])
+        image = write_nifti(tmp_path / "sources" / "images" / f"p{i}.nii.gz", hu.astype(np.int16), affine=affine)
+        source_label = write_nifti(tmp_path / "sources" / "labels" / f"p{i}.nii.gz", label, affine=affine)
+        row = preprocess_case(CaseInput("src", f"p{i}", str(image), str(source_label)), tmp_path / "prepared", PreprocessSettings(divisor=32))
+        rows.append({**dict.fromkeys(COLUMNS, ""), **{k: v for k, v in row.items() if k in COLUMNS}, "case_id": f"p{i}",
+                     "top_region": "chest", "bottom_region": "abdomen"})  # fmt: skip
+    cases = pd.DataFrame(rows, columns=list(COLUMNS)).astype(str)
+    cases["split"] = [TRAIN, TRAIN, HELD_OUT]
+    return cases
+
+
+def _resampled_by_the_user(source, dest, spacing=(2.0, 2.0, 2.5)):
+    """``source`` resampled to another grid (nearest neighbour) with nibabel, as a user might before adding it to a database."""
+    from nibabel.processing import resample_to_output
+
+    img = resample_to_output(nib.load(str(source)), voxel_sizes=spacing, order=0)
+    save_nifti(np.asarray(img.dataobj), img.affine, dest, np.uint8)
+    return np.asarray(img.dataobj)
+
+
+def _source_label(tmp_path, case: str):
+    return tmp_path / "sources" / "labels" / f"{case}.nii.gz"
+
+
+def test_a_nvidia_database_holding_a_held_out_source_label_stops_the_run(tmp_path):
+    """NVIDIA's candidate list holding the held-out case's *source* label map (the one its record names), a byte-identical
+    copy under another name, is refused, naming the case and the file; so is that map resampled by the user to another
+    grid. Another case's map (the training split's, resampled the same way) passes."""
+    import shutil
+
+    cases = _prepared_from_sources(tmp_path)
+    folder = tmp_path / "nvidia_masks"
+    folder.mkdir()
+    shutil.copy(_source_label(tmp_path, "p2"), folder / "mask_1.nii.gz")
+    _resampled_by_the_user(_source_label(tmp_path, "p0"), folder / "mask_0.nii.gz")  # a training case: allowed here
+    _resampled_by_the_user(_source_label(tmp_path, "p2"), folder / "mask_2.nii.gz")
+
+    def nvidia_list(names):
+        items = []
+        for name in names:
+            img = nib.load(str(folder / name))
+            items.append({"pseudo_label_filename": name, "label_list": sorted(int(v) for v in np.unique(np.asarray(img.dataobj)) if v),
+                          "dim": list(img.shape), "spacing": [float(s) for s in img.header.get_zooms()],
+                          "top_region_index": [0, 1, 0, 0], "bottom_region_index": [0, 0, 1, 0]})  # fmt: skip
+        (tmp_path / "candidates.json").write_text(json.dumps(items))
+        return tmp_path / "candidates.json"
+
+    _run_mask_database_rule(tmp_path, cases, "nvidia", candidates=nvidia_list(["mask_0.nii.gz"]), masks=folder)
+    assert (tmp_path / "database.json").is_file()
+    (tmp_path / "database.json").unlink()
+    for name in ("mask_1.nii.gz", "mask_2.nii.gz"):
+        with pytest.raises(HeldOutLeak, match=rf"mask database: held-out real case\(s\) src/p2 \(mask database entry nvidia/{name}, "
+                                              rf"{folder / name}: .*src/p2's source label map .*p2.nii.gz"):  # fmt: skip
+            _run_mask_database_rule(tmp_path, cases, "nvidia", candidates=nvidia_list(["mask_0.nii.gz", name]), masks=folder)
+        assert not (tmp_path / "database.json").exists()
+
+
+def test_a_different_patient_on_the_held_out_grid_is_no_leak(tmp_path):
+    """The voxel comparison does not take another patient's map on the same field of view for a copy."""
+    from helpers.volumes import organ_body
+
+    from maisi.core.holdout import LabelMapRef, check_held_out_label_maps
+
+    cases = _prepared_from_sources(tmp_path)
+    for seed in range(3, 9):
+        _, label = organ_body(seed, shape=(40, 36, 30))
+        other = tmp_path / "other" / f"o{seed}.nii.gz"
+        save_nifti(label, np.diag([-1.5, -1.5, 2.0, 1.0]), other, np.uint8)
+        resampled = tmp_path / "other" / f"r{seed}.nii.gz"
+        _resampled_by_the_user(other, resampled)
+        check_held_out_label_maps([LabelMapRef(f"o{seed}", str(other)), LabelMapRef(f"r{seed}", str(resampled))], held_out_rows(cases), "test")
+
+
+def test_own_mask_folder_holding_a_held_out_label_map_stops_the_request(tmp_path):
+    """A ``masks: folder`` request whose folder holds the held-out case's prepared label map (copied under another name) or its
+    source map resampled is refused before anything is generated, naming the case and the file; the generate job is given
+    the prepared case table for it."""
+    import shutil
+
+    from snakemake.iocontainers import Namedlist
+
+    from maisi.generate.requests import parse_requests
+
+    cases = _prepared_from_sources(tmp_path)
+    own = tmp_path / "own"
+    (own / "labels").mkdir(parents=True)
+    shutil.copy(cases.label[0], own / "labels" / "mine0.nii.gz")  # a training case's map: allowed
+    block = {"requests": {"own": {"n_cases": 2, "size": [32, 32, 32], "spacing": [2.0, 2.0, 2.0], "top_region": "chest", "bottom_region": "abdomen",
+                                  "masks": "folder", "mask_folder": {"path": str(own), "labels": "labels/{case}.nii.gz"}}},
+             "user_masks": {"out_of_range": "warn"}}  # fmt: skip
+    request = parse_requests(block, "tiny", "rflow")[0]
+    cases.to_csv(tmp_path / "cases.tsv", sep="\t", index=False)
+
+    def run_generate_job():
+        smk = type("Job", (), {})()
+        smk.input = Namedlist(fromdict={"cases": str(tmp_path / "cases.tsv")})
+        smk.output = Namedlist(fromdict={"table": str(tmp_path / "shard.tsv")})
+        smk.params = Namedlist(fromdict={"request": json.dumps(request.to_json()), "cases": "[]", "settings": "{}", "out_root": str(tmp_path / "gen")})
+        smk.log, smk.threads = Namedlist(), 1
+        runpy.run_path(str(ROOT / "workflow_scripts/generate.py"), init_globals={"snakemake": smk})
+
+    from maisi.generate.user_masks import check_own_masks_held_out
+
+    check_own_masks_held_out(request.mask_folder, held_out_rows(cases), "generate.requests.own.mask_folder")
+    shutil.copy(cases.label[2], own / "labels" / "mine1.nii.gz")
+    with pytest.raises(HeldOutLeak, match=r"generate.requests.own.mask_folder: held-out real case\(s\) src/p2 \(own label map mine1, "
+                                          r".*mine1.nii.gz: .*src/p2's prepared label map"):  # fmt: skip
+        run_generate_job()
+    (own / "labels" / "mine1.nii.gz").unlink()
+    _resampled_by_the_user(_source_label(tmp_path, "p2"), own / "labels" / "mine2.nii.gz")
+    with pytest.raises(HeldOutLeak, match=r"held-out real case\(s\) src/p2 \(own label map mine2, .*mine2.nii.gz: .*src/p2's source label map"):
+        check_own_masks_held_out(request.mask_folder, held_out_rows(cases), "generate.requests.own.mask_folder")
+    assert not (tmp_path / "shard.tsv").exists()
+
+    inputs = (ROOT / "rules" / "generate_inputs.smk").read_text()
+    folder_branch = inputs.split('request.mask_source == "folder"')[1].split("elif")[0]
+    assert "cases=PREPARED_CASES" in folder_branch.replace(" ", "")
