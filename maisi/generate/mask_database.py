@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from maisi.core.anatomy import BODY_REGIONS
+from maisi.core.checks import InputError
 from maisi.core.holdout import LabelMapRef, check_held_out_label_maps
 from maisi.core.io import sha256_file, write_json
 from maisi.core.labels import label_name, resolve_label
@@ -218,44 +219,71 @@ def build_mask_database(cases: pd.DataFrame) -> list[MaskEntry]:
 NVIDIA_REGIONS = ("head_neck", "chest", "abdomen", "lower_body")
 
 
+def _candidate_file(listing: Path, index: int, key: str, name: str, root: Path) -> Path:
+    """The file an item of NVIDIA's candidate list names under ``key``: inside the mask folder ``root`` once resolved
+    (links followed), a NIfTI map nibabel reads. Else an :class:`~maisi.core.checks.InputError` naming the list, the item's
+    index and its key."""
+    import nibabel as nib
+
+    where = f"item {index} ({key} {name!r})"
+    folder = root.resolve()
+    target = (root / name).resolve()
+    if not target.is_relative_to(folder):
+        raise InputError(listing, f"{where}: points outside the mask folder {folder} (to {target}); every map of the list must lie in it")
+    if not name.lower().endswith((".nii", ".nii.gz")):
+        raise InputError(listing, f"{where}: not a NIfTI label map (.nii or .nii.gz)")
+    if not target.is_file():
+        raise InputError(listing, f"{where}: mask {root / name} not found (extract NVIDIA's mask archive there)")
+    try:
+        img = nib.load(str(target))
+    except Exception as exc:  # nibabel raises many types for foreign files
+        raise InputError(listing, f"{where}: {target} is not a readable NIfTI label map ({type(exc).__name__}: {exc})") from None
+    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image) or len(img.shape) < 3:
+        raise InputError(listing, f"{where}: {target} is not a 3-D NIfTI label map (shape {list(img.shape)})")
+    return target
+
+
 def read_nvidia_candidates(candidates_json: str | os.PathLike, mask_folder: str | os.PathLike) -> list[MaskEntry]:
     """NVIDIA's candidate database as mask entries: one per item (``pseudo_label_filename`` under ``mask_folder``,
     ``dim``, ``spacing``, ``label_list``, and the one-hot ``top_region_index`` / ``bottom_region_index``).
 
     The case id is ``nvidia/<file name>``; the map the ControlNet is conditioned on is the pseudo label, as
-    in NVIDIA's sampler. Each map is hashed (sha256), so a changed file is noticed when it is used. An item
-    without regions, or a map that is not there, raises ``ValueError`` naming the item.
+    in NVIDIA's sampler. Each map is hashed (sha256), so a changed file is noticed when it is used. Every file the
+    list names (``pseudo_label_filename``, and ``label_filename`` where given) must lie inside the mask folder once
+    resolved and be a NIfTI map. An item without regions, a map that is not there, outside the folder or not NIfTI
+    raises :class:`~maisi.core.checks.InputError` (a ``ValueError``) naming the list, the item's index and its key.
     """
     path = Path(candidates_json)
     try:
         items = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise ValueError(f"NVIDIA candidate database {path}: not readable JSON ({exc})") from None
+        raise InputError(path, f"NVIDIA candidate database: not readable JSON ({exc})") from None
     if not isinstance(items, list):
-        raise ValueError(f"NVIDIA candidate database {path}: expected a list of masks")
+        raise InputError(path, "NVIDIA candidate database: expected a list of masks")
     root = Path(mask_folder)
     subfolders = [d for d in root.iterdir() if d.is_dir()] if root.is_dir() else []
     if items and isinstance(items[0], dict) and len(subfolders) == 1 and not (root / str(items[0].get("pseudo_label_filename", ""))).exists():
         root = subfolders[0]  # the archive's own top folder (NVIDIA's zip holds all_masks_flexible_size_and_spacing_4000/)
     entries = []
     for i, item in enumerate(items):
-        where = f"NVIDIA candidate database {path}, item {i}"
+        where = f"item {i}"
         try:
             name = str(item["pseudo_label_filename"])
+            where = f"item {i} (pseudo_label_filename {name!r})"
             top = [k for k, v in enumerate(item["top_region_index"]) if v != 0]
             bottom = [k for k, v in enumerate(item["bottom_region_index"]) if v != 0]
             dim, spacing, labels = item["dim"], item["spacing"], item["label_list"]
         except (KeyError, TypeError) as exc:
-            raise ValueError(f"{where}: lacks {exc}") from None
+            raise InputError(path, f"{where}: lacks {exc}") from None
         if not top or not bottom:
-            raise ValueError(f"{where}: no body region in its one-hot region indices")
-        label = root / name
-        if not label.is_file():
-            raise ValueError(f"{where}: mask {label} not found (extract NVIDIA's mask archive there)")
+            raise InputError(path, f"{where}: no body region in its one-hot region indices")
+        label = _candidate_file(path, i, "pseudo_label_filename", name, root)
+        if item.get("label_filename"):
+            _candidate_file(path, i, "label_filename", str(item["label_filename"]), root)
         entries.append(MaskEntry(
-            case_id=f"nvidia/{name}", label=str(label), dim=_ints3(dim, f"dim of {where}"), spacing=_floats3(spacing, f"spacing of {where}"),
-            top_region=NVIDIA_REGIONS[top[0]], bottom_region=NVIDIA_REGIONS[bottom[0]],
-            labels=tuple(sorted({int(v) for v in labels} - {0})), sha256=sha256_file(label),
+            case_id=f"nvidia/{name}", label=str(label), dim=_ints3(dim, f"dim of {path}, {where}"),
+            spacing=_floats3(spacing, f"spacing of {path}, {where}"), top_region=NVIDIA_REGIONS[top[0]],
+            bottom_region=NVIDIA_REGIONS[bottom[0]], labels=tuple(sorted({int(v) for v in labels} - {0})), sha256=sha256_file(label),
         ))  # fmt: skip
     return sorted(entries, key=lambda e: e.case_id)
 

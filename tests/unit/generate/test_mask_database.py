@@ -428,7 +428,42 @@ def test_nvidia_candidate_database_in_its_own_format(tmp_path):
     query = MaskQuery((16, 16, 8), (1.5, 1.5, 2.0), "chest", "abdomen", anatomy=["liver"])
     assert [e.case_id for e in candidates(entries, query)] == ["nvidia/pseudo_label_0.nii.gz"]
     (folder / "all_masks_flexible_size_and_spacing_4000" / "pseudo_label_1.nii.gz").unlink()
-    with pytest.raises(ValueError, match="item 1: mask .*pseudo_label_1.nii.gz not found"):
+    with pytest.raises(ValueError, match=r"item 1 \(pseudo_label_filename 'pseudo_label_1.nii.gz'\): mask .*pseudo_label_1.nii.gz not found"):
         read_nvidia_candidates(candidates_json, folder)
     with pytest.raises(ConfigError, match="generate.mask_database.nvidia_candidates"):
         validated(generate={"mask_database": {"source": "nvidia", "nvidia_masks": str(archive)}})
+
+
+def _nvidia_list(tmp_path, names, key="pseudo_label_filename"):
+    """NVIDIA's candidate list naming ``names`` (one 16 x 16 x 8 map each) under the mask folder ``tmp_path/masks``."""
+    items = [{key: name, "label_list": [1, 200], "dim": [16, 16, 8], "spacing": [1.5, 1.5, 2.0],
+              "top_region_index": [0, 1, 0, 0], "bottom_region_index": [0, 0, 1, 0]} for name in names]  # fmt: skip
+    (tmp_path / "candidates.json").write_text(json.dumps(items))
+    return tmp_path / "candidates.json"
+
+
+def test_nvidia_candidate_paths_stay_in_the_mask_folder_and_name_nifti_maps(tmp_path):
+    """A candidate whose file lies outside the mask folder (``..``, an absolute path, a link out of it) or is not a NIfTI map
+    is refused when the list is read, naming the list, the item's index and its key as NVIDIA's JSON names it."""
+    from maisi.core.checks import InputError
+    from maisi.generate.mask_database import read_nvidia_candidates
+
+    label = np.zeros((16, 16, 8), np.uint8)
+    label[4:8] = 1
+    masks = tmp_path / "masks"
+    save_nifti(label, np.diag([1.5, 1.5, 2.0, 1.0]), masks / "ok.nii.gz", np.uint8)
+    save_nifti(label, np.diag([1.5, 1.5, 2.0, 1.0]), tmp_path / "outside.nii.gz", np.uint8)
+    (masks / "notes.nii.gz").write_text("not an image")
+    (masks / "readme.txt").write_text("not an image")
+    (masks / "link.nii.gz").symlink_to(tmp_path / "outside.nii.gz")
+    assert [e.case_id for e in read_nvidia_candidates(_nvidia_list(tmp_path, ["ok.nii.gz"]), masks)] == ["nvidia/ok.nii.gz"]
+    for name, why in [("../outside.nii.gz", "outside the mask folder"), (str(tmp_path / "outside.nii.gz"), "outside the mask folder"),
+                      ("link.nii.gz", "outside the mask folder"), ("readme.txt", "not a NIfTI"), ("notes.nii.gz", "not a readable NIfTI")]:  # fmt: skip
+        with pytest.raises(InputError, match=rf"candidates.json: item 1 \(pseudo_label_filename '{name}'\): .*{why}") as err:
+            read_nvidia_candidates(_nvidia_list(tmp_path, ["ok.nii.gz", name]), masks)
+        assert err.value.path == str(tmp_path / "candidates.json")
+    items = json.loads(_nvidia_list(tmp_path, ["ok.nii.gz"]).read_text())
+    items[0]["label_filename"] = "../outside.nii.gz"  # NVIDIA's optional second map is confined as well
+    (tmp_path / "candidates.json").write_text(json.dumps(items))
+    with pytest.raises(InputError, match=r"item 0 \(label_filename '../outside.nii.gz'\): .*outside the mask folder"):
+        read_nvidia_candidates(tmp_path / "candidates.json", masks)
