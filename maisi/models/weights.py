@@ -4,9 +4,24 @@ them from Hugging Face, a local mirror or the package, and naming them in a conf
 The catalog (``maisi/data/weights.yaml``) lists every file of the release a variant needs:
 repository, path, role, licence and, where published, its sha256 and size. Files are fetched with the
 factory's resumable, checksum-verified downloader (:func:`maisi.sources.download.download`) or copied
-from a mirror folder that holds the repository's layout (air-gapped sites). A file without a pinned
-digest is recorded at its first fetch in ``<dest>/checksums.json`` and checked against that record on
-every later fetch, so a changed upstream file or a corrupted copy is noticed.
+from a mirror folder that holds the repository's layout (air-gapped sites). A file is placed only after
+its size (the catalog's ``size_bytes``, the server's ``Content-Length``) and digest were checked, so a
+truncated or altered file is never placed nor pinned.
+
+A file without a published digest is trusted on first use: its digest is recorded at its first fetch in
+``<dest>/checksums.json`` and checked against that record on every later fetch, so a changed upstream
+file or a corrupted copy is noticed; every fetch of such a file says so in the log and on stderr
+("trust on first use: no published digest for <file>").
+
+A mirror may carry a digest list in its root, checked like the catalog's digests (and against them):
+
+* ``SHA256SUMS``: what ``sha256sum`` writes, one ``<64 hex digits>  <path>`` line per file (``*<path>``
+  for binary mode and a leading ``./`` are accepted; empty lines and lines starting with ``#`` are skipped),
+  the path relative to the mirror's root, e.g. written by ``cd MIRROR && sha256sum models/*.pt datasets/* > SHA256SUMS``;
+* ``checksums.json``: ``{"<path>": {"sha256": "<hex>", "size_bytes": <int, optional>}}`` (or ``{"<path>": "<hex>"}``),
+  the ledger a fetch writes, so a fetched folder serves as a mirror as it is.
+
+A malformed list, or two entries for one path that disagree, is a ``ValueError`` naming the list and line.
 
 The factory's own released models (repository ``package``) ship inside the package (``maisi/data/<path>``) with
 pinned digests: a config names one by ``catalog:<variant>`` under ``pretrained.<role>`` or a stage's ``init_from``
@@ -24,7 +39,10 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
+import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -38,15 +56,23 @@ import yaml
 
 from maisi.core.io import atomic_path, read_json, sha256_file, write_json
 from maisi.models.variants import VARIANTS
-from maisi.sources.download import ChecksumError, download
+from maisi.sources.download import ChecksumError, download, part_path
 
 __all__ = [
     "ReleasedFile", "WeightsCatalog", "load_weights_catalog", "file_url", "fetch_weights", "pretrained_block", "released_file",
-    "resolve_catalog_references", "package_path", "LEDGER", "HF_BASE_URL", "PACKAGE_REPO", "CATALOG_PREFIX",
+    "resolve_catalog_references", "package_path", "read_mirror_digests", "MirrorDigest", "LEDGER", "HF_BASE_URL", "PACKAGE_REPO",
+    "CATALOG_PREFIX", "MIRROR_DIGEST_LISTS",
 ]  # fmt: skip
+
+logger = logging.getLogger(__name__)
+logger.addHandler(logging.NullHandler())  # the warnings go to stderr themselves (no duplicate from logging's last resort)
 
 #: Where the fetched files' digests are recorded, inside the destination folder.
 LEDGER = "checksums.json"
+
+
+#: The digest lists a mirror may carry in its root (see the module's description).
+MIRROR_DIGEST_LISTS = ("SHA256SUMS", LEDGER)
 
 
 HF_BASE_URL = "https://huggingface.co"
@@ -184,12 +210,100 @@ def resolve_catalog_references(cfg: dict[str, Any], *, catalog: WeightsCatalog |
             raise ValueError(f"{where}: {exc}") from None
 
 
-def _copy_from_mirror(source: Path, dest: Path, expected: str | None) -> None:
-    """Copy ``source`` onto ``dest`` atomically; the copy is checked against ``expected`` before it replaces ``dest``."""
+@dataclass(frozen=True)
+class MirrorDigest:
+    """A file's digest (and size, where given) as a mirror's digest list gives it."""
+
+    sha256: str
+    size_bytes: int | None
+    source: str  # the list and line it comes from
+
+
+_SHA256SUM_LINE = re.compile(r"^([0-9a-fA-F]{64}) [ *](.+)$")
+
+
+def _list_path(raw: str) -> str:
+    """A listed path as the catalog writes it (``/``-separated, relative, no ``./``)."""
+    path = raw
+    while path.startswith("./"):
+        path = path[2:]
+    return path
+
+
+def _read_sha256sums(listing: Path) -> list[tuple[str, MirrorDigest]]:
+    out = []
+    for number, line in enumerate(listing.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if line.startswith("\\"):  # sha256sum escapes a name holding a backslash or a newline
+            line = re.sub(r"\\(.)", lambda m: "\n" if m.group(1) == "n" else m.group(1), line[1:])
+        match = _SHA256SUM_LINE.match(line)
+        if not match:
+            raise ValueError(f"{listing}: line {number} is not '<64 hex digits>  <path>' as sha256sum writes it: {line[:120]!r}")
+        out.append((_list_path(match.group(2)), MirrorDigest(match.group(1).lower(), None, f"{listing}, line {number}")))
+    return out
+
+
+def _read_json_digests(listing: Path) -> list[tuple[str, MirrorDigest]]:
+    try:
+        data = json.loads(listing.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{listing}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{listing}: expected an object of <path>: {{sha256, size_bytes}}, got {type(data).__name__}")
+    out = []
+    for path, value in data.items():
+        digest, size = (value.get("sha256"), value.get("size_bytes")) if isinstance(value, dict) else (value, None)
+        if not (isinstance(digest, str) and re.fullmatch(r"[0-9a-fA-F]{64}", digest)):
+            raise ValueError(f"{listing}: entry {path!r}: sha256 {digest!r} is not a 64-digit hex digest")
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+            raise ValueError(f"{listing}: entry {path!r}: size_bytes {size!r} is not a number of bytes")
+        out.append((_list_path(path), MirrorDigest(digest.lower(), size, f"{listing}, entry {path!r}")))
+    return out
+
+
+def read_mirror_digests(mirror: str | os.PathLike) -> dict[str, MirrorDigest]:
+    """The digests a mirror's lists give (:data:`MIRROR_DIGEST_LISTS` in its root), by path; none without a list.
+
+    A malformed list, or two entries for one path that disagree, is a ``ValueError`` naming the list and line."""
+    digests: dict[str, MirrorDigest] = {}
+    for name, reader in zip(MIRROR_DIGEST_LISTS, (_read_sha256sums, _read_json_digests), strict=True):
+        listing = Path(mirror) / name
+        if not listing.is_file():
+            continue
+        for path, entry in reader(listing):
+            if (seen := digests.get(path)) is not None:
+                if seen.sha256 != entry.sha256 or None not in (seen.size_bytes, entry.size_bytes) and seen.size_bytes != entry.size_bytes:
+                    raise ValueError(f"{entry.source}: {path} is listed twice, with another digest or size than at {seen.source}")
+                entry = MirrorDigest(entry.sha256, entry.size_bytes if entry.size_bytes is not None else seen.size_bytes, seen.source)
+            digests[path] = entry
+    return digests
+
+
+def _disagreement(where: str | os.PathLike, expected: str, actual: str, message: str) -> ChecksumError:
+    """A :class:`ChecksumError` between two digest records (not a file), with its own message."""
+    err = ChecksumError(where, "sha256", expected, actual)
+    err.args = (message,)
+    return err
+
+
+def _say(message: str) -> None:
+    """A warning in the log and on stderr."""
+    logger.warning(message)
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _copy_from_mirror(source: Path, dest: Path, expected: str | None, size: int | None = None) -> None:
+    """Copy ``source`` onto ``dest`` atomically; the copy is checked against ``size`` and ``expected`` before it
+    replaces ``dest`` (a file of another size is refused before it is copied)."""
     if not source.is_file():
         raise FileNotFoundError(f"mirror file {source} not found (the mirror keeps the repository's layout)")
+    if size is not None and (have := source.stat().st_size) != size:
+        raise ChecksumError(source, "size in bytes", str(size), str(have))
     with atomic_path(dest) as tmp:
         shutil.copyfile(source, tmp)
+        if size is not None and (have := tmp.stat().st_size) != size:
+            raise ChecksumError(source, "size in bytes", str(size), str(have))
         if expected and (actual := sha256_file(tmp)) != expected:
             raise ChecksumError(source, "sha256", expected, actual)
 
@@ -207,35 +321,58 @@ def fetch_weights(
 ) -> dict[str, Path]:
     """Fetch a variant's released files into ``dest`` (the repository's layout); returns role -> path.
 
-    Each file is checked against the catalog's sha256 or, where there is none, the digest recorded at
-    its first fetch (``dest/checksums.json``); a mismatch is a :class:`ChecksumError` naming the file,
-    and a file already in place that matches is not fetched again.
+    Each file is checked against the catalog's sha256 and ``size_bytes``, the mirror's digest list (see the
+    module's description) and, where the catalog publishes no digest, the digest recorded at its first fetch
+    (``dest/checksums.json``), before it is placed; a mismatch between any two of them or with the file is a
+    :class:`ChecksumError` naming the file (or the list), and nothing is placed nor recorded. A download is
+    also checked against the size the server announces. A file already in place that matches is not fetched
+    again. Every fetch of a file without a published digest warns "trust on first use" in the log and on stderr.
     """
     catalog = catalog or load_weights_catalog()
     dest = Path(dest)
     ledger_path = dest / LEDGER
     ledger: dict[str, Any] = read_json(ledger_path) if ledger_path.is_file() else {}
+    listed_digests = read_mirror_digests(mirror) if mirror is not None else {}
     out: dict[str, Path] = {}
     for f in catalog.for_variant(variant_name, models_only):
         target = dest / f.path
         recorded = ledger.get(f.path, {}).get("sha256")
+        listed = listed_digests.get(f.path) if f.repo != PACKAGE_REPO else None
         if f.sha256 and recorded and recorded != f.sha256:
             raise ChecksumError(ledger_path, "sha256", f.sha256, recorded)
-        expected = f.sha256 or recorded
+        if listed and f.sha256 and listed.sha256 != f.sha256:
+            raise _disagreement(listed.source, f.sha256, listed.sha256, f"{listed.source}: the mirror lists sha256 {listed.sha256} for "
+                                f"{f.path}, but the catalog publishes {f.sha256}: the mirror's file or its list is not the release's")  # fmt: skip
+        if listed and recorded and listed.sha256 != recorded:
+            raise _disagreement(listed.source, recorded, listed.sha256, f"{listed.source}: the mirror lists sha256 {listed.sha256} for "
+                                f"{f.path}, but its first fetch recorded {recorded} in {ledger_path}: the file has changed")  # fmt: skip
+        size = f.size_bytes if f.size_bytes is not None else (listed.size_bytes if listed else None)
+        if listed and None not in (f.size_bytes, listed.size_bytes) and listed.size_bytes != f.size_bytes:
+            raise ChecksumError(listed.source, "size in bytes", str(f.size_bytes), f"{listed.size_bytes} (listed for {f.path})")
+        expected = f.sha256 or recorded or (listed.sha256 if listed else None)
+        if f.repo != PACKAGE_REPO and not f.sha256:
+            checked = (f"checked against the mirror's list ({listed.source}) only" if listed else
+                       f"checked against the digest recorded at its first fetch in {ledger_path}" if recorded else
+                       f"its digest is recorded now, at its first fetch, in {ledger_path}")  # fmt: skip
+            _say(f"trust on first use: no published digest for {f.path}; {checked}"
+                 f"{'' if size is not None else ' (and no published size either)'}")  # fmt: skip
         if f.repo == PACKAGE_REPO or mirror is not None:
             origin = package_path(f) if f.repo == PACKAGE_REPO else Path(mirror) / f.path
-            if not (target.is_file() and expected and sha256_file(target) == expected):
-                _copy_from_mirror(origin, target, expected)
+            in_place = target.is_file() and expected and (size is None or target.stat().st_size == size) and sha256_file(target) == expected
+            if not in_place:
+                _copy_from_mirror(origin, target, expected, size)
             source = str(origin)
         else:
             source = file_url(f, base_url, catalog.revision)
-            download(source, target, sha256=expected, progress=progress, **download_kwargs)
+            if expected is None:  # nothing unverified already there (a file, a part to resume) is taken in with it
+                target.unlink(missing_ok=True)
+                part_path(target).unlink(missing_ok=True)
+            download(source, target, sha256=expected, size=size, progress=progress, **download_kwargs)
         digest = expected or sha256_file(target)  # with a digest, download() and the mirror copy verified the file
-        if f.size_bytes is not None and target.stat().st_size != f.size_bytes:
-            raise ChecksumError(target, "size in bytes", str(f.size_bytes), str(target.stat().st_size))
         if f.path not in ledger:
+            via = "the catalog" if f.sha256 else f"the mirror's list ({listed.source})" if listed else "first use (no published digest)"
             ledger[f.path] = {"sha256": digest, "size_bytes": target.stat().st_size, "source": source, "licence": catalog.licence_of(f),
-                              "recorded_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
+                              "digest_from": via, "recorded_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
             write_json(ledger_path, ledger)
         out[f.role] = target
     return out
@@ -263,7 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "list":
         print(f"licence: {catalog.licence} (revision {catalog.revision})")
         for f in catalog.files:
-            print(f"{f.repo}/{f.path}  role={f.role}  variants={','.join(f.variants)}  sha256={f.sha256 or 'recorded at first fetch'}"
+            print(f"{f.repo}/{f.path}  role={f.role}  variants={','.join(f.variants)}  sha256={f.sha256 or 'none published (trust on first use)'}"
                   f"{'  licence=' + f.licence if f.licence else ''}")  # fmt: skip
         return 0
     try:

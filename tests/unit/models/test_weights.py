@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 import pytest
 import yaml
 from helpers.http_server import serve
 
 from maisi.models.weights import LEDGER, fetch_weights, load_weights_catalog, main
-from maisi.sources.download import ChecksumError
+from maisi.sources.download import ChecksumError, DownloadError
 
 FILES = {
     "models/autoencoder_v1.pt": b"autoencoder" * 100,
@@ -169,3 +170,134 @@ def test_package_files_need_a_pinned_digest_and_fetch_copies_them(tmp_path, monk
     (tmp_path / "catalog.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(ValueError, match="needs a pinned sha256"):
         load_weights_catalog(tmp_path / "catalog.yaml")
+
+
+# --------------------------------------------------------------------------------------------
+# a tampered or truncated file is never pinned
+
+
+def _mirror(tmp_path, files=FILES):
+    mirror = tmp_path / "mirror"
+    for path, data in files.items():
+        (mirror / path).parent.mkdir(parents=True, exist_ok=True)
+        (mirror / path).write_bytes(data)
+    return mirror
+
+
+def _flip_one_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def test_shipped_catalog_pins_the_published_digests():
+    """NVIDIA's digests where Hugging Face publishes them (the LFS pointer of the file's page)."""
+    files = {f.path: f for f in load_weights_catalog().files if f.repo == "nvidia/NV-Generate-CT"}
+    assert files["models/autoencoder_v1.pt"].sha256 == "1f8a7a056d0ebc00486edc43c26768bf1c12eaa6df9dd172e34598003be95eb3"
+    assert files["models/autoencoder_v1.pt"].size_bytes == 83_831_868
+    assert files["models/mask_generation_autoencoder.pt"].sha256 == "539175f6ede3cb1e6f01bfd6347cd446d601cf4a508fc632a1e36362b1428a5d"
+
+
+def test_command_refuses_a_tampered_mirror_file_on_first_fetch(tmp_path, capsys):
+    """fetch --mirror with the shipped catalog: an autoencoder of the published size with one byte changed (here: all
+    zeros) and one cut short are refused on the very first fetch; nothing is placed or pinned."""
+    mirror = _mirror(tmp_path)
+    autoencoder = mirror / "models/autoencoder_v1.pt"
+    with open(autoencoder, "wb") as fh:
+        fh.truncate(83_831_868)
+    dest = tmp_path / "nvidia"
+    argv = ["fetch", "--variant", "rflow-ct", "--dest", str(dest), "--mirror", str(mirror), "--models-only"]
+    assert main(argv) == 1
+    assert "sha256 mismatch" in capsys.readouterr().err and not (dest / "models/autoencoder_v1.pt").exists()
+    with open(autoencoder, "r+b") as fh:
+        fh.truncate(83_831_868 - 1000)
+    assert main(argv) == 1
+    assert "size in bytes" in capsys.readouterr().err and not (dest / "models/autoencoder_v1.pt").exists()
+    assert "models/autoencoder_v1.pt" not in (yaml.safe_load((dest / LEDGER).read_text()) if (dest / LEDGER).exists() else {})
+
+
+@pytest.mark.parametrize("listing", ["SHA256SUMS", "checksums.json"])
+def test_mirror_digest_list_is_checked(tmp_path, listing):
+    """A mirror may carry a digest list in its root (sha256sum's output, or the ledger a fetch writes): a file with
+    one byte changed is refused even where the catalog publishes no digest, and nothing is pinned."""
+    catalog = _catalog(tmp_path)
+    mirror = _mirror(tmp_path)
+    digests = {p: hashlib.sha256(d).hexdigest() for p, d in FILES.items()}
+    if listing == "SHA256SUMS":
+        lines = [f"{h}  {p}" if i % 2 else f"{h} *./{p}" for i, (p, h) in enumerate(digests.items())]
+        (mirror / listing).write_text("# sha256sum models/*\n\n" + "\n".join(lines) + "\n")
+    else:
+        (mirror / listing).write_text(json.dumps({p: {"sha256": h, "size_bytes": len(FILES[p])} for p, h in digests.items()}))
+    _flip_one_byte(mirror / "models/controlnet_3d_rflow-ct.pt")
+    dest = tmp_path / "nvidia"
+    with pytest.raises(ChecksumError, match="controlnet_3d_rflow-ct.pt"):
+        fetch_weights("rflow-ct", dest, mirror=mirror, catalog=catalog)
+    assert not (dest / "models/controlnet_3d_rflow-ct.pt").exists()
+    assert "models/controlnet_3d_rflow-ct.pt" not in yaml.safe_load((dest / LEDGER).read_text())
+    (mirror / "models/controlnet_3d_rflow-ct.pt").write_bytes(FILES["models/controlnet_3d_rflow-ct.pt"])
+    paths = fetch_weights("rflow-ct", dest, mirror=mirror, catalog=catalog)
+    assert paths["controlnet"].read_bytes() == FILES["models/controlnet_3d_rflow-ct.pt"]
+    assert yaml.safe_load((dest / LEDGER).read_text())["models/controlnet_3d_rflow-ct.pt"]["sha256"] == digests["models/controlnet_3d_rflow-ct.pt"]
+
+
+def test_mirror_digest_list_disagreeing_with_the_catalog_is_refused(tmp_path):
+    catalog = _catalog(tmp_path, hashlib.sha256(FILES["models/autoencoder_v1.pt"]).hexdigest())
+    mirror = _mirror(tmp_path)
+    (mirror / "SHA256SUMS").write_text(f"{'a' * 64}  models/autoencoder_v1.pt\n")
+    with pytest.raises(ChecksumError, match="SHA256SUMS"):
+        fetch_weights("rflow-ct", tmp_path / "nvidia", mirror=mirror, catalog=catalog)
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("d41d8cd98f00b204e9800998ecf8427e  models/autoencoder_v1.pt\n", r"SHA256SUMS.*line 1"),
+    (f"{'a' * 64}  models/autoencoder_v1.pt\n{'b' * 64}  models/autoencoder_v1.pt\n", r"SHA256SUMS.*line 2.*autoencoder_v1.pt.*twice"),
+])  # fmt: skip
+def test_malformed_mirror_digest_list_names_the_file_and_line(tmp_path, text, problem):
+    mirror = _mirror(tmp_path)
+    (mirror / "SHA256SUMS").write_text(text)
+    with pytest.raises(ValueError, match=problem):
+        fetch_weights("rflow-ct", tmp_path / "nvidia", mirror=mirror, catalog=_catalog(tmp_path))
+
+
+def test_trust_on_first_use_is_said_on_every_fetch(server, tmp_path, capsys, caplog):
+    catalog = _catalog(tmp_path, hashlib.sha256(FILES["models/autoencoder_v1.pt"]).hexdigest())
+    dest = tmp_path / "nvidia"
+    for _ in range(2):  # the first fetch and a later one (digest recorded by then)
+        capsys.readouterr()
+        caplog.clear()
+        fetch_weights("rflow-ct", dest, base_url=server.base_url, catalog=catalog, progress=False)
+        err = capsys.readouterr().err
+        for path in ("models/diff_unet_3d_rflow-ct.pt", "models/controlnet_3d_rflow-ct.pt"):
+            assert f"trust on first use: no published digest for {path}" in err
+            assert f"trust on first use: no published digest for {path}" in caplog.text
+        assert "models/autoencoder_v1.pt" not in err  # its digest is published
+
+
+def test_truncated_file_is_never_pinned(server, tmp_path):
+    """Where the catalog gives a size, a mirror file or a download of another size is refused before it is placed
+    or pinned (the server's Content-Length announces the short size: refused before its body is read)."""
+    _catalog(tmp_path)
+    raw = yaml.safe_load((tmp_path / "catalog.yaml").read_text())
+    for entry in raw["files"]:
+        entry["size_bytes"] = len(FILES[entry["path"]])
+    (tmp_path / "catalog.yaml").write_text(yaml.safe_dump(raw))
+    catalog = load_weights_catalog(tmp_path / "catalog.yaml")
+    short = {p: d[:-7] if "diff_unet" in p else d for p, d in FILES.items()}
+    mirror = _mirror(tmp_path, short)
+    dest = tmp_path / "nvidia"
+    with pytest.raises(ChecksumError, match=r"size in bytes.*diff_unet_3d_rflow-ct.pt"):
+        fetch_weights("rflow-ct", dest, mirror=mirror, catalog=catalog)
+    assert not (dest / "models/diff_unet_3d_rflow-ct.pt").exists()
+    assert "models/diff_unet_3d_rflow-ct.pt" not in yaml.safe_load((dest / LEDGER).read_text())
+    server.add("nvidia/NV-Generate-CT/resolve/main/models/diff_unet_3d_rflow-ct.pt", short["models/diff_unet_3d_rflow-ct.pt"])
+    with pytest.raises(ChecksumError, match=r"size in bytes.*diff_unet_3d_rflow-ct.pt"):
+        fetch_weights("rflow-ct", dest, base_url=server.base_url, catalog=catalog, progress=False, retries=0)
+    assert not (dest / "models/diff_unet_3d_rflow-ct.pt").exists()
+    assert "models/diff_unet_3d_rflow-ct.pt" not in yaml.safe_load((dest / LEDGER).read_text())
+    # A body cut short (Content-Length says more than arrives), with no size in the catalog: never placed either.
+    server.add("nvidia/NV-Generate-CT/resolve/main/models/diff_unet_3d_rflow-ct.pt", FILES["models/diff_unet_3d_rflow-ct.pt"],
+               truncate_after=100, truncate_times=10)  # fmt: skip
+    with pytest.raises(DownloadError, match="failed after"):
+        fetch_weights("rflow-ct", dest, base_url=server.base_url, catalog=_catalog(tmp_path), progress=False, retries=0)
+    assert not (dest / "models/diff_unet_3d_rflow-ct.pt").exists()
+    assert "models/diff_unet_3d_rflow-ct.pt" not in yaml.safe_load((dest / LEDGER).read_text())
