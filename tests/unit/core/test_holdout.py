@@ -4,6 +4,7 @@ would train a model (maisi.core.holdout and the stages that check it)."""
 from __future__ import annotations
 
 import json
+import re
 import runpy
 
 import nibabel as nib
@@ -321,6 +322,47 @@ def test_own_mask_folder_holding_a_held_out_label_map_stops_the_request(tmp_path
         check_own_masks_held_out(request.mask_folder, held_out_rows(cases), "generate.requests.own.mask_folder")
     assert not (tmp_path / "shard.tsv").exists()
 
-    inputs = (ROOT / "rules" / "generate_inputs.smk").read_text()
-    folder_branch = inputs.split('request.mask_source == "folder"')[1].split("elif")[0]
-    assert "cases=PREPARED_CASES" in folder_branch.replace(" ", "")
+
+def _planned_generate_inputs(work, snakefile=ROOT / "Snakefile") -> tuple[list[str], dict[str, int]]:
+    """A dry run of the first shard of request ``chest`` in ``work``: the inputs of its generate job, and the jobs by rule."""
+    from helpers.workflow_runner import snakemake
+
+    from maisi.dryrun import jobs_by_rule
+
+    proc = snakemake(work, "--dry-run", "results/generated/chest/shards/0000.tsv", snakefile=snakefile, timeout=300)
+    block = re.search(r"^rule generate:\n\s+input: (.*)$", proc.stdout, flags=re.M)
+    assert block, proc.stdout[-3000:]
+    return [p.strip() for p in block.group(1).split(",")], jobs_by_rule(proc.stdout + proc.stderr)
+
+
+def _own_masks_workdir(tmp_path):
+    """A working directory planning the image-only example with its request ``chest`` on the user's own maps (two small CTs
+    and their maps as the only source, the weights as placeholders)."""
+    import yaml
+    from helpers.volumes import ct_volume, write_nifti
+
+    cfg = yaml.safe_load((ROOT / "config" / "examples" / "rflow-ct-image-only.yaml").read_text(encoding="utf-8"))
+    for path in cfg["pretrained"].values():
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_bytes(b"placeholder: the dry run only checks that the file is there")
+    src = cfg["sources"]["my_ct"]
+    for i in range(2):
+        vol = ct_volume(seed=i)
+        label = np.zeros(vol.shape, np.uint8)
+        label[8:30, 8:28, 4:16], label[12:20, 12:20, 6:12] = 200, 1
+        write_nifti(tmp_path / src["path"] / src["images"].format(case=f"ct{i}"), vol.astype(np.int16))
+        write_nifti(tmp_path / src["path"] / src["labels"].format(case=f"ct{i}"), label)
+    cfg["generate"]["requests"]["chest"].update(n_cases=2, masks="folder", mask_folder={"path": src["path"], "labels": src["labels"]})
+    cfg["generate"]["user_masks"] = {"out_of_range": "warn"}  # the test's maps are far smaller than a chest CT
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    return tmp_path
+
+
+def test_folder_request_generate_job_is_given_the_prepared_cases(tmp_path):
+    """The generate job of a ``masks: folder`` request has the prepared case table among its inputs (its script reads
+    ``input.cases`` to check the folder against the held-out split), so the dataset is prepared before it runs."""
+    inputs, jobs = _planned_generate_inputs(_own_masks_workdir(tmp_path))
+    assert "results/prepared/cases.tsv" in inputs
+    assert {"data/my_ct/labelsTr/ct0.nii.gz", "data/my_ct/labelsTr/ct1.nii.gz"} <= set(inputs)  # and the maps themselves
+    assert jobs["dataset"] == 1 and jobs["generate"] == 1
