@@ -308,8 +308,9 @@ class _HeldOutMap:
     def describe(self) -> str:
         return f"{self.key}'s {self.what} {self.path}"
 
-    def grid(self) -> tuple[tuple[int, ...], np.ndarray] | None:
-        """Shape and spacing in RAS order (from the header where it is NIfTI); None where it cannot be read."""
+    def grid(self) -> tuple[tuple[int, ...], np.ndarray]:
+        """Shape and spacing in RAS order (from the header where it is NIfTI). A map that cannot be read is an
+        :class:`InputError` naming the case and the file: the check must not pass without its reference."""
         if self._grid is None:
             try:
                 if _is_nifti(self.path):
@@ -320,10 +321,15 @@ class _HeldOutMap:
                 else:
                     data, affine = _read_ras(self.path)
                     self._grid = (tuple(data.shape), np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
-            except Exception as exc:  # readers raise many types; the other checks still hold
-                log.warning("%s cannot be read (%s: %s): not compared voxel by voxel", self.describe(), type(exc).__name__, exc)
-                return None
+            except Exception as exc:  # readers raise many types for missing, foreign or corrupt files
+                raise self.unreadable(exc) from None
         return self._grid
+
+    def unreadable(self, exc: Exception) -> InputError:
+        """The error for a held-out map that cannot be read (``exc``: why)."""
+        return InputError(self.path, f"held-out case {self.key}: its {self.what} cannot be read ({type(exc).__name__}: {exc}); every "
+                                     "label map on its way into generation is compared with it, so nothing passes unchecked: restore "
+                                     "the file, or prepare the dataset again")  # fmt: skip
 
     def variants(self, array: np.ndarray) -> list[np.ndarray]:
         """The map as read, and (a source map with the source's label map) in MAISI ids."""
@@ -366,8 +372,6 @@ class HeldOutLabelMaps:
         self.hashes: dict[str, _HeldOutMap] = {}
         for m in self.maps:
             path = Path(m.path)
-            if not path.exists():
-                log.warning("%s is not there: matched by its name only", m.describe())
             self.files.setdefault(str(path.resolve()), m)
             if path.is_file():
                 self.hashes.setdefault(sha256_file(path), m)
@@ -376,7 +380,10 @@ class HeldOutLabelMaps:
         """A held-out map's voxels (RAS) and affine; the last :data:`_KEEP_READ` read are kept, not every one."""
         key = id(m)
         if key not in self._voxels:
-            self._voxels[key] = _read_ras(m.path)
+            try:
+                self._voxels[key] = _read_ras(m.path)
+            except Exception as exc:  # readers raise many types for corrupt files
+                raise m.unreadable(exc) from None
             while len(self._voxels) > _KEEP_READ:
                 self._voxels.popitem(last=False)
         self._voxels.move_to_end(key)
@@ -406,7 +413,7 @@ class HeldOutLabelMaps:
         near = []
         for m in self.maps:
             grid = m.grid()
-            if grid is not None and (grid[0] == shape or _near_fov(grid[0], grid[1], shape, spacing)):
+            if grid[0] == shape or _near_fov(grid[0], grid[1], shape, spacing):
                 near.append(m)
         if not near:
             return None

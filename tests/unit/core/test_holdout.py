@@ -281,6 +281,25 @@ def test_a_different_patient_on_the_held_out_grid_is_no_leak(tmp_path):
         check_held_out_label_maps([LabelMapRef(f"o{seed}", str(other)), LabelMapRef(f"r{seed}", str(resampled))], held_out_rows(cases), "test")
 
 
+def test_an_unreadable_held_out_map_stops_the_check(tmp_path, prepared):
+    """A held-out map the check cannot read (corrupt, or gone since the dataset was prepared) is an error naming the case and
+    the file: a map on its way into generation is never let through unchecked."""
+    from pathlib import Path
+
+    from maisi.core.holdout import LabelMapRef, check_held_out_label_maps
+
+    held_label = Path(prepared.label[3])
+    candidate = tmp_path / "candidate.nii.gz"
+    save_nifti(np.roll(np.asarray(nib.load(held_label).dataobj), 1, axis=0), np.diag([2.0, 2.0, 2.0, 1.0]), candidate, np.uint8)
+    check_held_out_label_maps([LabelMapRef("candidate", str(candidate))], held_out_rows(prepared), "test")  # readable: no leak
+    held_label.write_bytes(b"not a NIfTI file")
+    with pytest.raises(InputError, match=rf"{held_label}: .*held-out case src/d"):
+        check_held_out_label_maps([LabelMapRef("candidate", str(candidate))], held_out_rows(prepared), "test")
+    held_label.unlink()
+    with pytest.raises(InputError, match=rf"{held_label}: .*held-out case src/d"):
+        check_held_out_label_maps([LabelMapRef("candidate", str(candidate))], held_out_rows(prepared), "test")
+
+
 def test_own_mask_folder_holding_a_held_out_label_map_stops_the_request(tmp_path):
     """A ``masks: folder`` request whose folder holds the held-out case's prepared label map (copied under another name) or its
     source map resampled is refused before anything is generated, naming the case and the file; the generate job is given
