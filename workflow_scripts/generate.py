@@ -12,14 +12,15 @@ from maisi.generate.mask_generation import MASK_FILES
 from maisi.generate.requests import GenCase, GenerationRequest
 from maisi.generate.settings import GenerateSettings
 from maisi.generate.shard import generate_shard
-from maisi.generate.user_masks import check_own_masks_held_out
+from maisi.generate.user_masks import check_own_masks_held_out, find_user_masks
 
 smk = snakemake  # noqa: F821 (injected by Snakemake)
 with from_snakemake(smk):
     torch.set_num_threads(smk.threads)  # torch's default ignores the job's share of the cores
     request = GenerationRequest.from_json(json.loads(smk.params.request))
     if request.masks and request.mask_source == "folder":
-        check_own_masks_held_out(request.mask_folder or {}, held_out_rows(read_table(smk.input.cases)), f"generate.requests.{request.name}.mask_folder")
+        where = f"generate.requests.{request.name}.mask_folder"
+        check_own_masks_held_out(find_user_masks(request.mask_folder or {}, where), held_out_rows(read_table(smk.input.cases)), where)
     generate_shard(
         request,
         [GenCase(**c) for c in json.loads(smk.params.cases)],

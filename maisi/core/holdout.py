@@ -33,15 +33,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from maisi.core.checks import InputError
-from maisi.core.io import read_json, sha256_file
+from maisi.core.checks import InputError, spacing_from_affine
+from maisi.core.io import read_canonical, read_json, sha256_file, world_grid
 from maisi.core.labels import BODY
 from maisi.core.seeds import derive_seed
 
 __all__ = [
     "TRAIN", "HELD_OUT", "HeldOutLeak", "case_key", "held_out_count", "choose_held_out", "split_column",
     "training_rows", "held_out_rows", "held_out_keys", "check_not_held_out", "require_held_out",
-    "case_files", "NEAR_COPY_AGREEMENT", "LabelMapRef", "HeldOutLabelMaps", "check_held_out_label_maps", "case_record_path",
+    "case_files", "NEAR_COPY_AGREEMENT", "LabelMapRef", "HeldOutLabelMaps", "check_held_out_label_maps",
     "voxel_digest",
 ]  # fmt: skip
 
@@ -189,11 +189,6 @@ class LabelMapRef:
     case_key: str = ""
 
 
-def case_record_path(image: str | os.PathLike, case_id: str) -> Path:
-    """The per-case record the preparation wrote beside a prepared image (``<source>/cases/<case_id>.json``)."""
-    return Path(image).parent.parent / "cases" / f"{case_id}.json"
-
-
 def voxel_digest(array: np.ndarray) -> str:
     """sha256 of a label map's voxels (as int32) and shape: the same map saved again, renamed or in another dtype matches."""
     data = np.ascontiguousarray(np.asarray(array).astype(np.int32))
@@ -204,35 +199,11 @@ def _is_nifti(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith((".nii", ".nii.gz"))
 
 
-def _canonical_grid(shape: Sequence[int], affine: np.ndarray) -> tuple[tuple[int, ...], np.ndarray]:
-    """Shape and spacing of a map once its axes are put in RAS order (what ``as_closest_canonical`` gives), from its header."""
-    import nibabel as nib
-
-    ornt = nib.io_orientation(affine)
-    spacing = np.sqrt((np.asarray(affine, float)[:3, :3] ** 2).sum(axis=0))
-    out_shape, out_spacing = [0, 0, 0], np.zeros(3)
-    for axis, (to, _) in enumerate(ornt):
-        out_shape[int(to)], out_spacing[int(to)] = int(shape[axis]), spacing[axis]
-    return tuple(out_shape), out_spacing
-
-
-def _read_ras(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """A label map's integer voxels with its axes in RAS order, and its affine. NIfTI with nibabel; other formats
-    (NRRD, a DICOM folder: a source's own label) with MONAI's readers."""
-    if _is_nifti(path):
-        import nibabel as nib
-
-        img = nib.as_closest_canonical(nib.load(str(path)))
-        data, affine = np.asanyarray(img.dataobj), np.asarray(img.affine, float)
-    else:
-        from monai.transforms import LoadImage, Orientation
-
-        img = LoadImage(image_only=True, ensure_channel_first=True)(str(path))
-        img = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(img)
-        data, affine = np.asarray(img)[0], np.asarray(img.affine, float)
+def _read_classes(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """A label map's voxels as whole numbers with its axes in RAS order, and its affine (:func:`maisi.core.io.read_canonical`:
+    NIfTI, or another format a source's label comes in, NRRD or a DICOM folder)."""
+    data, affine = read_canonical(path, "label map")
     data = np.asarray(data)
-    if data.ndim == 4 and data.shape[3] == 1:  # a NIfTI map stored with a trailing singleton axis
-        data = data[..., 0]
     if not np.issubdtype(data.dtype, np.integer):
         data = np.rint(np.nan_to_num(data.astype(np.float64))).astype(np.int32)
     return data, affine
@@ -259,7 +230,7 @@ def _resampled(ref: np.ndarray, ref_affine: np.ndarray, shape: Sequence[int], af
     import itertools
 
     for a in (ref_affine, affine):
-        spacing = np.sqrt((a[:3, :3] ** 2).sum(axis=0))
+        spacing = spacing_from_affine(a)
         if np.abs(a[:3, :3] - np.diag(np.diag(a[:3, :3]))).max() > 1e-3 * float(spacing.min()):
             return []
     choices, inside = [], []
@@ -303,12 +274,12 @@ class _HeldOutMap:
     path: str
     what: str
     label_map: dict[int, int] | None = None
-    _grid: tuple[tuple[int, ...], np.ndarray] | None = field(default=None, repr=False)
+    _grid: tuple[tuple[int, int, int], tuple[float, float, float]] | None = field(default=None, repr=False)
 
     def describe(self) -> str:
         return f"{self.key}'s {self.what} {self.path}"
 
-    def grid(self) -> tuple[tuple[int, ...], np.ndarray]:
+    def grid(self) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
         """Shape and spacing in RAS order (from the header where it is NIfTI). A map that cannot be read is an
         :class:`InputError` naming the case and the file: the check must not pass without its reference."""
         if self._grid is None:
@@ -317,10 +288,10 @@ class _HeldOutMap:
                     import nibabel as nib
 
                     img = nib.load(self.path)
-                    self._grid = _canonical_grid(img.shape[:3], img.affine)
+                    self._grid = world_grid(img.shape[:3], img.affine)
                 else:
-                    data, affine = _read_ras(self.path)
-                    self._grid = (tuple(data.shape), np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
+                    data, affine = _read_classes(self.path)
+                    self._grid = world_grid(data.shape, affine)
             except Exception as exc:  # readers raise many types for missing, foreign or corrupt files
                 raise self.unreadable(exc) from None
         return self._grid
@@ -345,7 +316,7 @@ class HeldOutLabelMaps:
     maps against by case id, file, file hash and voxels (:meth:`match`).
 
     Each case brings its prepared map (the table's ``label``) and the source map its per-case record names
-    (:func:`case_record_path`, ``input.label``), with that record's label map for the comparison in MAISI ids. A
+    (the table's ``meta`` column, ``input.label``), with that record's label map for the comparison in MAISI ids. A
     case whose record is not there is matched by its prepared map only (a warning says so).
     """
 
@@ -357,11 +328,12 @@ class HeldOutLabelMaps:
             prepared = str(row.get("label", "") or "").strip()
             if prepared and prepared.lower() != "nan":
                 self.maps.append(_HeldOutMap(key, prepared, "prepared label map"))
-            image = str(row.get("image", "") or "").strip()
-            record = case_record_path(image, str(row["case_id"])) if image else None
+            meta = str(row.get("meta", "") or "").strip()
+            record = Path(meta) if meta and meta.lower() != "nan" else None
             if record is None or not record.is_file():
+                why = f"{record} is not there" if record else "the case table names none (column meta)"
                 log.warning("held-out case %s: no per-case record (%s); its source label map is not known, only its prepared one is "
-                            "checked", key, record)  # fmt: skip
+                            "checked", key, why)  # fmt: skip
                 continue
             given = read_json(record).get("input") or {}
             if given.get("label"):
@@ -381,7 +353,7 @@ class HeldOutLabelMaps:
         key = id(m)
         if key not in self._voxels:
             try:
-                self._voxels[key] = _read_ras(m.path)
+                self._voxels[key] = _read_classes(m.path)
             except Exception as exc:  # readers raise many types for corrupt files
                 raise m.unreadable(exc) from None
             while len(self._voxels) > _KEEP_READ:
@@ -409,7 +381,7 @@ class HeldOutLabelMaps:
             header = nib.load(ref.path)
         except Exception as exc:  # nibabel raises many types for foreign files
             raise InputError(ref.path, f"{ref.name}: not a readable NIfTI label map ({type(exc).__name__}: {exc})") from None
-        shape, spacing = _canonical_grid(header.shape[:3], header.affine)
+        shape, spacing = world_grid(header.shape[:3], header.affine)
         near = []
         for m in self.maps:
             grid = m.grid()
@@ -417,7 +389,7 @@ class HeldOutLabelMaps:
                 near.append(m)
         if not near:
             return None
-        array, affine = _read_ras(ref.path)
+        array, affine = _read_classes(ref.path)
         digest = voxel_digest(array)
         for m in near:
             theirs, their_affine = self._read(m)

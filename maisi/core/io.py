@@ -14,14 +14,15 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from maisi.core.logs import TERMINATED
 from maisi.core.provenance import provenance
 
-__all__ = ["atomic_path", "remove_stale_temporaries", "temp_suffix", "current_umask", "json_default", "write_json", "write_text", "write_with_sidecar", "sidecar_path", "current_sidecar", "sha256_file", "read_json", "save_nifti"]
+__all__ = ["atomic_path", "remove_stale_temporaries", "temp_suffix", "current_umask", "json_default", "write_json", "write_text", "write_with_sidecar", "sidecar_path", "current_sidecar", "sha256_file", "read_json", "save_nifti", "world_grid",
+           "read_canonical"]
 
 def current_umask() -> int:
     mask = os.umask(0)
@@ -169,6 +170,56 @@ def save_nifti(array, affine, dest: str | os.PathLike, dtype) -> Path:
     with atomic_path(dest) as tmp:
         nib.save(img, str(tmp))
     return Path(dest)
+
+
+def world_grid(shape: Sequence[int], affine: Any) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
+    """Size and spacing (mm) along the world's x, y and z (RAS) of an array stored in any axis order, from its affine:
+    the grid :func:`read_canonical` gives it."""
+    import nibabel as nib
+    import numpy as np
+
+    from maisi.core.checks import spacing_from_affine
+
+    spacing = spacing_from_affine(affine)
+    dim, step = [0, 0, 0], [0.0, 0.0, 0.0]
+    for axis, (world, _) in enumerate(nib.orientations.io_orientation(np.asarray(affine, np.float64))):
+        dim[int(world)], step[int(world)] = int(shape[axis]), round(float(spacing[axis]), 6)
+    return tuple(dim), tuple(step)  # type: ignore[return-value]
+
+
+def read_canonical(path: str | os.PathLike, what: str) -> tuple[Any, Any]:
+    """A 3-D volume with its axes in RAS order, and its affine (float64). NIfTI with nibabel (``as_closest_canonical``,
+    its header's spacing checked first); other formats (NRRD, a DICOM folder) with MONAI's readers. A file that cannot be
+    read, or is not one 3-D volume (a trailing axis of one is dropped), is an :class:`~maisi.core.checks.InputError`
+    naming it; ``what`` (``"label map"``, ``"CT"``) says what it should have been."""
+    import numpy as np
+
+    from maisi.core.checks import InputError, check_nifti_spacing
+
+    nifti = str(path).lower().endswith((".nii", ".nii.gz"))
+    try:
+        if nifti:
+            import nibabel as nib
+
+            check_nifti_spacing(path)
+            img = nib.as_closest_canonical(nib.load(str(path)))
+            data, affine = np.asanyarray(img.dataobj), np.asarray(img.affine, np.float64)
+        else:
+            from monai.transforms import LoadImage, Orientation
+
+            img = LoadImage(image_only=True, ensure_channel_first=True)(str(path))
+            img = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(img)
+            data, affine = np.asarray(img), np.asarray(img.affine, np.float64)
+            data = data[0] if data.shape[0] == 1 else np.moveaxis(data, 0, -1)  # channels last, refused below
+    except InputError:
+        raise
+    except Exception as exc:  # nibabel, gzip, zlib and MONAI's readers raise many types for corrupt or foreign files
+        raise InputError(path, f"cannot be read as a {'NIfTI ' if nifti else ''}{what} ({type(exc).__name__}: {exc})") from None
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise InputError(path, f"the {what} has shape {tuple(data.shape)}; expected a 3-D volume")
+    return data, affine
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from maisi.core.anatomy import BODY_REGIONS
+from maisi.core.io import read_canonical, world_grid
 from maisi.core.labels import BODY
 
 __all__ = ["RECOMMENDED_CT", "UserMask", "UserMasks", "recommended_ct", "fov_problem", "find_user_masks", "add_body_envelope", "load_user_masks",
@@ -91,19 +92,6 @@ class UserMask:
     spacing: tuple[float, float, float]
 
 
-def _world_grid(shape: Sequence[int], affine: np.ndarray) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
-    """Size and spacing along the world's x, y and z (RAS) of an array stored in any axis order."""
-    import nibabel as nib
-
-    from maisi.core.checks import spacing_from_affine
-
-    spacing = spacing_from_affine(affine)
-    dim, step = [0, 0, 0], [0.0, 0.0, 0.0]
-    for axis, (world, _) in enumerate(nib.orientations.io_orientation(np.asarray(affine, np.float64))):
-        dim[int(world)], step[int(world)] = int(shape[axis]), round(float(spacing[axis]), 6)
-    return tuple(dim), tuple(step)  # type: ignore[return-value]
-
-
 def find_user_masks(spec: Mapping[str, Any], where: str) -> list[UserMask]:
     """The maps of a ``mask_folder`` spec, sorted by case id, with their grids; errors name ``where``."""
     import nibabel as nib
@@ -136,7 +124,7 @@ def find_user_masks(spec: Mapping[str, Any], where: str) -> list[UserMask]:
             raise ConfigError(f"config key '{where}': {path} is not a readable NIfTI label map ({exc})") from None
         if len(header.shape) < 3:
             raise ConfigError(f"config key '{where}': {path} is not a 3-D label map (shape {tuple(header.shape)})")
-        dim, spacing = _world_grid(header.shape[:3], header.affine)
+        dim, spacing = world_grid(header.shape[:3], header.affine)
         out.append(UserMask(case, path, image, dim, spacing))
     if not out:
         raise ConfigError(f"config key '{where}': no label map matches {root / pattern}")
@@ -184,25 +172,6 @@ def add_body_envelope(seg: np.ndarray, ct: np.ndarray, hu_threshold: float = -80
 
 
 _LUNG_LOBES = (28, 29, 30, 31, 32)
-
-
-def _load_canonical(path: str, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """A NIfTI volume reoriented to RAS (nibabel's ``as_closest_canonical``) and its affine; errors name the file."""
-    import nibabel as nib
-
-    from maisi.core.checks import InputError, check_nifti_spacing
-
-    check_nifti_spacing(path)
-    try:
-        img = nib.as_closest_canonical(nib.load(path))
-        data = np.asanyarray(img.dataobj)
-    except Exception as exc:  # nibabel, gzip and zlib raise many types for corrupt files
-        raise InputError(path, f"cannot be read as a NIfTI {what} ({type(exc).__name__}: {exc})") from None
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise InputError(path, f"the {what} has shape {tuple(data.shape)}; expected a 3-D volume")
-    return data, np.asarray(img.affine, dtype=np.float64)
 
 
 def _whole_classes(data: np.ndarray, path: str) -> np.ndarray:
@@ -300,7 +269,7 @@ class UserMasks:
         from maisi.generate.mask_database import MaskQuery, on_query_grid
 
         entry = self.masks[index % len(self.masks)]
-        data, affine = _load_canonical(entry.label, "label map")
+        data, affine = read_canonical(entry.label, "label map")
         raw = _whole_classes(data, entry.label)
         if self.label_map is not None:
             unknown = sorted({int(v) for v in np.unique(raw)} - set(self.label_map) - {0})
@@ -320,7 +289,7 @@ class UserMasks:
             if entry.image is None:
                 raise InputError(entry.label, "has no body class (200), which the ControlNet expects; give the CTs (mask_folder.images) "
                                               "to add it, or add it yourself")  # fmt: skip
-            ct_data, ct_affine = _load_canonical(entry.image, "CT")
+            ct_data, ct_affine = read_canonical(entry.image, "CT")
             ct = ct_data.astype(np.float32)
             if not np.isfinite(ct).all():
                 raise InputError(entry.image, f"NaN or infinite values in the CT ({int((~np.isfinite(ct)).sum())} voxels)")
@@ -348,11 +317,11 @@ def load_user_masks(spec: Mapping[str, Any], where: str) -> tuple[UserMasks, str
     return UserMasks(masks, resolve_label_map(spec.get("label_map"), f"{where}.label_map")), digest
 
 
-def check_own_masks_held_out(spec: Mapping[str, Any], held_out: Any, where: str) -> None:
-    """Refuse (:class:`maisi.core.holdout.HeldOutLeak`) a ``mask_folder`` that holds a held-out case's label map
-    (``held_out``: the held-out rows of the prepared case table, a ``DataFrame``), renamed, saved again or resampled:
-    the check every map on its way into generation passes (:func:`maisi.core.holdout.check_held_out_label_maps`)."""
+def check_own_masks_held_out(masks: Sequence[UserMask], held_out: Any, where: str) -> None:
+    """Refuse (:class:`maisi.core.holdout.HeldOutLeak`) a request's own maps (``masks``, as :func:`find_user_masks`
+    found them) when one is a held-out case's label map (``held_out``: the held-out rows of the prepared case table, a
+    ``DataFrame``), renamed, saved again or resampled: the check every map on its way into generation passes
+    (:func:`maisi.core.holdout.check_held_out_label_maps`); ``where`` (the request's config key) starts the message."""
     from maisi.core.holdout import LabelMapRef, check_held_out_label_maps
 
-    maps = [LabelMapRef(f"own label map {m.case_id}", m.label) for m in find_user_masks(spec, where)]
-    check_held_out_label_maps(maps, held_out, where)
+    check_held_out_label_maps([LabelMapRef(f"own label map {m.case_id}", m.label) for m in masks], held_out, where)

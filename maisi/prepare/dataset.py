@@ -22,7 +22,7 @@ __all__ = ["assemble", "check_not_all_rejected", "write_dataset", "CASE_COLUMNS"
 log = logging.getLogger(__name__)
 
 CASE_COLUMNS = (
-    "source", "case_id", "fold", "split", "image", "image_hu", "label", "dim", "spacing", "orig_dim", "orig_spacing",
+    "source", "case_id", "fold", "split", "image", "image_hu", "label", "meta", "dim", "spacing", "orig_dim", "orig_spacing",
     "top_region", "bottom_region", "region_backend", "label_source", "labels_present",
 )  # fmt: skip
 

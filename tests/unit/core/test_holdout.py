@@ -198,23 +198,29 @@ def test_a_held_out_mask_in_the_database_stops_the_run(tmp_path, prepared):
 
 
 def _prepared_from_sources(tmp_path) -> pd.DataFrame:
-    """Three cases prepared as the workflow prepares them (source files, per-case records, MAISI's grid), ``p2`` held
-    out. The sources are stored left-posterior first on their own grid (40 x 36 x 30 voxels, 1.5 x 1.5 x 2 mm)."""
+    """Three cases prepared as the workflow prepares them (source files, per-case records, MAISI's grid) and joined into the
+    dataset's case table as the dataset rule joins them, ``p2`` held out. The sources are stored left-posterior first on
+    their own grid (40 x 36 x 30 voxels, 1.5 x 1.5 x 2 mm)."""
     from helpers.volumes import organ_body, write_nifti
 
+    from maisi.prepare.dataset import assemble
     from maisi.prepare.preprocess import PreprocessSettings, preprocess_case
     from maisi.sources.cases import CaseInput
 
-    rows = []
+    prepared, regions = [], []
     for i in range(3):
         hu, label = organ_body(i, shape=(40, 36, 30))
         affine = np.diag([-1.5, -1.5, 2.0, 1.0])
         image = write_nifti(tmp_path / "sources" / "images" / f"p{i}.nii.gz", hu.astype(np.int16), affine=affine)
         source_label = write_nifti(tmp_path / "sources" / "labels" / f"p{i}.nii.gz", label, affine=affine)
         row = preprocess_case(CaseInput("src", f"p{i}", str(image), str(source_label)), tmp_path / "prepared", PreprocessSettings(divisor=32))
-        rows.append({**dict.fromkeys(COLUMNS, ""), **{k: v for k, v in row.items() if k in COLUMNS}, "case_id": f"p{i}",
-                     "top_region": "chest", "bottom_region": "abdomen"})  # fmt: skip
-    cases = pd.DataFrame(rows, columns=list(COLUMNS)).astype(str)
+        prepared.append({**row, "case_id": f"p{i}", "status": "ok", "reason": ""})
+        regions.append({"source": "src", "case_id": f"p{i}", "status": "ok", "reason": "", "top_region": "chest", "bottom_region": "abdomen",
+                        "region_backend": "labels", "label": "", "label_source": "source", "labels_present": ""})  # fmt: skip
+    pd.DataFrame(prepared).to_csv(tmp_path / "prepared.tsv", sep="\t", index=False)
+    pd.DataFrame(regions).to_csv(tmp_path / "regions.tsv", sep="\t", index=False)
+    cases, _ = assemble([tmp_path / "prepared.tsv"], [tmp_path / "regions.tsv"], folds=1)
+    cases = cases.fillna("").astype(str)
     cases["split"] = [TRAIN, TRAIN, HELD_OUT]
     return cases
 
@@ -263,6 +269,27 @@ def test_a_nvidia_database_holding_a_held_out_source_label_stops_the_run(tmp_pat
                                               rf"{folder / name}: .*src/p2's source label map .*p2.nii.gz"):  # fmt: skip
             _run_mask_database_rule(tmp_path, cases, "nvidia", candidates=nvidia_list(["mask_0.nii.gz", name]), masks=folder)
         assert not (tmp_path / "database.json").exists()
+
+
+def test_the_held_out_source_map_is_found_through_the_record_the_case_table_names(tmp_path, caplog):
+    """The per-case record of a held-out case (and through it its source label map) is the one the case table's ``meta``
+    column names, wherever it lies; a case table without it checks the prepared map only, and says so."""
+    import shutil
+
+    from maisi.core.holdout import LabelMapRef, check_held_out_label_maps
+
+    cases = _prepared_from_sources(tmp_path)
+    assert all(cases.meta.str.endswith(("p0.json", "p1.json", "p2.json")))
+    copy = tmp_path / "user" / "p2_resampled.nii.gz"
+    _resampled_by_the_user(_source_label(tmp_path, "p2"), copy)
+    moved = tmp_path / "records" / "p2.json"
+    moved.parent.mkdir()
+    shutil.move(cases.meta[2], moved)
+    cases.loc[2, "meta"] = str(moved)
+    with pytest.raises(HeldOutLeak, match=r"src/p2 \(copy, .*src/p2's source label map"):
+        check_held_out_label_maps([LabelMapRef("copy", str(copy))], held_out_rows(cases), "test")
+    check_held_out_label_maps([LabelMapRef("copy", str(copy))], held_out_rows(cases.drop(columns="meta")), "test")  # prepared map only
+    assert "held-out case src/p2: no per-case record" in caplog.text
 
 
 def test_a_different_patient_on_the_held_out_grid_is_no_leak(tmp_path):
@@ -328,9 +355,9 @@ def test_own_mask_folder_holding_a_held_out_label_map_stops_the_request(tmp_path
         smk.log, smk.threads = Namedlist(), 1
         runpy.run_path(str(ROOT / "workflow_scripts/generate.py"), init_globals={"snakemake": smk})
 
-    from maisi.generate.user_masks import check_own_masks_held_out
+    from maisi.generate.user_masks import check_own_masks_held_out, find_user_masks
 
-    check_own_masks_held_out(request.mask_folder, held_out_rows(cases), "generate.requests.own.mask_folder")
+    check_own_masks_held_out(find_user_masks(request.mask_folder, "mask_folder"), held_out_rows(cases), "generate.requests.own.mask_folder")
     shutil.copy(cases.label[2], own / "labels" / "mine1.nii.gz")
     with pytest.raises(HeldOutLeak, match=r"generate.requests.own.mask_folder: held-out real case\(s\) src/p2 \(own label map mine1, "
                                           r".*mine1.nii.gz: .*src/p2's prepared label map"):  # fmt: skip
@@ -338,7 +365,7 @@ def test_own_mask_folder_holding_a_held_out_label_map_stops_the_request(tmp_path
     (own / "labels" / "mine1.nii.gz").unlink()
     _resampled_by_the_user(_source_label(tmp_path, "p2"), own / "labels" / "mine2.nii.gz")
     with pytest.raises(HeldOutLeak, match=r"held-out real case\(s\) src/p2 \(own label map mine2, .*mine2.nii.gz: .*src/p2's source label map"):
-        check_own_masks_held_out(request.mask_folder, held_out_rows(cases), "generate.requests.own.mask_folder")
+        check_own_masks_held_out(find_user_masks(request.mask_folder, "mask_folder"), held_out_rows(cases), "generate.requests.own.mask_folder")
     assert not (tmp_path / "shard.tsv").exists()
 
 
