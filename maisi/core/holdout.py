@@ -25,8 +25,8 @@ import hashlib
 import logging
 import math
 import os
-from collections import Counter, OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,7 +41,7 @@ from maisi.core.seeds import derive_seed
 __all__ = [
     "TRAIN", "HELD_OUT", "HeldOutLeak", "case_key", "held_out_count", "choose_held_out", "split_column",
     "training_rows", "held_out_rows", "held_out_keys", "check_not_held_out", "require_held_out",
-    "case_files", "NEAR_COPY_AGREEMENT", "LabelMapRef", "HeldOutLabelMaps", "check_held_out_label_maps",
+    "case_files", "NEAR_COPY_AGREEMENT", "SIGNATURE_SLAB_MM", "SIGNATURE_TOLERANCE", "LabelMapRef", "HeldOutLabelMaps", "check_held_out_label_maps",
     "voxel_digest",
 ]  # fmt: skip
 
@@ -190,9 +190,13 @@ class LabelMapRef:
 
 
 def voxel_digest(array: np.ndarray) -> str:
-    """sha256 of a label map's voxels (as int32) and shape: the same map saved again, renamed or in another dtype matches."""
-    data = np.ascontiguousarray(np.asarray(array).astype(np.int32))
-    return hashlib.sha256(repr(data.shape).encode() + data.tobytes()).hexdigest()
+    """sha256 of a label map's voxels (as int32, C order) and shape: the same map saved again, renamed or in another
+    dtype matches. Hashed a slice at a time (no int32 copy of the whole map)."""
+    data = np.asarray(array)
+    digest = hashlib.sha256(repr(data.shape).encode())
+    for part in data.reshape(-1, *data.shape[-2:]) if data.ndim > 2 else [data]:
+        digest.update(np.ascontiguousarray(part, dtype=np.int32))
+    return digest.hexdigest()
 
 
 def _is_nifti(path: str | os.PathLike) -> bool:
@@ -204,8 +208,11 @@ def _read_classes(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     NIfTI, or another format a source's label comes in, NRRD or a DICOM folder)."""
     data, affine = read_canonical(path, "label map")
     data = np.asarray(data)
-    if not np.issubdtype(data.dtype, np.integer):
-        data = np.rint(np.nan_to_num(data.astype(np.float64))).astype(np.int32)
+    if not np.issubdtype(data.dtype, np.integer):  # rounded a slice at a time: no float64 copy of the whole map
+        whole = np.empty(data.shape, np.int32)
+        for i in range(data.shape[0]):
+            whole[i] = np.rint(np.nan_to_num(data[i]))
+        data = whole
     return data, affine
 
 
@@ -218,52 +225,218 @@ def _near_fov(shape_a, spacing_a, shape_b, spacing_b) -> bool:
     return True
 
 
+def _axis_aligned(affine: np.ndarray) -> bool:
+    """Whether a RAS affine has no rotation (the voxel comparison places voxel centres along the world's axes only)."""
+    lin = np.asarray(affine, np.float64)[:3, :3]
+    return bool(np.abs(lin - np.diag(np.diag(lin))).max() <= 1e-3 * float(spacing_from_affine(affine).min()))
+
+
 #: How near (in voxels of the held-out map) a sampling point must lie to the midpoint of two voxels to count as a tie,
 #: which resampling tools break each their own way (round half up, down, or to even).
 _TIE = 1e-3
 
 
-def _resampled(ref: np.ndarray, ref_affine: np.ndarray, shape: Sequence[int], affine: np.ndarray) -> list[np.ndarray]:
-    """``ref`` on the grid of ``shape``/``affine`` (both RAS), nearest neighbour, voxel centres matched in world space
-    (as a resampling tool places them): one array per way of breaking the ties between two equally near voxels (the
-    first rounds half up). Empty where an affine is oblique."""
-    import itertools
+@dataclass(frozen=True)
+class _Sampling:
+    """Where each voxel of a grid takes its value from in a held-out map (nearest neighbour, voxel centres matched in
+    world space): per axis, the index rounding half up and, where that differs (a tie), half down; and whether the
+    voxel lies within the map."""
 
-    for a in (ref_affine, affine):
-        spacing = spacing_from_affine(a)
-        if np.abs(a[:3, :3] - np.diag(np.diag(a[:3, :3]))).max() > 1e-3 * float(spacing.min()):
-            return []
-    choices, inside = [], []
+    up: tuple[np.ndarray, np.ndarray, np.ndarray]
+    down: tuple[np.ndarray, np.ndarray, np.ndarray]
+    tie: tuple[np.ndarray, np.ndarray, np.ndarray]
+    inside: tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def _sampling(ref_shape: Sequence[int], ref_affine: np.ndarray, shape: Sequence[int], affine: np.ndarray) -> _Sampling | None:
+    """How a map of ``ref_shape``/``ref_affine`` is sampled on the grid of ``shape``/``affine`` (both RAS); None where an
+    affine is oblique."""
+    if not (_axis_aligned(ref_affine) and _axis_aligned(affine)):
+        return None
+    up, down, tie, inside = [], [], [], []
     for k in range(3):
         world = affine[k, k] * np.arange(int(shape[k]), dtype=np.float64) + affine[k, 3]
         x = (world - ref_affine[k, 3]) / ref_affine[k, k]
         nearest, below = np.floor(x + 0.5).astype(np.int64), np.floor(x).astype(np.int64)
-        tie = np.abs(x - below - 0.5) < _TIE
-        up, down = np.where(tie, below + 1, nearest), np.where(tie, below, nearest)
-        inside.append((nearest >= 0) & (nearest < ref.shape[k]))
-        choices.append([np.clip(j, 0, ref.shape[k] - 1) for j in ((up, down) if tie.any() else (up,))])
-    keep = inside[0][:, None, None] & inside[1][None, :, None] & inside[2][None, None, :]
-    return [np.where(keep, ref[np.ix_(*index)], 0).astype(ref.dtype, copy=False) for index in itertools.product(*choices)]
+        t = np.abs(x - below - 0.5) < _TIE
+        up.append(np.clip(np.where(t, below + 1, nearest), 0, ref_shape[k] - 1))
+        down.append(np.clip(np.where(t, below, nearest), 0, ref_shape[k] - 1))
+        tie.append(t)
+        inside.append((nearest >= 0) & (nearest < ref_shape[k]))
+    return _Sampling(tuple(up), tuple(down), tuple(tie), tuple(inside))  # type: ignore[arg-type]
 
 
-def _agreement(a: np.ndarray, samples: Sequence[np.ndarray]) -> float:
+def _resampled(ref: np.ndarray, ref_affine: np.ndarray, shape: Sequence[int], affine: np.ndarray) -> Iterator[np.ndarray]:
+    """``ref`` on the grid of ``shape``/``affine`` (both RAS), nearest neighbour, voxel centres matched in world space
+    (as a resampling tool places them): one array per way of breaking the ties between two equally near voxels, made
+    one at a time as they are asked for (the first rounds half up; the others only along axes that have ties). Nothing
+    where an affine is oblique."""
+    import itertools
+
+    sampling = _sampling(ref.shape, ref_affine, shape, affine)
+    if sampling is None:
+        return
+    choices = [(sampling.up[k], sampling.down[k]) if sampling.tie[k].any() else (sampling.up[k],) for k in range(3)]
+    inside = sampling.inside[0][:, None, None] & sampling.inside[1][None, :, None] & sampling.inside[2][None, None, :]
+    for index in itertools.product(*choices):
+        yield np.where(inside, ref[np.ix_(*index)], 0).astype(ref.dtype, copy=False)
+
+
+def _labelled(array: np.ndarray) -> np.ndarray:
+    return (array != 0) & (array != BODY)
+
+
+def _agreement(a: np.ndarray, samples: Iterator[np.ndarray], ties: Sequence[np.ndarray]) -> tuple[float, bool]:
     """Share of the voxels labelled (other than background and body) in ``a`` or the first of ``samples`` (one map,
-    resampled with each way of breaking ties) on which ``a`` carries the class of one of them."""
-    b = samples[0]
-    either = ((a != 0) & (a != BODY)) | ((b != 0) & (b != BODY))
+    resampled with each way of breaking ties, :func:`_resampled`) on which ``a`` carries the class of one of them, and
+    whether ``a`` equals one of them. The other ways of breaking ties (``ties``: per axis, where they differ from the
+    first) are tried only while they could still lift the share to :data:`NEAR_COPY_AGREEMENT`."""
+    b = next(samples, None)
+    if b is None:
+        return 0.0, False
+    if np.array_equal(a, b):
+        return 1.0, True
+    either = _labelled(a) | _labelled(b)
     if not either.any():
         either = (a != 0) | (b != 0)
-    n = int(either.sum())
+    n = int(np.count_nonzero(either))
     if not n:
-        return 0.0
-    same = np.zeros(n, bool)
+        return 0.0, False
+    same = either & (a == b)
+    share = np.count_nonzero(same) / n
+    if share >= NEAR_COPY_AGREEMENT or not any(t.any() for t in ties):
+        return share, False
+    on_tie = ties[0][:, None, None] | ties[1][None, :, None] | ties[2][None, None, :]
+    if (np.count_nonzero(same) + np.count_nonzero(either & ~same & on_tie)) / n < NEAR_COPY_AGREEMENT:
+        return share, False  # even the voxels a tie decides could not make it a copy
+    del on_tie
     for sample in samples:
-        same |= a[either] == sample[either]
-    return float(np.count_nonzero(same)) / n
+        if np.array_equal(a, sample):
+            return 1.0, True
+        same |= either & (a == sample)
+        share = np.count_nonzero(same) / n
+        if share >= NEAR_COPY_AGREEMENT:
+            break
+    return share, False
 
 
-#: How many held-out maps' voxels a :class:`HeldOutLabelMaps` keeps in memory at once.
-_KEEP_READ = 4
+# ---------------------------------------------------------------- signatures: what a map holds where, compared first
+
+#: Width (mm) of the slabs across each world axis in which a signature sums each class's volume; at least twice the
+#: coarser spacing of the two maps compared along that axis.
+SIGNATURE_SLAB_MM = 8.0
+
+#: How far two maps' signatures may lie apart (the sum of the differences of every class's volume in every slab, as a
+#: share of the smaller labelled volume, along the world axis where they differ most) for the maps to be compared voxel
+#: by voxel. A map agreeing with a held-out map on :data:`NEAR_COPY_AGREEMENT` (p) of their labelled voxels labels at
+#: most 1 - p of them otherwise, each of which moves its volume from one class to another (or to none): their volumes
+#: differ by at most 2 (1 - p) / p of the smaller labelled volume, 0.105 at p = 0.95. Nearest-neighbour resampling
+#: moves the boundaries of the classes by up to half a voxel: up to 0.092 on 40 x 36 x 30 voxel test maps whose
+#: smallest organs are 5 voxels across (resampled by nibabel, MONAI and SimpleITK to spacings of 0.75 to 3 mm), a few
+#: hundredths on maps of CT size. Another patient's map lies further off: its organs differ in size and place.
+SIGNATURE_TOLERANCE = 0.2
+
+
+@dataclass(frozen=True)
+class _Signature:
+    """What a label map (RAS, axis-aligned) holds where: for each world axis, the volume (mm^3) of each class in each
+    slice across that axis, and the slices' world positions (mm); of the labelled classes (other than background and
+    body), or of every class but background where it labels none."""
+
+    classes: np.ndarray
+    positions: tuple[np.ndarray, np.ndarray, np.ndarray]
+    volumes: tuple[np.ndarray, np.ndarray, np.ndarray]
+    spacing: tuple[float, float, float]
+    total: float
+
+
+#: Label values up to which a signature counts voxels by value directly; a map with larger (or negative) ones is sorted
+#: into codes first.
+_DIRECT_IDS = 1024
+
+
+def _signature(array: np.ndarray, affine: np.ndarray) -> _Signature | None:
+    """The :class:`_Signature` of a map with its axes in RAS order; None where its affine is oblique. One pass over the
+    voxels, a slice at a time: two histograms (class by y, class by z) per slice along x."""
+    if not _axis_aligned(affine):
+        return None
+    a = np.asarray(array)
+    lo, hi = int(a.min()), int(a.max())
+    if lo < 0 or hi >= _DIRECT_IDS:
+        values, inverse = np.unique(a, return_inverse=True)
+        a, n = inverse.reshape(a.shape), values.size
+    else:
+        values, n = np.arange(hi + 1), hi + 1
+    nx, ny, nz = a.shape
+    along = [np.zeros((n, nx), np.int64), np.zeros((n, ny), np.int64), np.zeros((n, nz), np.int64)]
+    y_index, z_index = np.arange(ny)[:, None], np.arange(nz)[None, :]
+    for i in range(nx):
+        c = a[i].astype(np.intp)
+        by_y = np.bincount((c * ny + y_index).reshape(-1), minlength=n * ny).reshape(n, ny)
+        along[0][:, i] = by_y.sum(axis=1)
+        along[1] += by_y
+        along[2] += np.bincount((c * nz + z_index).reshape(-1), minlength=n * nz).reshape(n, nz)
+    present = along[0].sum(axis=1) > 0
+    keep = present & (values != 0) & (values != BODY)
+    if not keep.any():
+        keep = present & (values != 0)
+    spacing = tuple(float(s) for s in spacing_from_affine(affine))
+    voxel = float(np.prod(spacing))
+    volumes = tuple((c[keep] * voxel).astype(np.float32) for c in along)
+    positions = tuple(affine[k, k] * np.arange(a.shape[k], dtype=np.float64) + affine[k, 3] for k in range(3))
+    return _Signature(values[keep], positions, volumes, spacing, float(volumes[0].sum()))  # type: ignore[arg-type]
+
+
+def _signature_distance(a: _Signature, b: _Signature) -> float:
+    """How far apart two signatures lie (see :data:`SIGNATURE_TOLERANCE`): along each world axis, each class's volume
+    is spread over slabs of :data:`SIGNATURE_SLAB_MM` (each slice shared between the two slabs nearest its position, so
+    that a slice moved by a fraction of a voxel moves a fraction of its volume); the largest sum of differences."""
+    smaller = min(a.total, b.total)
+    if smaller <= 0:
+        return math.inf
+    classes = np.union1d(a.classes, b.classes)
+    worst = 0.0
+    for k in range(3):
+        width = max(SIGNATURE_SLAB_MM, 2.0 * max(a.spacing[k], b.spacing[k]))
+        slabs = []
+        for s in (a, b):
+            u = s.positions[k] / width
+            below = np.floor(u).astype(np.int64)
+            slabs.append((s, below, u - below))
+        first = min(int(below.min()) for _, below, _ in slabs)
+        size = max(int(below.max()) for _, below, _ in slabs) - first + 2
+        profiles = []
+        for s, below, frac in slabs:
+            profile = np.zeros((classes.size, size))
+            rows = np.searchsorted(classes, s.classes)
+            for weight, offset in ((1.0 - frac, 0), (frac, 1)):
+                np.add.at(profile, (rows[:, None], (below - first + offset)[None, :]), s.volumes[k] * weight[None, :])
+            profiles.append(profile)
+        worst = max(worst, float(np.abs(profiles[0] - profiles[1]).sum()) / smaller)
+    return worst
+
+
+def _relabel(array: np.ndarray, label_map: Mapping[int, int]) -> np.ndarray:
+    """A map's values through a source's label map (values it does not name become background), as int32."""
+    lo, hi = int(array.min()), int(array.max())
+    if lo >= 0 and hi < 1 << 20:
+        lut = np.zeros(hi + 1, np.int32)
+        for src, dst in label_map.items():
+            if 0 <= src <= hi:
+                lut[src] = dst
+        return lut[array]
+    present, inverse = np.unique(array, return_inverse=True)
+    return np.array([label_map.get(int(v), 0) for v in present], np.int32)[inverse].reshape(array.shape)
+
+
+@dataclass
+class _Summary:
+    """What the voxel comparison needs of a held-out map, read once: its shape, the :func:`voxel_digest` of each of its
+    variants (as read; in MAISI ids) and their signatures."""
+
+    shape: tuple[int, ...]
+    digests: set[str]
+    signatures: list[_Signature | None]
 
 
 @dataclass
@@ -275,6 +448,7 @@ class _HeldOutMap:
     what: str
     label_map: dict[int, int] | None = None
     _grid: tuple[tuple[int, int, int], tuple[float, float, float]] | None = field(default=None, repr=False)
+    _summary: _Summary | None = field(default=None, repr=False)
 
     def describe(self) -> str:
         return f"{self.key}'s {self.what} {self.path}"
@@ -290,8 +464,10 @@ class _HeldOutMap:
                     img = nib.load(self.path)
                     self._grid = world_grid(img.shape[:3], img.affine)
                 else:
-                    data, affine = _read_classes(self.path)
+                    data, affine = self.read()
                     self._grid = world_grid(data.shape, affine)
+            except InputError:
+                raise
             except Exception as exc:  # readers raise many types for missing, foreign or corrupt files
                 raise self.unreadable(exc) from None
         return self._grid
@@ -302,13 +478,29 @@ class _HeldOutMap:
                                      "label map on its way into generation is compared with it, so nothing passes unchecked: restore "
                                      "the file, or prepare the dataset again")  # fmt: skip
 
-    def variants(self, array: np.ndarray) -> list[np.ndarray]:
-        """The map as read, and (a source map with the source's label map) in MAISI ids."""
-        out = [array]
-        if self.label_map:
-            present, inverse = np.unique(array, return_inverse=True)
-            out.append(np.array([self.label_map.get(int(v), 0) for v in present], np.int32)[inverse].reshape(array.shape))
-        return out
+    def read(self) -> tuple[np.ndarray, np.ndarray]:
+        """Its voxels (RAS) and affine; an :class:`InputError` naming the case and the file where it cannot be read."""
+        try:
+            return _read_classes(self.path)
+        except Exception as exc:  # readers raise many types for missing, foreign or corrupt files
+            raise self.unreadable(exc) from None
+
+    def variant(self, array: np.ndarray, index: int) -> np.ndarray:
+        """Variant ``index`` of the map: 0 as read, 1 (a source map with the source's label map) in MAISI ids."""
+        return array if index == 0 else _relabel(array, self.label_map or {})
+
+    def summary(self) -> _Summary:
+        """Its :class:`_Summary`, made on first use (the map read once, one variant at a time in memory)."""
+        if self._summary is None:
+            array, affine = self.read()
+            digests, signatures = set(), []
+            for index in range(2 if self.label_map else 1):
+                v = self.variant(array, index)
+                digests.add(voxel_digest(v))
+                signatures.append(_signature(v, affine))
+                del v
+            self._summary = _Summary(tuple(array.shape), digests, signatures)
+        return self._summary
 
 
 class HeldOutLabelMaps:
@@ -318,6 +510,10 @@ class HeldOutLabelMaps:
     Each case brings its prepared map (the table's ``label``) and the source map its per-case record names
     (the table's ``meta`` column, ``input.label``), with that record's label map for the comparison in MAISI ids. A
     case whose record is not there is matched by its prepared map only (a warning says so).
+
+    Each held-out map is read once, on first need, for its voxel digests and :class:`_Signature`; a map is resampled
+    and compared voxel by voxel only with the held-out maps whose signature lies near its own
+    (:data:`SIGNATURE_TOLERANCE`), so a database of thousands of maps costs one read of each.
     """
 
     def __init__(self, held_out: pd.DataFrame):
@@ -339,7 +535,7 @@ class HeldOutLabelMaps:
             if given.get("label"):
                 label_map = {int(k): int(v) for k, v in (given.get("label_map") or {}).items()}
                 self.maps.append(_HeldOutMap(key, str(given["label"]), "source label map", label_map or None))
-        self._voxels: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()  # the last few read
+        self._last: tuple[_HeldOutMap, np.ndarray, np.ndarray] | None = None  # the held-out map last read for a comparison
         self.files: dict[str, _HeldOutMap] = {}
         self.hashes: dict[str, _HeldOutMap] = {}
         for m in self.maps:
@@ -349,17 +545,11 @@ class HeldOutLabelMaps:
                 self.hashes.setdefault(sha256_file(path), m)
 
     def _read(self, m: _HeldOutMap) -> tuple[np.ndarray, np.ndarray]:
-        """A held-out map's voxels (RAS) and affine; the last :data:`_KEEP_READ` read are kept, not every one."""
-        key = id(m)
-        if key not in self._voxels:
-            try:
-                self._voxels[key] = _read_classes(m.path)
-            except Exception as exc:  # readers raise many types for corrupt files
-                raise m.unreadable(exc) from None
-            while len(self._voxels) > _KEEP_READ:
-                self._voxels.popitem(last=False)
-        self._voxels.move_to_end(key)
-        return self._voxels[key]
+        """A held-out map's voxels (RAS) and affine, for a comparison; only the one last read is kept."""
+        if self._last is None or self._last[0] is not m:
+            self._last = None  # freed before the next is read
+            self._last = (m, *m.read())
+        return self._last[1], self._last[2]
 
     def match(self, ref: LabelMapRef) -> tuple[str, str] | None:
         """``(held-out case key, why)`` when ``ref`` is a held-out case's map, else None."""
@@ -375,6 +565,10 @@ class HeldOutLabelMaps:
         return self._voxel_match(ref, where)
 
     def _voxel_match(self, ref: LabelMapRef, where: str) -> tuple[str, str] | None:
+        """Match ``ref`` by its voxels against the held-out maps on nearly its field of view: those of its shape by their
+        :func:`voxel_digest` (read once per held-out map), the others whose signature is near its own
+        (:data:`SIGNATURE_TOLERANCE`) resampled to its grid (:func:`_resampled`, :data:`NEAR_COPY_AGREEMENT`). One map
+        and one held-out map are in memory at a time."""
         import nibabel as nib
 
         try:
@@ -382,25 +576,30 @@ class HeldOutLabelMaps:
         except Exception as exc:  # nibabel raises many types for foreign files
             raise InputError(ref.path, f"{ref.name}: not a readable NIfTI label map ({type(exc).__name__}: {exc})") from None
         shape, spacing = world_grid(header.shape[:3], header.affine)
-        near = []
-        for m in self.maps:
-            grid = m.grid()
-            if grid[0] == shape or _near_fov(grid[0], grid[1], shape, spacing):
-                near.append(m)
+        near = [m for m in self.maps if m.grid()[0] == shape or _near_fov(*m.grid(), shape, spacing)]
         if not near:
             return None
         array, affine = _read_classes(ref.path)
-        digest = voxel_digest(array)
+        if any(m.grid()[0] == shape for m in near):
+            digest = voxel_digest(array)
+            for m in near:
+                if m.summary().shape == array.shape and digest in m.summary().digests:
+                    return m.key, f"{where}: has the voxels of {m.describe()}"
+        signature = _signature(array, affine)
+        if signature is None:
+            return None  # an oblique map: compared by its digest only
         for m in near:
-            theirs, their_affine = self._read(m)
-            if theirs.shape == array.shape and any(voxel_digest(v) == digest for v in m.variants(theirs)):
-                return m.key, f"{where}: has the voxels of {m.describe()}"
-            moved = [m.variants(sample) for sample in _resampled(theirs, their_affine, array.shape, affine)]
-            for variant in range(len(moved[0]) if moved else 0):
-                samples = [v[variant] for v in moved]
-                if voxel_digest(samples[0]) == digest:
+            for index, theirs in enumerate(m.summary().signatures):
+                if theirs is None or _signature_distance(signature, theirs) > SIGNATURE_TOLERANCE:
+                    continue
+                held, held_affine = self._read(m)
+                sampling = _sampling(held.shape, held_affine, array.shape, affine)
+                if sampling is None:
+                    continue
+                samples = _resampled(m.variant(held, index), held_affine, array.shape, affine)
+                share, equal = _agreement(array, samples, sampling.tie)
+                if equal:
                     return m.key, f"{where}: has the voxels of {m.describe()}, resampled to its grid"
-                share = _agreement(array, samples)
                 if share >= NEAR_COPY_AGREEMENT:
                     why = f"agrees on {share:.0%} of its labelled voxels with {m.describe()}, resampled to its grid"
                     return m.key, f"{where}: {why}"

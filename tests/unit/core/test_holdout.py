@@ -308,6 +308,133 @@ def test_a_different_patient_on_the_held_out_grid_is_no_leak(tmp_path):
         check_held_out_label_maps([LabelMapRef(f"o{seed}", str(other)), LabelMapRef(f"r{seed}", str(resampled))], held_out_rows(cases), "test")
 
 
+#: Organs of :func:`_patient` (MAISI id: centre and radii, in the volume's [-1, 1] coordinates).
+_ORGANS = {1: (0.3, 0.0, -0.4, 0.35, 0.3, 0.3), 3: (-0.45, 0.1, -0.4, 0.15, 0.15, 0.2), 5: (0.3, -0.3, -0.7, 0.12, 0.12, 0.2),
+           14: (-0.3, -0.3, -0.7, 0.12, 0.12, 0.2), 12: (-0.2, 0.2, -0.3, 0.2, 0.15, 0.15), 28: (0.4, 0.0, 0.4, 0.28, 0.3, 0.5),
+           29: (-0.4, 0.0, 0.4, 0.28, 0.3, 0.5), 33: (0.0, -0.4, 0.0, 0.12, 0.12, 1.2)}  # fmt: skip
+
+
+def _patient(seed: int, shape=(40, 36, 30)) -> np.ndarray:
+    """A label map of one patient: body and eight organs, each organ's size (up to 25 % along each axis) and place its own."""
+    rng = np.random.default_rng(seed)
+    x, y, z = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    label = np.zeros(shape, np.uint8)
+    body = (x / rng.uniform(0.75, 0.9)) ** 2 + (y / rng.uniform(0.55, 0.7)) ** 2 < 1
+    label[body] = 200
+    for organ, (cx, cy, cz, rx, ry, rz) in _ORGANS.items():
+        c = np.array([cx, cy, cz]) + rng.uniform(-0.06, 0.06, 3)
+        r = np.array([rx, ry, rz]) * rng.uniform(0.8, 1.25, 3)
+        label[body & (((x - c[0]) / r[0]) ** 2 + ((y - c[1]) / r[1]) ** 2 + ((z - c[2]) / r[2]) ** 2 < 1)] = organ
+    return label
+
+
+def test_the_voxel_comparison_resamples_only_maps_that_could_be_copies(tmp_path, monkeypatch):
+    """50 maps of other patients on the held-out maps' field of view (half on their grid, half resampled to another), and a
+    resampled copy of one held-out map, against 5 held-out maps: each held-out map is read once, nearly no pair is resampled
+    for the voxel comparison (what each map holds where tells them apart first), and the copy is still caught."""
+    from collections import Counter
+
+    from nibabel.arrayproxy import ArrayProxy
+
+    from maisi.core import holdout
+    from maisi.core.holdout import LabelMapRef, check_held_out_label_maps
+
+    affine = np.diag([-1.5, -1.5, 2.0, 1.0])
+    rows = []
+    for i in range(5):
+        path = save_nifti(_patient(i), affine, tmp_path / "held_out" / f"h{i}.nii.gz", np.uint8)
+        rows.append({"source": "src", "case_id": f"h{i}", "image": "", "label": str(path), "meta": "", "split": HELD_OUT})
+    maps = []
+    for seed in range(100, 150):
+        path = save_nifti(_patient(seed), affine, tmp_path / "others" / f"o{seed}.nii.gz", np.uint8)
+        if seed % 2:
+            _resampled_by_the_user(path, path)
+        maps.append(LabelMapRef(f"other patient {seed}", str(path)))
+    copy = tmp_path / "others" / "copy.nii.gz"
+    _resampled_by_the_user(tmp_path / "held_out" / "h3.nii.gz", copy)
+    maps.insert(25, LabelMapRef("copy", str(copy)))
+
+    work: Counter = Counter()
+    resampled, read = holdout._resampled, ArrayProxy.__array__
+
+    def counting_resampled(*args, **kwargs):
+        work["pairs resampled"] += 1
+        for sample in resampled(*args, **kwargs):
+            work["arrays resampled"] += 1
+            yield sample
+
+    def counting_read(proxy, *args, **kwargs):
+        if "held_out" in str(proxy.file_like):
+            work["held-out maps read"] += 1
+        return read(proxy, *args, **kwargs)
+
+    monkeypatch.setattr(holdout, "_resampled", counting_resampled)
+    monkeypatch.setattr(ArrayProxy, "__array__", counting_read)
+    with pytest.raises(HeldOutLeak, match=r"held-out real case\(s\) src/h3 \(copy, .*copy.nii.gz: .*src/h3's prepared label map"):
+        check_held_out_label_maps(maps, pd.DataFrame(rows), "test")
+    assert work["pairs resampled"] <= 5, dict(work)  # of 255 pairs on one field of view, the copy's among them
+    assert work["held-out maps read"] <= 5 + work["pairs resampled"], dict(work)
+
+
+def _resampled_by_monai(source, dest, spacing):
+    from monai.transforms import LoadImage, Spacing
+
+    img = Spacing(pixdim=spacing, mode="nearest")(LoadImage(image_only=True, ensure_channel_first=True)(str(source)))
+    save_nifti(np.asarray(img[0]), np.asarray(img.affine), dest, np.uint8)
+
+
+def _resampled_by_simpleitk(source, dest, spacing):
+    import SimpleITK as sitk
+
+    img = sitk.ReadImage(str(source))
+    size = [int(np.ceil(n * s / t)) for n, s, t in zip(img.GetSize(), img.GetSpacing(), spacing, strict=True)]
+    out = sitk.Resample(img, size, sitk.Transform(), sitk.sitkNearestNeighbor, img.GetOrigin(), spacing, img.GetDirection(), 0, img.GetPixelID())
+    sitk.WriteImage(out, str(dest))
+
+
+@pytest.mark.parametrize("spacing", [(2.0, 2.0, 2.5), (0.75, 0.75, 1.0)], ids=["coarser", "half"])
+def test_copies_resampled_by_any_tool_are_caught(tmp_path, spacing):
+    """A held-out map resampled (nearest neighbour) by nibabel, MONAI or SimpleITK is caught: to a coarser grid, and to
+    half its spacing, where every other sampling point is a tie that each tool breaks its own way. The held-out map
+    shifted by one voxel is not."""
+    from maisi.core.holdout import LabelMapRef, check_held_out_label_maps
+
+    affine = np.diag([-1.5, -1.5, 2.0, 1.0])
+    held = save_nifti(_patient(0), affine, tmp_path / "h0.nii.gz", np.uint8)
+    held_out = pd.DataFrame([{"source": "src", "case_id": "h0", "image": "", "label": str(held), "meta": "", "split": HELD_OUT}])
+    for tool, resample in (("nibabel", _resampled_by_the_user), ("monai", _resampled_by_monai), ("simpleitk", _resampled_by_simpleitk)):
+        copy = tmp_path / f"{tool}.nii.gz"
+        resample(held, copy, spacing)
+        with pytest.raises(HeldOutLeak, match=rf"src/h0 \(copy by {tool}, .*src/h0's prepared label map"):
+            check_held_out_label_maps([LabelMapRef(f"copy by {tool}", str(copy))], held_out, "test")
+    shifted = save_nifti(np.roll(_patient(0), 1, axis=2), affine, tmp_path / "shifted.nii.gz", np.uint8)
+    resampled = tmp_path / "shifted_resampled.nii.gz"
+    _resampled_by_the_user(shifted, resampled, spacing)
+    check_held_out_label_maps([LabelMapRef("shifted", str(shifted)), LabelMapRef("resampled", str(resampled))], held_out, "test")
+
+
+def test_a_copy_in_maisi_ids_of_a_source_map_in_its_own_ids_is_caught(tmp_path):
+    """A held-out case whose source labels its classes in its own ids (the source's ``label_map``, in the case's record):
+    its map converted to MAISI ids and resampled is caught as that source map's."""
+    from maisi.core.holdout import LabelMapRef, check_held_out_label_maps
+
+    affine = np.diag([-1.5, -1.5, 2.0, 1.0])
+    maisi_ids = _patient(0)
+    own_ids = {int(v): 1000 + i for i, v in enumerate(np.unique(maisi_ids)) if v}  # MAISI id -> the source's id
+    source = np.zeros(maisi_ids.shape, np.int16)
+    for maisi_id, own in own_ids.items():
+        source[maisi_ids == maisi_id] = own
+    source_path = save_nifti(source, affine, tmp_path / "source" / "h0.nii.gz", np.int16)
+    record = tmp_path / "prepared" / "cases" / "h0.json"
+    record.parent.mkdir(parents=True)
+    record.write_text(json.dumps({"input": {"label": str(source_path), "label_map": {str(o): m for m, o in own_ids.items()}}}))
+    held_out = pd.DataFrame([{"source": "src", "case_id": "h0", "image": "", "label": "", "meta": str(record), "split": HELD_OUT}])
+    copy = save_nifti(maisi_ids, affine, tmp_path / "copy.nii.gz", np.uint8)
+    _resampled_by_the_user(copy, copy)
+    with pytest.raises(HeldOutLeak, match=r"src/h0 \(copy, .*src/h0's source label map"):
+        check_held_out_label_maps([LabelMapRef("copy", str(copy))], held_out, "test")
+
+
 def test_an_unreadable_held_out_map_stops_the_check(tmp_path, prepared):
     """A held-out map the check cannot read (corrupt, or gone since the dataset was prepared) is an error naming the case and
     the file: a map on its way into generation is never let through unchecked."""
