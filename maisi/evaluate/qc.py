@@ -114,6 +114,7 @@ class QCSettings(ConfigSettings):
     check_organs: bool = schema_default("qc.check_organs")
     organs: str = schema_default("qc.organs")  # maisi: MAISI's seven QC organs; all: every organ with a range
     min_halfwidth_hu: float = schema_default("qc.min_halfwidth_hu")  # floor of a range's half-width about its mean
+    min_halfwidth_share: float = schema_default("qc.min_halfwidth_share")  # the same floor for the one-body shares
     totalsegmentator: bool = schema_default("qc.totalsegmentator")  # image-only cases segmented where weights are set
     reference: str = schema_default("qc.reference")  # real | nvidia
     nvidia_statistics: str | None = schema_default("qc.nvidia_statistics")
@@ -135,6 +136,8 @@ class QCSettings(ConfigSettings):
         d = {"min_voxels": self.min_voxels, "min_reference_cases": self.min_reference_cases, "body_threshold_hu": self.body_threshold_hu}
         if self.min_halfwidth_hu:
             d["min_halfwidth_hu"] = self.min_halfwidth_hu
+        if self.min_halfwidth_share:
+            d["min_halfwidth_share"] = self.min_halfwidth_share
         if self.reference != "real":  # the real-data reference's parameters stay as they were
             d.update(reference=self.reference, nvidia_statistics=self.nvidia_statistics)
         return json.dumps(d, sort_keys=True)
@@ -311,14 +314,15 @@ def body_structure(hu: np.ndarray, body: np.ndarray, threshold_hu: float = -500.
     return {k: float(v) for k, v in out.items()}
 
 
-def intensity_ranges(profiles: Mapping[str, Mapping[str, float]], min_cases: int = 3) -> dict[str, OrganRange]:
+def intensity_ranges(profiles: Mapping[str, Mapping[str, float]], min_cases: int = 3, min_halfwidth_share: float = 0.0) -> dict[str, OrganRange]:
     """MAISI's rule applied to each entry of the real cases' intensity profiles (shares, so clipped to [0, 1]),
-    and to the body's :data:`STRUCTURE` where the profiles hold it (:func:`body_structure`); none with fewer
-    than ``min_cases`` cases."""
+    and to the body's :data:`STRUCTURE` where the profiles hold it (:func:`body_structure`; those ranges at least
+    ``min_halfwidth_share`` each side of the mean); none with fewer than ``min_cases`` cases."""
     if len(profiles) < max(1, min_cases):
         return {}
     keys = (BODY_SHARE, *HU_BANDS, *(k for k in STRUCTURE if any(k in p for p in profiles.values())))
-    return {k: _maisi_range(k, [p.get(k, 0.0) for p in profiles.values()], cap=(0.0, 1.0)) for k in keys}
+    return {k: _maisi_range(k, [p.get(k, 0.0) for p in profiles.values()], cap=(0.0, 1.0),
+                            min_halfwidth=min_halfwidth_share if k in STRUCTURE else 0.0) for k in keys}  # fmt: skip
 
 
 def build_reference(cases: Iterable[Mapping[str, str]], settings: QCSettings, progress: bool = True) -> dict[str, Any]:
@@ -366,7 +370,7 @@ def _intensity_record(profiles: Mapping[str, Mapping[str, float]], settings: QCS
                 f"voxels above {settings.body_threshold_hu:g} HU in the body, the share of the axial slices holding body, the "
                 "body's area over its convex hull's summed over the axial slices); all clipped to [0, 1]",
         "bands": {k: [lo if np.isfinite(lo) else None, hi if np.isfinite(hi) else None] for k, (lo, hi) in HU_BANDS.items()},
-        "ranges": {k: asdict(v) for k, v in intensity_ranges(profiles, settings.min_reference_cases).items()},
+        "ranges": {k: asdict(v) for k, v in intensity_ranges(profiles, settings.min_reference_cases, settings.min_halfwidth_share).items()},
         "profiles": {k: dict(v) for k, v in profiles.items()},
     }  # fmt: skip
 
