@@ -55,7 +55,7 @@ from typing import Any
 import yaml
 
 from maisi.core.io import atomic_path, read_json, sha256_file, write_json
-from maisi.models.variants import VARIANTS
+from maisi.models.variants import VARIANTS, variant
 from maisi.sources.download import ChecksumError, download, part_path
 
 __all__ = [
@@ -121,6 +121,9 @@ class WeightsCatalog:
             raise ValueError(f"unknown model variant {variant_name!r}; expected one of {', '.join(VARIANTS)}")
         files = [f for f in self.files if variant_name in f.variants and not (models_only and f.optional)]
         if not files:
+            if variant(variant_name).released:  # the factory's own released model, not in the package yet
+                raise ValueError(f"variant {variant_name!r} is not published in this package yet: make pretrain, then "
+                                 f"python -m maisi.release.model publish --workdir <PRETRAIN_DIR>")  # fmt: skip
             raise ValueError(f"variant {variant_name!r} has no released files (it is the factory's own; train it)")
         return files
 

@@ -157,6 +157,14 @@ def test_package_files_are_verified_before_use_and_load_like_any_checkpoint(tmp_
         released_file("rflow-ct", "diffusion")  # NVIDIA's: fetched, then named by path
 
 
+def test_a_released_factory_variant_not_in_the_catalog_says_how_to_publish_it(tmp_path):
+    catalog = _catalog(tmp_path)  # NVIDIA's files only
+    with pytest.raises(ValueError, match=r"'phantom-ct' is not published in this package yet: make pretrain"):
+        catalog.for_variant("phantom-ct")
+    with pytest.raises(ValueError, match="factory's own; train it"):
+        catalog.for_variant("tiny")
+
+
 def test_package_files_need_a_pinned_digest_and_fetch_copies_them(tmp_path, monkeypatch):
     import maisi.models.weights as weights
 
