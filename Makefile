@@ -33,6 +33,13 @@ pretrain: setup
 	$(BIN)/snakemake --profile profiles/local --snakefile $(CURDIR)/Snakefile --directory $(PRETRAIN_DIR) \
 		--config catalog=$(CURDIR)/config/datasets.yaml -- $(PRETRAIN_MODELS)
 
+# Its quality on its own generation (benchmarks/phantom_model.py, in PRETRAIN_DIR/quality), then the checkpoints,
+# model card, figures and montage into the package (maisi/data/weights/phantom-ct) and the weights catalog.
+publish-phantom: setup
+	$(BIN)/python benchmarks/phantom_model.py --pretrain-dir $(PRETRAIN_DIR) --out $(PRETRAIN_DIR)/quality
+	$(BIN)/python -m maisi.release.model publish --workdir $(PRETRAIN_DIR) --quality $(PRETRAIN_DIR)/quality/phantom_model.json \
+		--montage $(PRETRAIN_DIR)/quality/results/generated/montage.png
+
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/python tests/helpers/lint_workflow.py

@@ -68,10 +68,12 @@ def _benchmark(workdir: Path, stage: str) -> dict[str, float]:
 
 
 def _data_digest(workdir: Path, rows: pd.DataFrame) -> str:
-    """sha256 over each case's id and the sha256 of its prepared image and label map, in case order."""
+    """sha256 over each case's id and the sha256 of its prepared image and label map (none for a case without one), in
+    case order."""
     h = hashlib.sha256()
     for r in rows.sort_values("case_id").itertuples():
-        h.update(f"{r.case_id}\t{sha256_file(workdir / r.image)}\t{sha256_file(workdir / r.label)}\n".encode())
+        label = sha256_file(workdir / r.label) if r.label else ""
+        h.update(f"{r.case_id}\t{sha256_file(workdir / r.image)}\t{label}\n".encode())
     return h.hexdigest()
 
 
@@ -147,9 +149,16 @@ def card_markdown(card: Mapping[str, Any], files: Mapping[str, Mapping[str, Any]
     lines += ["", f"Hardware: {hw['cpu']} ({hw['cpu_count']} cores), {hw['platform']}. Training time is summed over every "
               "run a resumed training spans.", "", "## Quality", ""]  # fmt: skip
     if quality:
+        figures = quality.get("figures") or {k: v for k, v in quality.items() if not isinstance(v, (dict, list))}
         lines += ["Measured on the model's own generation, without fine-tuning (`benchmarks/phantom_model.py`):", ""]
-        lines += ["| figure | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in quality.items() if not isinstance(v, (dict, list))]
-        if (quality.get("montage")):
+        lines += ["| figure | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in figures.items() if not isinstance(v, (dict, list))]
+        organs = quality.get("organs") or []
+        if organs:
+            lines += ["", "| organ | cases | real median HU | generated median HU | median abs. error HU | share in QC range |",
+                      "|---|---|---|---|---|---|"]  # fmt: skip
+            lines += [f"| {o['organ']} | {o['n_cases']} | {_fmt(o['real_reference_hu'])} | {_fmt(o['generated_median_hu'])} | "
+                      f"{_fmt(o['median_abs_error_hu'])} | {_fmt(o['in_qc_range'])} |" for o in organs]  # fmt: skip
+        if quality.get("montage"):
             lines += ["", "![generated cases](montage.png)"]
     else:
         lines += ["Not measured yet: run `benchmarks/phantom_model.py` and publish again with `--quality`."]
