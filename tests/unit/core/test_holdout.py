@@ -512,22 +512,12 @@ def _own_masks_workdir(tmp_path):
     """A working directory planning the image-only example with its request ``chest`` on the user's own maps (two small CTs
     and their maps as the only source, the weights as placeholders)."""
     import yaml
-    from helpers.volumes import ct_volume, write_nifti
+    from helpers.examples import example_workdir
 
-    cfg = yaml.safe_load((ROOT / "config" / "examples" / "rflow-ct-image-only.yaml").read_text(encoding="utf-8"))
-    for path in cfg["pretrained"].values():
-        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / path).write_bytes(b"placeholder: the dry run only checks that the file is there")
+    _, cfg = example_workdir(tmp_path, ROOT / "config" / "examples" / "rflow-ct-image-only.yaml")
     src = cfg["sources"]["my_ct"]
-    for i in range(2):
-        vol = ct_volume(seed=i)
-        label = np.zeros(vol.shape, np.uint8)
-        label[8:30, 8:28, 4:16], label[12:20, 12:20, 6:12] = 200, 1
-        write_nifti(tmp_path / src["path"] / src["images"].format(case=f"ct{i}"), vol.astype(np.int16))
-        write_nifti(tmp_path / src["path"] / src["labels"].format(case=f"ct{i}"), label)
     cfg["generate"]["requests"]["chest"].update(n_cases=2, masks="folder", mask_folder={"path": src["path"], "labels": src["labels"]})
     cfg["generate"]["user_masks"] = {"out_of_range": "warn"}  # the test's maps are far smaller than a chest CT
-    (tmp_path / "config").mkdir()
     (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
     return tmp_path
 
